@@ -42,3 +42,10 @@ def use_triton(*tensors: torch.Tensor) -> bool:
                                "with TRITON_INTERPRET=1 set before triton is imported")
         return True
     return on_cuda and _triton_importable()
+
+
+def checks_enabled() -> bool:
+    """Value checks (target ids in range, turn labels in {0, 1, 2}, ...) read the data and
+    so cost one device sync per call on a GPU; SCORE_FAST_CHECK_INPUTS=0 skips them when
+    the caller guarantees valid input. Shape and dtype checks always run (they are free)."""
+    return os.environ.get("SCORE_FAST_CHECK_INPUTS", "1") != "0"
