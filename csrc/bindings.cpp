@@ -50,25 +50,26 @@ static py::tuple pack(const I64& ids, const I64& seq_offsets, const py::object& 
     throw std::invalid_argument("seq_offsets must run from 0 to len(ids) = " + std::to_string(total));
   if (bin_offsets.at(0) != 0 || bin_offsets.at(n_bins) != n)
     throw std::invalid_argument("bin_offsets must run from 0 to len(order) = " + std::to_string(n));
-  I64 seg;
-  if (!segments.is_none()) {
+  const bool has_seg = !segments.is_none();
+  I64 seg;  // an empty array, not null: test has_seg, never `seg` itself
+  if (has_seg) {
     seg = I64::ensure(segments);
     if (!seg) throw std::invalid_argument("segments must be an integer array");
     CHECK_1D(seg, "segments");
     CHECK_LEN(seg, "segments", total);
   }
   I64 input_ids(total), position_ids(total), token_offsets(n_bins + 1), max_seqlen(n_bins);
-  I64 segment_ids(seg ? total : 0);
+  I64 segment_ids(has_seg ? total : 0);
   py::array_t<int32_t> cu_seqlens(n + n_bins);
   score_fast::PackOut out{input_ids.mutable_data(), position_ids.mutable_data(),
-                          seg ? segment_ids.mutable_data() : nullptr, cu_seqlens.mutable_data(),
+                          has_seg ? segment_ids.mutable_data() : nullptr, cu_seqlens.mutable_data(),
                           token_offsets.mutable_data(), max_seqlen.mutable_data()};
   {
     py::gil_scoped_release nogil;
-    score_fast::pack(ids.data(), seq_offsets.data(), n, seg ? seg.data() : nullptr, order.data(),
+    score_fast::pack(ids.data(), seq_offsets.data(), n, has_seg ? seg.data() : nullptr, order.data(),
                      bin_offsets.data(), n_bins, out);
   }
-  return py::make_tuple(input_ids, position_ids, seg ? py::object(segment_ids) : py::none(),
+  return py::make_tuple(input_ids, position_ids, has_seg ? py::object(segment_ids) : py::none(),
                         cu_seqlens, token_offsets, max_seqlen);
 }
 

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The one command for a machine with an NVIDIA GPU (H100/H200 class) that has its own
+# torch, triton and transformers and nothing else (no installs, no network):
+#   bash bench/gpu_check.sh
+# 1. builds score_fast into a private folder (the C++ extension if pybind11 and a compiler
+#    are there, else the pure-Python packing path, and it says which);
+# 2. runs every test marked `gpu` (CUDA tensors, compiled Triton, not the interpreter);
+# 3. runs every benchmark in its GPU mode and prints the tables last.
+# Logs, CSV rows and markdown tables go to $OUT when set, bench/results/ otherwise.
+# Budget: under 8 minutes on an H100.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+out=${OUT:-$root/bench/results}
+mkdir -p "$out"
+export OUT=$out TRITON_INTERPRET=0 SCORE_FAST_BENCH_DEVICE=cuda PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+# PYTHONSAFEPATH: `python -m` must import the staged build below, not ./score_fast.
+
+stage=$(mktemp -d)
+if python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$stage" . \
+    > "$out/gpu_build.log" 2>&1; then
+  echo "build: installed into $stage"
+else
+  echo "build: pip install failed (see gpu_build.log); staging the sources without _C"
+  cp -r score_fast "$stage/" && cp -r kernels "$stage/score_fast/kernels"
+fi
+export PYTHONPATH=$stage${PYTHONPATH:+:$PYTHONPATH}
+python3 - <<'PY'
+import torch, triton, score_fast.packing as p
+print(f"torch {torch.__version__}, triton {triton.__version__}, "
+      f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE'}, "
+      f"packing backend {p.backend()}")
+PY
+
+status=0
+python3 -m pytest tests -m gpu -q -p no:cacheprovider -rs 2>&1 | tee "$out/gpu_tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+tests_line=$(tail -n 1 "$out/gpu_tests.log")
+
+bash bench/run.sh bench/ 2>&1 | tee "$out/gpu_bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo
+echo "== gpu_check summary =="
+echo "gpu tests: $tests_line"
+grep -h '^|' "$out"/bench_*.md 2>/dev/null || echo "no benchmark tables"
+exit $status

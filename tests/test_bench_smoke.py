@@ -1,0 +1,27 @@
+"""The benchmark suite and its reporter still run end to end (tiny shapes, CPU): a
+benchmark that rots would otherwise only be found on the next GPU loan."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("bench", ["bench/bench_packing.py"])
+def test_bench_runs_and_reports(bench, tmp_path):
+    env = dict(os.environ, SCORE_FAST_BENCH_QUICK="1", SCORE_FAST_BENCH_DEVICE="cpu",
+               OUT=str(tmp_path), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    proc = subprocess.run(["bash", "bench/run.sh", bench], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stem = os.path.basename(bench).removesuffix(".py")
+    with open(tmp_path / f"{stem}.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(float(r["median_ms"]) > 0 for r in rows)
+    providers = {r["provider"] for r in rows}
+    assert len(providers) >= 2, providers  # alternatives side by side in one run
+    assert any(r["ratio"] == "1" for r in rows)  # the baseline row
+    assert (tmp_path / f"{stem}.md").read_text().count("|") > 10
