@@ -1,0 +1,331 @@
+"""The SCoRe policy loss over packed or padded tokens: REINFORCE (or PPO-clip) + beta * KL.
+
+Per token t with turn k = turn[t] in {1, 2} (turn 0: prompt, instruction, padding: no loss),
+episode e = episode[t], A = advantages[e, k - 1], d = logp - ref_logp:
+
+    pg_t = -A * logp                                          (on-policy REINFORCE)
+    pg_t = -min(r * A, clip(r, 1 - eps, 1 + eps) * A),  r = exp(logp - old_logp)   (PPO-clip)
+    l_t  = pg_t + beta_t * KL_kind(d)            (KL_kind and its gradient: kl_penalty.py)
+
+    stage 1:  turn-1 tokens: pg_t = 0, beta_t = beta2 (attempt 1 is only held near pi_ref)
+              turn-2 tokens: pg_t as above, beta_t = beta1
+    stage 2:  both turns: pg_t as above, beta_t = beta1
+
+    dpg_t/dlogp = -A (REINFORCE); -A * r where the unclipped term is the min, else 0 (PPO)
+    dl_t/dlogp  = dpg_t/dlogp + beta_t * dKL/dlogp
+
+Reductions, over the N loss tokens (turn > 0) and the M episodes with at least one (n_e
+each, both turns together):  loss = sum_t w_t * l_t  with w_t =
+    "token_mean":           1 / N
+    "seq_mean_token_mean":  1 / (M * n_e)
+    "seq_mean_token_sum":   1 / M
+and N = 0 gives loss 0 with zero gradients. Gradient flows to logp only (ref_logp, old_logp
+and advantages are constants).
+
+old_logp and clip_eps go together (both or neither): a ratio without a clip range is the
+same gradient as REINFORCE at r = 1 and only adds a way to get it wrong.
+
+Metrics (detached 0-d fp32 tensors, no host sync; an empty set gives 0):
+    kl_t1, kl_t2      mean KL_kind over turn-1 / turn-2 tokens (before beta)
+    logp_t1, logp_t2  mean logp over turn-1 / turn-2 tokens
+    pg_loss, kl_loss  the loss's two parts, same reduction: loss = pg_loss + kl_loss
+    num_tokens        N
+    clip_frac         (with clipping) fraction of policy-gradient tokens whose clipped term
+                      is strictly the smaller one (their pg gradient is 0)
+
+One fused Triton kernel computes l_t and w_t * dl_t/dlogp per token and writes per-block
+partial sums; backward is grad_out * (saved per-token gradient).
+
+    from score_fast.kernels.score_loss import score_loss
+    loss, m = score_loss(logp, ref_logp, turn, episode, adv, stage=2)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._dispatch import checks_enabled, use_triton
+from .kl_penalty import _kl_and_grad, check_kind, kl_and_grad_torch, kl_penalty_ref
+
+__all__ = ["score_loss", "score_loss_ref", "REDUCTIONS"]
+
+REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+# per-block partial sums, in this order (summed over blocks in fp64 by torch: deterministic,
+# no atomics, and the counts stay exact past fp32's 2^24 = 16.7M tokens)
+_STATS = ("pg_loss", "kl_loss", "kl_sum1", "kl_sum2", "logp_sum1", "logp_sum2",
+          "n1", "n2", "n_pg", "n_clipped")
+_BLOCK = 1024  # elementwise with a block reduction: 1024 tokens / 4 warps = 8 per thread
+
+
+@triton.jit
+def _score_loss_kernel(
+    # pointers
+    logp_ptr, ref_ptr, old_ptr, turn_ptr, ep_ptr, adv_ptr, cnt_ptr, scale_ptr,
+    grad_ptr, part_ptr,
+    # sizes and strides
+    n, stride_ae, stride_ac,
+    # scalars
+    beta1, beta2, clip_eps,
+    # meta-parameters
+    STAGE: tl.constexpr, KIND: tl.constexpr, CLIP: tl.constexpr, PER_EPISODE: tl.constexpr,
+    NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # T may pass 2^31 packed tokens
+    inb = offs < n
+    turn = tl.load(turn_ptr + offs, mask=inb, other=0)
+    t1 = turn == 1
+    t2 = turn == 2
+    live = t1 | t2
+    # turn-0 tokens may carry any episode (e.g. -1): never used as an index
+    ep = tl.where(live, tl.load(ep_ptr + offs, mask=inb, other=0), 0).to(tl.int64)
+    logp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    adv = tl.load(adv_ptr + ep * stride_ae + (turn - 1).to(tl.int64) * stride_ac,
+                  mask=live, other=0.0).to(tl.float32)
+
+    if CLIP:
+        old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        ratio = tl.exp(logp - old)
+        surr = ratio * adv
+        surr_clip = tl.minimum(tl.maximum(ratio, 1.0 - clip_eps), 1.0 + clip_eps) * adv
+        clipped = surr_clip < surr
+        pg = -tl.minimum(surr, surr_clip)
+        dpg = tl.where(clipped, 0.0, -surr)
+    else:
+        clipped = turn < 0  # all False
+        pg = -adv * logp
+        dpg = -adv
+    if STAGE == 1:
+        has_pg = t2
+        beta = tl.where(t1, beta2, beta1)
+    else:
+        has_pg = live
+        beta = tl.zeros_like(logp) + beta1
+    kl, dkl = _kl_and_grad(logp - ref, KIND)
+
+    scale = tl.load(scale_ptr)
+    if PER_EPISODE:
+        w = scale / tl.load(cnt_ptr + ep, mask=live, other=1).to(tl.float32)
+    else:
+        w = tl.zeros_like(logp) + scale
+    # where, not a multiply by 0: padding may hold logp = -inf
+    w = tl.where(live, w, 0.0)
+    pg = tl.where(has_pg, pg, 0.0)
+    dpg = tl.where(has_pg, dpg, 0.0)
+    clipped = clipped & has_pg
+    kl = tl.where(live, kl, 0.0)
+    dkl = tl.where(live, dkl, 0.0)
+    logp = tl.where(live, logp, 0.0)
+    tl.store(grad_ptr + offs, w * (dpg + beta * dkl), mask=inb)
+
+    part = part_ptr + pid * NUM_STATS
+    tl.store(part + 0, tl.sum(w * pg))
+    tl.store(part + 1, tl.sum(w * beta * kl))
+    tl.store(part + 2, tl.sum(tl.where(t1, kl, 0.0)))
+    tl.store(part + 3, tl.sum(tl.where(t2, kl, 0.0)))
+    tl.store(part + 4, tl.sum(tl.where(t1, logp, 0.0)))
+    tl.store(part + 5, tl.sum(tl.where(t2, logp, 0.0)))
+    tl.store(part + 6, tl.sum(t1.to(tl.float32)))
+    tl.store(part + 7, tl.sum(t2.to(tl.float32)))
+    tl.store(part + 8, tl.sum(has_pg.to(tl.float32)))
+    tl.store(part + 9, tl.sum(clipped.to(tl.float32)))
+
+
+def _weights(turn, episode, E, reduction):
+    """Per-episode loss-token counts (int32, for seq_mean_token_mean) and the reduction's
+    scale 1/N or 1/M as a 1-element device tensor: static shapes, no host sync."""
+    live = turn > 0
+    ep = torch.where(live, episode, 0).long()
+    cnt = torch.zeros(max(E, 1), dtype=torch.int32, device=turn.device)
+    cnt.index_add_(0, ep, live.to(torch.int32))  # integer adds: exact in any order
+    denom = live.sum() if reduction == "token_mean" else (cnt > 0).sum()
+    return cnt, (1.0 / denom.clamp(min=1).to(torch.float32)).reshape(1)
+
+
+def _score_loss_triton(logp, ref, old, turn, episode, adv, cnt, scale, stage, beta1, beta2,
+                       kind, clip_eps, per_episode):
+    n = logp.numel()
+    grid = max(triton.cdiv(n, _BLOCK), 1)
+    grad = torch.empty(n, dtype=torch.float32, device=logp.device)
+    part = torch.empty(grid, len(_STATS), dtype=torch.float32, device=logp.device)
+    clip = old is not None
+    _score_loss_kernel[(grid,)](
+        logp, ref, old if clip else logp, turn, episode, adv, cnt, scale, grad, part,
+        n, adv.stride(0), adv.stride(1),
+        float(beta1), float(beta2), float(clip_eps) if clip else 0.0,
+        STAGE=stage, KIND=kind, CLIP=clip, PER_EPISODE=per_episode,
+        NUM_STATS=len(_STATS), BLOCK=_BLOCK)
+    return part.sum(0, dtype=torch.float64), grad
+
+
+def _score_loss_torch(logp, ref, old, turn, episode, adv, cnt, scale, stage, beta1, beta2,
+                      kind, clip_eps, per_episode):
+    """The kernel's math in torch ops, with the same explicit gradients (no autograd graph)."""
+    logp, ref = logp.float(), ref.float()
+    t1, t2 = turn == 1, turn == 2
+    live = t1 | t2
+    ep = torch.where(live, episode, 0).long()
+    adv = adv.float() if adv.shape[0] else adv.new_zeros(1, 2, dtype=torch.float32)  # E = 0
+    a = torch.where(live, adv[ep, (turn - 1).clamp(0, 1).long()], 0.0)
+    if old is not None:
+        ratio = torch.exp(logp - old.float())
+        surr = ratio * a
+        surr_clip = ratio.clamp(1 - clip_eps, 1 + clip_eps) * a
+        clipped = surr_clip < surr
+        pg, dpg = -torch.minimum(surr, surr_clip), torch.where(clipped, 0.0, -surr)
+    else:
+        clipped = torch.zeros_like(live)
+        pg, dpg = -a * logp, -a
+    has_pg = t2 if stage == 1 else live
+    beta = torch.where(t1, beta2, beta1) if stage == 1 else torch.full_like(logp, beta1)
+    kl, dkl = kl_and_grad_torch(logp - ref, kind)
+    w = scale / cnt[ep].float() if per_episode else scale.expand_as(logp)
+    w = torch.where(live, w, 0.0)
+    pg, dpg = torch.where(has_pg, pg, 0.0), torch.where(has_pg, dpg, 0.0)
+    kl, dkl = torch.where(live, kl, 0.0), torch.where(live, dkl, 0.0)
+    logp = torch.where(live, logp, 0.0)
+    stats = torch.stack([
+        (w * pg).sum(), (w * beta * kl).sum(),
+        torch.where(t1, kl, 0.0).sum(), torch.where(t2, kl, 0.0).sum(),
+        torch.where(t1, logp, 0.0).sum(), torch.where(t2, logp, 0.0).sum(),
+        t1.sum(), t2.sum(), has_pg.sum(), (clipped & has_pg).sum()]).double()
+    return stats, w * (dpg + beta * dkl)
+
+
+class _ScoreLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp, impl, *args):
+        stats, grad = impl(logp, *args)
+        ctx.save_for_backward(grad)
+        ctx.dtype = logp.dtype
+        loss = (stats[0] + stats[1]).to(torch.float32)
+        stats = stats.to(torch.float32)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, dloss, _dstats):
+        (grad,) = ctx.saved_tensors
+        return (dloss * grad).to(ctx.dtype), None, *([None] * 13)
+
+
+def _metrics(stats: torch.Tensor, clip: bool) -> dict[str, torch.Tensor]:
+    s = dict(zip(_STATS, stats.detach().unbind()))
+    n1, n2 = s["n1"].clamp(min=1), s["n2"].clamp(min=1)
+    m = {"kl_t1": s["kl_sum1"] / n1, "kl_t2": s["kl_sum2"] / n2,
+         "logp_t1": s["logp_sum1"] / n1, "logp_t2": s["logp_sum2"] / n2,
+         "pg_loss": s["pg_loss"], "kl_loss": s["kl_loss"], "num_tokens": s["n1"] + s["n2"]}
+    if clip:
+        m["clip_frac"] = s["n_clipped"] / s["n_pg"].clamp(min=1)
+    return m
+
+
+def score_loss_ref(logp, ref_logp, turn, episode, advantages, *, stage, beta1=0.01, beta2=0.1,
+                   kl="k3", old_logp=None, clip_eps=None, reduction="token_mean"):
+    """Plain-torch specification in logp's dtype (fp64-capable); autograd gives the gradient.
+    Episode reductions loop over episodes in Python: an oracle, not a training path."""
+    dt = logp.dtype
+    logp, ref = logp.reshape(-1), ref_logp.detach().reshape(-1).to(dt)
+    turn, episode = turn.reshape(-1), episode.reshape(-1)
+    t1, t2 = turn == 1, turn == 2
+    live = t1 | t2
+    adv = advantages.detach().to(dt)
+    a = torch.zeros_like(logp)
+    a[live] = adv[episode[live], turn[live] - 1]
+    if old_logp is not None:
+        ratio = torch.exp(logp - old_logp.detach().reshape(-1).to(dt))
+        pg = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a)
+    else:
+        pg = -a * logp
+    has_pg = t2 if stage == 1 else live
+    pg = torch.where(has_pg, pg, 0.0)
+    beta = torch.where(t1 & (stage == 1), beta2, beta1).to(dt)
+    klv = kl_penalty_ref(logp, ref, kl)
+    klw = torch.where(live, beta * klv, 0.0)
+
+    def reduce(x):
+        if reduction == "token_mean":
+            return x[live].sum() / max(int(live.sum()), 1)
+        per_ep = [x[live & (episode == e)] for e in range(advantages.shape[0])]
+        per_ep = [v.mean() if reduction == "seq_mean_token_mean" else v.sum()
+                  for v in per_ep if v.numel()]
+        return torch.stack(per_ep).mean() if per_ep else x.sum() * 0
+
+    def mean(x, m):
+        return x[m].mean() if m.any() else torch.zeros((), dtype=dt)
+
+    pg_loss, kl_loss = reduce(pg), reduce(klw)
+    metrics = {"kl_t1": mean(klv, t1), "kl_t2": mean(klv, t2), "logp_t1": mean(logp, t1),
+               "logp_t2": mean(logp, t2), "pg_loss": pg_loss, "kl_loss": kl_loss,
+               "num_tokens": live.sum().to(dt)}
+    if old_logp is not None:
+        clipped = (torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a < ratio * a) & has_pg
+        metrics["clip_frac"] = clipped.sum().to(dt) / max(int(has_pg.sum()), 1)
+    return pg_loss + kl_loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def _shape_err(name, t, like_name, like):
+    return ValueError(f"{name} shape {tuple(t.shape)} does not match "
+                      f"{like_name} shape {tuple(like.shape)}")
+
+
+def _check(logp, ref_logp, turn, episode, advantages, stage, beta1, beta2, kl, old_logp,
+           clip_eps, reduction):
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    check_kind(kl)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if beta1 < 0 or beta2 < 0:
+        raise ValueError(f"beta1 and beta2 must be >= 0, got {beta1} and {beta2}")
+    if (old_logp is None) != (clip_eps is None):
+        raise ValueError("old_logp and clip_eps go together: pass both (PPO-clip) or "
+                         "neither (REINFORCE)")
+    if clip_eps is not None and not clip_eps > 0:
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    if not logp.is_floating_point():
+        raise ValueError(f"logp must be floating point, got {logp.dtype}")
+    for name, t in (("ref_logp", ref_logp), ("turn", turn), ("episode", episode),
+                    ("old_logp", old_logp)):
+        if t is not None and t.shape != logp.shape:
+            raise _shape_err(name, t, "logp", logp)
+    for name, t in (("turn", turn), ("episode", episode)):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    if advantages.dim() != 2 or advantages.shape[1] != 2:
+        raise ValueError(f"advantages must be [E, 2] (attempt 1, attempt 2), got shape "
+                         f"{tuple(advantages.shape)}")
+    if checks_enabled() and turn.numel():  # reads the data: one sync on a GPU
+        live = turn > 0
+        bad = torch.stack([((turn < 0) | (turn > 2)).any(),
+                           (live & ((episode < 0) | (episode >= advantages.shape[0]))).any()])
+        bad_turn, bad_ep = bad.tolist()
+        if bad_turn:
+            raise ValueError("turn values must be 0 (no loss), 1 or 2")
+        if bad_ep:
+            raise ValueError(f"episode out of range [0, {advantages.shape[0]}) on a token "
+                             f"with turn > 0 (advantages shape {tuple(advantages.shape)})")
+
+
+def score_loss(logp: torch.Tensor, ref_logp: torch.Tensor, turn: torch.Tensor,
+               episode: torch.Tensor, advantages: torch.Tensor, *, stage: int,
+               beta1: float = 0.01, beta2: float = 0.1, kl: str = "k3",
+               old_logp: torch.Tensor | None = None, clip_eps: float | None = None,
+               reduction: str = "token_mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SCoRe loss (0-d fp32, differentiable in logp) and detached metrics; formulas in the
+    module doc. logp, ref_logp, turn, episode (and old_logp): same shape, any layout
+    ([1, T] packed or [B, T] padded). advantages: [E, 2] from score_advantages."""
+    _check(logp, ref_logp, turn, episode, advantages, stage, beta1, beta2, kl, old_logp,
+           clip_eps, reduction)
+    flat = lambda t: None if t is None else t.detach().contiguous().view(-1)  # noqa: E731
+    turn_f, ep_f = flat(turn), flat(episode)
+    cnt, scale = _weights(turn_f, ep_f, advantages.shape[0], reduction)
+    tensors = [t for t in (logp, ref_logp, turn, episode, advantages, old_logp) if t is not None]
+    impl = _score_loss_triton if use_triton(*tensors) else _score_loss_torch
+    loss, stats = _ScoreLoss.apply(
+        logp.contiguous().view(-1), impl, flat(ref_logp), flat(old_logp), turn_f, ep_f,
+        advantages.detach(), cnt, scale, stage, beta1, beta2, kl, clip_eps,
+        reduction == "seq_mean_token_mean")
+    return loss, _metrics(stats, old_logp is not None)
