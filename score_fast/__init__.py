@@ -1,5 +1,30 @@
-"""score_fast: a kernel-level training engine for SCoRe (Kumar et al., arXiv 2409.12917)."""
+"""score_fast: a kernel-level training engine for SCoRe (Kumar et al., arXiv 2409.12917).
+
+The fused losses load lazily on first use (importing triton takes ~1 s, and `import
+score_fast` for packing alone should not pay it)."""
+import importlib
+
 from score_fast.packing import PackedBatch, pack, plan_bins
 
 __version__ = "0.1.0"
-__all__ = ["PackedBatch", "pack", "plan_bins"]
+
+_LAZY = {  # public name -> module under score_fast.kernels
+    "token_logprobs": "token_logprobs",
+    "full_kl": "full_kl",
+    "kl_penalty": "kl_penalty",
+    "score_advantages": "score_advantages",
+    "score_loss": "score_loss",
+}
+__all__ = ["PackedBatch", "pack", "plan_bins", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        fn = getattr(importlib.import_module(f"score_fast.kernels.{_LAZY[name]}"), name)
+        globals()[name] = fn
+        return fn
+    raise AttributeError(f"module 'score_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,30 @@
+"""The public names downstream code relies on: importable from `score_fast`, lazily."""
+import subprocess
+import sys
+
+import score_fast
+
+CONTRACT = ["pack", "plan_bins", "PackedBatch", "token_logprobs", "kl_penalty", "full_kl",
+            "score_advantages", "score_loss"]
+
+
+def test_public_names_resolve():
+    for name in CONTRACT:
+        assert name in score_fast.__all__, name
+        assert callable(getattr(score_fast, name)), name
+
+
+def test_import_does_not_load_triton():
+    # Packing users should not pay for triton's import; the losses load it on first use.
+    code = "import sys, score_fast; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_unknown_name_is_an_attribute_error():
+    try:
+        score_fast.no_such_op
+    except AttributeError as e:
+        assert "no_such_op" in str(e)
+    else:
+        raise AssertionError("expected AttributeError")
