@@ -5,7 +5,8 @@
 One CSV per benchmark file (bench/results/<file>.csv, rows appended, header once) with the
 columns below, and the markdown table printed and written beside it (<file>.md, last run).
 `ratio` is the median of the row's baseline provider (same benchmark and shape) over this
-row's median: 30.0 means 30x faster than the baseline."""
+row's median: 30.0 means 30x faster than the baseline. `bw_vs_copy` is the row's GB/s over
+that of the `copy` provider (a plain device copy) in the same run, where there is one."""
 import argparse
 import csv
 import datetime
@@ -18,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from harness import git_commit  # noqa: E402
 
 COLUMNS = ["benchmark", "provider", "shape", "dtype", "median_ms", "p20_ms", "p80_ms",
-           "ratio", "gbps", "tflops", "peak_mem_mb", "extra", "device", "commit", "date"]
+           "ratio", "gbps", "bw_vs_copy", "tflops", "peak_mem_mb", "extra", "device", "commit", "date"]
 KNOWN = {"provider", "shape", "dtype", "baseline", "bytes", "flops", "peak_mem", "device"}
 
 
@@ -50,9 +51,12 @@ def rows_from(report: dict) -> dict[str, list[dict]]:
         }
         by_file.setdefault(os.path.basename(key[0]).removesuffix(".py"), []).append(row)
     for rows in by_file.values():
+        copy_gbps = {r["_key"]: r["gbps"] for r in rows if r["provider"] == "copy" and r["gbps"]}
         for r in rows:
             base = medians.get(r["_key"] + (r["_baseline"],))
             r["ratio"] = base / (r["median_ms"] / 1e3) if base else ""
+            copy = copy_gbps.get(r["_key"])
+            r["bw_vs_copy"] = r["gbps"] / copy if copy and r["gbps"] != "" else ""
     return by_file
 
 
@@ -62,7 +66,7 @@ def _fmt(v):
 
 def markdown(rows: list[dict]) -> str:
     cols = ["benchmark", "shape", "dtype", "provider", "median_ms", "p20_ms", "p80_ms", "ratio",
-            "gbps", "tflops", "peak_mem_mb", "extra"]
+            "gbps", "bw_vs_copy", "tflops", "peak_mem_mb", "extra"]
     cols = [c for c in cols if any(r[c] != "" for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in sorted(rows, key=lambda r: (r["benchmark"], r["_key"][2], r["provider"])):
