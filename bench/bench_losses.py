@@ -29,6 +29,15 @@ else:  # 2-core CPU: ~0.3 GB of bf16 logits keeps each provider under a second a
 PROVIDERS = ["score_fast", "eager", "compile", "liger", "copy"]
 
 
+def _skip_compile(shape):
+    if QUICK:
+        pytest.skip("torch.compile warm-up is minutes on this CPU; not in the smoke run")
+    if shape != SHAPES[0]:
+        # each new shape recompiles (forward and backward graphs): ~30 s each, and
+        # gpu_check.sh has 8 minutes for everything
+        pytest.skip("torch.compile runs at the headline shape only")
+
+
 def _eager_logprobs(logits, targets):
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
@@ -36,15 +45,14 @@ def _eager_logprobs(logits, targets):
 _compiled_logprobs = None
 
 
-def _provider_fn(provider):
+def _provider_fn(provider, shape):
     global _compiled_logprobs
     if provider == "score_fast":
         return score_fast.token_logprobs
     if provider == "eager":
         return _eager_logprobs
     if provider == "compile":
-        if QUICK:
-            pytest.skip("torch.compile takes minutes to warm up on this CPU; not in the smoke run")
+        _skip_compile(shape)
         _compiled_logprobs = _compiled_logprobs or torch.compile(_eager_logprobs, dynamic=False)
         return _compiled_logprobs
     if provider == "liger":
@@ -81,7 +89,7 @@ def test_token_logprobs(benchmark, provider, shape, mode):
         fn = lambda: dst.copy_(logits.detach())  # noqa: E731
         nbytes = 2 * n * v * elem
     else:
-        op = _provider_fn(provider)
+        op = _provider_fn(provider, shape)
         grad = torch.randn(n, device=DEVICE)
         if mode == "fwd":
             fn = lambda: op(logits, targets)  # noqa: E731
@@ -119,8 +127,7 @@ def test_full_kl(benchmark, provider, shape, mode):
         nbytes = 2 * n * v * elem
     else:
         if provider == "compile":
-            if QUICK:
-                pytest.skip("torch.compile warm-up is minutes on this CPU; not in the smoke run")
+            _skip_compile(shape)
             _compiled_kl = _compiled_kl or torch.compile(_eager_full_kl, dynamic=False)
         op = {"score_fast": score_fast.full_kl, "eager": _eager_full_kl,
               "compile": _compiled_kl}[provider]
