@@ -1,0 +1,141 @@
+"""Code reward: 1 if the candidate program passes every test, run in a sandbox.
+
+Rows are HumanEval style (`prompt`, `test` defining check(candidate), `entry_point`) or MBPP
+style (`test_list` of assert lines, optional `test_setup_code` / `test_imports`). The program
+is the last fenced code block of the response that defines a function (else the last block,
+else the whole response); HumanEval completions that do not define the entry point are
+appended to the prompt, as in the original harness.
+
+The candidate is written by a model optimised to get reward, so it runs in a sandbox (see
+_sandbox.py for each limit and how it is enforced): a pool of `workers` zygote processes,
+each owning one unprivileged uid, forks one confined child per candidate. Needs Linux and
+root (uid drop, network and mount namespaces); the CI and GPU machines run as root."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from score_fast.rewards._pool import WorkerPool
+from score_fast.rewards.base import Reward, RewardResult
+
+_SANDBOX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox.py")
+# Imported once per zygote, before the uid drop: the dropped uid may not be able to read the
+# stdlib (here it lives under /root, mode 0700), so a module not listed may fail to import.
+PRELOAD = ("math", "cmath", "re", "string", "collections", "itertools", "functools", "heapq",
+           "bisect", "operator", "copy", "typing", "random", "statistics", "fractions",
+           "decimal", "datetime", "json", "hashlib", "array", "numbers", "dataclasses", "enum",
+           "textwrap", "unicodedata", "time", "abc", "sys", "os",
+           "socket")  # socket: so a connect() meets the network namespace, not an ImportError
+
+
+@dataclass
+class CodeRewardConfig:
+    """Per-candidate limits. Worst-case RAM of a batch: workers x (nproc x memory_mb + disk_mb)
+    (defaults on 2 cores: 2 x (8 x 1 GiB + 64 MiB)); a well-behaved candidate uses ~10 MiB."""
+    kind: str = "code"
+    workers: int = 0  # 0: os.cpu_count(); candidates run at once, one zygote (~25 MB) each
+    wall_s: float = 10.0  # wall clock per candidate (HumanEval's harness uses 3 s per problem)
+    cpu_s: int = 10  # RLIMIT_CPU seconds: SIGXCPU, SIGKILL a second later
+    memory_mb: int = 1024  # RLIMIT_AS per process; CPython + stdlib maps ~40 MB of it
+    nproc: int = 8  # RLIMIT_NPROC of the slot's uid: processes + threads, the candidate included
+    file_size_mb: int = 16  # RLIMIT_FSIZE: largest file it may write
+    disk_mb: int = 64  # size of its private tmpfs working directory (RAM-backed)
+    open_files: int = 64  # RLIMIT_NOFILE
+    # Slot uids are uid_base + 512 * block + slot with a random block per reward object, so
+    # two trainers on one machine never share a uid (a sweep kills every process of a uid).
+    # 2^30 + 2^29 stays below 2^31, which some tools misread as negative.
+    uid_base: int = 1 << 30
+    preload: tuple[str, ...] = field(default=PRELOAD)
+
+
+_FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.S)
+_IMPORT = re.compile(r"^(?:from\s+\S+\s+import\s+.+|import\s+.+)$", re.M)
+
+
+def extract_code(response: str) -> str:
+    blocks = _FENCE.findall(response)
+    with_def = [b for b in blocks if re.search(r"^\s*(?:def|class)\s", b, re.M)]
+    return (with_def or blocks or [response])[-1].lstrip("\r\n").rstrip()  # keep the indent
+
+
+def build_program(response: str, row: Mapping) -> dict | None:
+    """{"src": candidate, "tests": test code, "entries": functions the tests call}, or None
+    when the response holds no code."""
+    code = extract_code(response)
+    if not code.strip():
+        return None
+    if "entry_point" in row:
+        entry = row["entry_point"]
+        if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.M):
+            # a full rewrite: keep the prompt's imports (typing.List, math, ...)
+            code = "\n".join(_IMPORT.findall(row["prompt"]) + [code])
+        else:
+            code = row["prompt"] + code
+        return {"src": code, "tests": f"{row['test']}\n\ncheck({entry})\n", "entries": [entry]}
+    if "test_list" in row:
+        imports = row.get("test_imports") or []
+        tests = "\n".join([*imports, row.get("test_setup_code") or "", *row["test_list"]])
+        try:
+            called = sorted({n.func.id for n in ast.walk(ast.parse(tests))
+                             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)})
+        except SyntaxError:
+            called = []
+        return {"src": code, "tests": tests, "entries": called}
+    raise ValueError("code reward rows need HumanEval fields (prompt, test, entry_point) "
+                     f"or an MBPP test_list; got {sorted(row)}")
+
+
+class CodeReward(Reward):
+    def __init__(self, config: CodeRewardConfig | None = None):
+        if sys.platform != "linux" or os.geteuid() != 0:
+            raise RuntimeError("the code sandbox needs Linux and root: it drops each "
+                               "candidate to its own uid in new network/mount namespaces")
+        self.config = config or CodeRewardConfig()
+        self._pool: WorkerPool | None = None
+        self._dirs: list[str] = []
+        self._uid0 = self.config.uid_base + 512 * random.randrange(1 << 20)
+
+    def _spawn(self, slot: int):
+        c = self.config
+        workdir = tempfile.mkdtemp(prefix="score_fast_code_")  # tmpfs goes over it, in-ns only
+        self._dirs.append(workdir)
+        paths = sysconfig.get_paths()
+        cfg = dict(uid=self._uid0 + slot, workdir=workdir, wall_s=c.wall_s, cpu_s=c.cpu_s,
+                   memory_mb=c.memory_mb, nproc=c.nproc, file_size_mb=c.file_size_mb,
+                   disk_mb=c.disk_mb, open_files=c.open_files, preload=list(c.preload),
+                   read_dirs=sorted({paths["stdlib"], paths["platstdlib"]}))
+        # -I: no PYTHON* variables, no user site, no script dir on sys.path; -S: no site
+        # packages; env={}: nothing of the trainer's environment (tokens, keys) reaches it.
+        return [sys.executable, "-I", "-S", "-B", _SANDBOX, json.dumps(cfg)], {}
+
+    def _evaluate(self, responses: list[str], rows: list[Mapping]) -> RewardResult:
+        c = self.config
+        if c.workers > 512:
+            raise ValueError("CodeRewardConfig.workers must be <= 512 (uids per block)")
+        programs = [build_program(r, row) for r, row in zip(responses, rows)]
+        todo = [i for i, p in enumerate(programs) if p is not None]
+        if self._pool is None:
+            self._pool = WorkerPool(c.workers or os.cpu_count() or 1, self._spawn)
+        # The zygote enforces wall_s itself; the extra 30 s only catch a stuck zygote.
+        replies = self._pool.map([programs[i] for i in todo], c.wall_s + 30)
+        scores, reasons = [0.0] * len(rows), ["no_code"] * len(rows)
+        for i, reply in zip(todo, replies):
+            scores[i], reasons[i] = float(reply["score"]), reply["reason"]
+        return RewardResult(scores, reasons)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        for d in self._dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self._dirs.clear()

@@ -1,0 +1,341 @@
+"""Code reward sandbox: correct programs pass, every hostile program scores 0 with the right
+reason, in bounded time, and leaves the machine as it was.
+
+The machine is shared: every test that runs a candidate does so under a watchdog (a thread
+scanning /proc) that SIGKILLs any process of the reward's slot uids that outlives its
+deadline or outnumbers the process cap, even if the sandbox's own limits failed; a test
+fails if the watchdog ever had to act. The hostile tests only run after the uid-drop probe
+showed that candidates are not root (root ignores RLIMIT_NPROC)."""
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+from score_fast.rewards import CodeReward, CodeRewardConfig, make_reward
+from score_fast.rewards.code import build_program, extract_code
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0,
+                                reason="the code sandbox needs Linux and root")
+
+CFG = dict(workers=2, wall_s=3.0, cpu_s=2, memory_mb=512, nproc=8)
+MBPP = {"test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]}
+GOOD = "def add(a, b):\n    return a + b\n"
+HUMANEVAL = {
+    "prompt": 'from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """Sum."""\n',
+    "test": "def check(candidate):\n    assert candidate([1, 2]) == 3\n"
+            "    assert abs(candidate([0.5, 0.25]) - 0.75) < 1e-9\n",
+    "entry_point": "total",
+}
+
+
+def _slot_procs(uids: range) -> list[tuple[int, int]]:
+    """(pid, rss_kb) of every live process whose real uid is one of the sandbox's."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if int(status["Uid"].split()[0]) in uids and "Z" not in status["State"]:
+            out.append((int(pid), int(status.get("VmRSS", "0 kB").split()[0])))
+    return out
+
+
+class Watchdog:
+    """Kills the candidates' processes if they live past `deadline_s`, number more than
+    `max_procs` or hold more than `max_rss_gb` together. `fired` says whether it had to."""
+
+    def __init__(self, uids: range, deadline_s: float, max_procs: int = 40, max_rss_gb: float = 4):
+        self.uids, self.deadline_s, self.max_procs = uids, deadline_s, max_procs
+        self.max_rss_kb = max_rss_gb * 2**20
+        self.fired, self._stop = [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        t0 = time.monotonic()
+        while not self._stop.wait(0.05):
+            procs = _slot_procs(self.uids)
+            late = time.monotonic() - t0 > self.deadline_s
+            if procs and (late or len(procs) > self.max_procs
+                          or sum(r for _, r in procs) > self.max_rss_kb):
+                self.fired.append((round(time.monotonic() - t0, 2), len(procs)))
+                for pid, _ in procs:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture(scope="module")
+def reward():
+    with CodeReward(CodeRewardConfig(**CFG)) as r:
+        yield r
+
+
+def _uids(r: CodeReward) -> range:
+    return range(r._uid0, r._uid0 + 512)
+
+
+def run(r: CodeReward, src: str, row=MBPP, deadline_s: float = 15):
+    """Score one candidate under the watchdog; assert the machine is left as it was."""
+    mounts = open("/proc/self/mounts").read()
+    with Watchdog(_uids(r), deadline_s) as dog:
+        t0 = time.monotonic()
+        result = r.evaluate([src], [row])
+        elapsed = time.monotonic() - t0
+    assert not dog.fired, f"the watchdog had to kill candidates: {dog.fired}"
+    assert _slot_procs(_uids(r)) == [], "candidate processes survived"
+    assert open("/proc/self/mounts").read() == mounts, "a sandbox mount leaked to the host"
+    return result.scores[0], result.reasons[0], elapsed
+
+
+@pytest.fixture(scope="module")
+def unprivileged(reward):
+    """Gate for the hostile tests: candidates run without root, groups or environment."""
+    probe = ("import os\n"
+             "def add(a, b):\n"
+             "    assert os.getuid() != 0 and os.getgid() != 0 and os.getgroups() == []\n"
+             "    assert dict(os.environ) == {}\n"
+             "    return a + b\n")
+    assert run(reward, probe)[:2] == (1.0, "ok")
+
+
+# ---------------------------------------------------------------- correct programs
+
+
+def test_correct_programs_score_1(reward):
+    assert run(reward, GOOD)[:2] == (1.0, "ok")
+    fenced = f"Here you go:\n```python\n{GOOD}```\nand a demo:\n```\nprint(add(1, 2))\n```"
+    assert run(reward, fenced)[:2] == (1.0, "ok")
+    # HumanEval: a completion of the prompt, and a full rewrite without the prompt's imports
+    assert run(reward, "    return sum(xs)\n", HUMANEVAL)[:2] == (1.0, "ok")
+    full = "def total(xs: List[int]) -> int:\n    return sum(xs)\n"
+    assert run(reward, full, HUMANEVAL)[:2] == (1.0, "ok")
+    # its own directory is writable, stdlib imports work, a __main__ demo block does not run
+    own_dir = ("import math, collections, os\n"
+               "def add(a, b):\n"
+               "    with open('scratch.txt', 'w') as f: f.write(str(a + b))\n"
+               "    os.makedirs('sub/dir', exist_ok=True); open('sub/dir/x', 'w').close()\n"
+               "    return int(open('scratch.txt').read()) + int(math.floor(0.5))\n"
+               "if __name__ == '__main__':\n    input()\n")
+    assert run(reward, own_dir)[:2] == (1.0, "ok")
+
+
+def test_wrong_programs_and_their_reasons(reward):
+    assert run(reward, "def add(a, b):\n    return a - b\n")[:2] == (0.0, "wrong_answer")
+    assert run(reward, "def add(a, b:\n")[:2] == (0.0, "syntax_error")
+    assert run(reward, "def add(a, b):\n    return [][1]\n")[:2] == (0.0, "crash")
+    assert run(reward, "import numpy\n" + GOOD)[:2] == (0.0, "crash")  # no site-packages
+    assert reward.evaluate(["", "```python\n```"], [MBPP, MBPP]).reasons == ["no_code", "no_code"]
+
+
+def test_32_concurrent_correct_programs_and_a_bad_neighbour():
+    """32 at once all pass; a CPU hog and a memory hog in the same batch change nothing."""
+    bad = ["while True:\n    pass\n", "x = bytearray(2**40)\n"]
+    with CodeReward(CodeRewardConfig(**{**CFG, "workers": 32})) as r:
+        with Watchdog(_uids(r), 60, max_procs=32 * 8 + 8) as dog:
+            result = r.evaluate([GOOD] * 32 + bad, [MBPP] * 34)
+        assert not dog.fired, dog.fired
+        assert result.scores == [1.0] * 32 + [0.0, 0.0]
+        assert result.reasons[32] in ("cpu_time", "timeout") and result.reasons[33] == "memory"
+        assert _slot_procs(_uids(r)) == []
+
+
+# ---------------------------------------------------------------- hostile programs
+
+
+def test_infinite_loop(reward, unprivileged):
+    # 2 s of CPU hits RLIMIT_CPU (SIGXCPU) before the 3 s wall clock, unless the box is busy
+    score, why, dt = run(reward, "while True:\n    pass\n")
+    assert (score, why) == (0.0, "cpu_time") or (score, why) == (0.0, "timeout")
+    assert dt < CFG["wall_s"] + 2
+    # asleep it burns no CPU: the wall clock ends it
+    score, why, dt = run(reward, "import time\nwhile True:\n    time.sleep(1)\n")
+    assert (score, why) == (0.0, "timeout") and dt < CFG["wall_s"] + 2
+
+
+def test_fork_50_is_capped(reward, unprivileged):
+    """Mild version first: 50 forks meet RLIMIT_NPROC (8, the candidate included)."""
+    src = ("import os, time\n"
+           "def add(a, b):\n"
+           "    n = 0\n"
+           "    try:\n"
+           "        for _ in range(50):\n"
+           "            if os.fork() == 0:\n"
+           "                time.sleep(60)\n"
+           "                os._exit(0)\n"
+           "            n += 1\n"
+           "    except OSError:\n"
+           "        pass\n"
+           "    assert n < 8, n\n"
+           "    return a + b\n")
+    # passes (the cap held), and the sleeping children are killed after it returned
+    assert run(reward, src)[:2] == (1.0, "ok")
+
+
+def test_fork_bomb(reward, unprivileged):
+    src = ("import os\n"
+           "while True:\n"
+           "    try:\n"
+           "        os.fork()\n"
+           "    except OSError:\n"
+           "        pass\n")
+    score, why, dt = run(reward, src)
+    assert score == 0.0 and why in ("timeout", "cpu_time") and dt < CFG["wall_s"] + 2
+
+
+def test_setsid_escape_is_swept(reward, unprivileged):
+    """A child in its own session and process group outlives killpg; the uid sweep gets it."""
+    src = ("import os, time\n"
+           "if os.fork() == 0:\n"
+           "    os.setsid()\n"
+           "    if os.fork() == 0:\n"
+           "        time.sleep(300)\n"
+           "    os._exit(0)\n"
+           + GOOD)
+    assert run(reward, src)[:2] == (1.0, "ok")  # the tests did pass; nothing survives (run())
+
+
+def test_mild_memory_then_50gb(reward, unprivileged):
+    assert run(reward, "x = bytearray(2 * 2**30)\n" + GOOD)[:2] == (0.0, "memory")
+    growing = "chunks = []\nwhile True:\n    chunks.append(bytearray(64 * 2**20))\n"
+    assert run(reward, growing)[:2] == (0.0, "memory")
+    assert run(reward, "x = bytearray(50 * 2**30)\n" + GOOD)[:2] == (0.0, "memory")
+
+
+def test_10gb_file(reward, unprivileged):
+    src = ("with open('big', 'wb') as f:\n"
+           "    for _ in range(10 * 1024):\n"
+           "        f.write(b'x' * 2**20)\n" + GOOD)
+    score, why, dt = run(reward, src)
+    assert (score, why) == (0.0, "file_size") and dt < CFG["wall_s"]
+    # many files under the per-file limit fill the private tmpfs instead (64 MB)
+    many = ("for i in range(10 * 1024):\n"
+            "    with open(f'f{i}', 'wb') as f:\n"
+            "        f.write(b'x' * 8 * 2**20)\n" + GOOD)
+    assert run(reward, many)[:2] == (0.0, "file_size")
+
+
+def test_write_and_read_outside_its_directory(reward, unprivileged, tmp_path):
+    os.chmod(tmp_path, 0o777)  # even a world-writable directory
+    target = tmp_path / "pwned"
+    for path in [target, "/tmp/score_fast_pwned", "/dev/shm/score_fast_pwned",
+                 "/var/tmp/score_fast_pwned"]:
+        score, why, _ = run(reward, f"open({str(path)!r}, 'w').write('x')\n" + GOOD)
+        assert (score, why) == (0.0, "crash")  # PermissionError
+        assert not os.path.exists(path)
+    # world-readable files outside are not readable either (Landlock), nor listable
+    for path in ["/etc/passwd", os.path.abspath(__file__)]:
+        assert run(reward, f"open({path!r}).read()\n" + GOOD)[:2] == (0.0, "crash")
+    assert run(reward, "import os\nos.listdir('/')\n" + GOOD)[:2] == (0.0, "crash")
+    assert run(reward, "import os\nos.execv('/bin/sh', ['sh', '-c', 'true'])\n" + GOOD)[:2] == (
+        0.0, "crash")
+
+
+def test_no_network(reward, unprivileged):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.5)
+    port = server.getsockname()[1]
+    src = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n" + GOOD
+    try:
+        assert run(reward, src)[:2] == (0.0, "crash")
+        with pytest.raises(socket.timeout):
+            server.accept()  # nothing ever arrived
+    finally:
+        server.close()
+    udp = "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('1.1.1.1', 53))\n"
+    assert run(reward, udp + GOOD)[:2] == (0.0, "crash")  # ENETUNREACH: no route at all
+
+
+def test_parent_environment_secrets(reward, unprivileged, monkeypatch):
+    monkeypatch.setenv("SCORE_FAST_TEST_SECRET", "hunter2")
+    with CodeReward(CodeRewardConfig(**CFG)) as r:  # zygotes started with the secret set
+        src = ("import os, gc\n"
+               "def add(a, b):\n"
+               "    seen = str(dict(os.environ))\n"
+               "    for p in ('/proc/self/environ', f'/proc/{os.getppid()}/environ',\n"
+               "              '/proc/1/environ'):\n"
+               "        try:\n"
+               "            seen += open(p).read()\n"
+               "        except OSError:\n"
+               "            pass\n"
+               "    seen += ' '.join(str(o) for o in gc.get_objects() if isinstance(o, dict))\n"
+               "    secret = 'hunter' + '2'  # not one literal: the source itself is in memory\n"
+               "    return a + b if secret in seen else -1\n")
+        assert run(r, src)[:2] == (0.0, "wrong_answer")
+
+
+def test_early_exits_and_fake_success(reward, unprivileged):
+    for early in ["import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n",
+                  "print('ok')\nprint('PASSED')\nimport sys\nsys.exit(0)\n",
+                  "raise SystemExit\n"]:
+        assert run(reward, early + GOOD.replace("a + b", "a - b"))[:2] == (0.0, "exited_early")
+    # exit inside the function, mid-tests
+    assert run(reward, "import os\ndef add(a, b):\n    os._exit(0)\n")[:2] == (0.0, "exited_early")
+    # guessing the result channel: write nonce-looking bytes to every fd, then leave
+    forge = ("import os\n"
+             "for fd in range(3, 64):\n"
+             "    try:\n"
+             "        os.write(fd, b'0' * 32)\n"
+             "    except OSError:\n"
+             "        pass\n"
+             "os._exit(0)\n")
+    assert run(reward, forge)[:2] == (0.0, "exited_early")
+
+
+def test_monkey_patching_the_checker(reward, unprivileged):
+    wrong = "def add(a, b):\n    return 0\n"
+    # its own check() is replaced by the test's (HumanEval), asserts cannot be redefined
+    own_check = "def total(xs):\n    return 0\ndef check(candidate):\n    return True\n"
+    assert run(reward, own_check, HUMANEVAL)[:2] == (0.0, "wrong_answer")
+    patch_assert = "import builtins\nbuiltins.AssertionError = type('E', (Exception,), {})\n"
+    assert run(reward, patch_assert + wrong)[:2] == (0.0, "wrong_answer")
+    # patched builtins the tests use (abs below) are not the ones the tests see
+    patch_abs = ("import builtins\nbuiltins.abs = lambda x: 0\n"
+                 "def total(xs):\n    return 3 if xs == [1, 2] else 99\n")
+    assert run(reward, patch_abs, HUMANEVAL)[:2] == (0.0, "wrong_answer")
+    # an object equal to everything
+    always = "class Eq:\n    def __eq__(self, o):\n        return True\ndef add(a, b):\n    return Eq()\n"
+    assert run(reward, always)[:2] == (0.0, "bad_return_type")
+    # ... also when it first replaces the builtins or the harness's helpers it could reach
+    for patch in ["import builtins\nbuiltins.type = lambda o: int\nbuiltins.callable = lambda o: False\n",
+                  "import __main__\n__main__._guard = lambda f: f\n__main__._plain = lambda v: True\n"]:
+        assert run(reward, patch + always)[:2] == (0.0, "bad_return_type")
+    sub = "class I(int):\n    def __eq__(self, o):\n        return True\ndef add(a, b):\n    return I(0)\n"
+    assert run(reward, sub)[:2] == (0.0, "bad_return_type")
+    # a trace function that would jump over the assert lines is removed before the tests
+    trace = ("import sys\n"
+             "def tr(frame, event, arg):\n"
+             "    return tr\n"
+             "sys.settrace(tr)\n" + wrong)
+    assert run(reward, trace)[:2] == (0.0, "wrong_answer")
+
+
+def test_build_program_and_factory():
+    assert extract_code("x\n```py\nprint(1)\n```\n```python\ndef f():\n  pass\n```\n```\nf()\n```") == (
+        "def f():\n  pass")
+    p = build_program("```python\ndef f(x):\n    return x\n```", {"test_list": ["assert f(1) == 1"],
+                                                                   "test_imports": ["import math"]})
+    assert p["entries"] == ["f"] and p["tests"].startswith("import math")
+    with pytest.raises(ValueError, match="test_list"):
+        build_program("x", {"question": "?"})
+    r = make_reward({"kind": "code", "wall_s": 1.0, "workers": 1})
+    assert isinstance(r, CodeReward) and r.config.wall_s == 1.0
+    r.close()

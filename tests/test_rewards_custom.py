@@ -1,0 +1,78 @@
+"""Custom reward: "module:function" loading, the batched call, and errors naming the function."""
+import math
+
+import pytest
+
+from score_fast.rewards import CustomReward, CustomRewardConfig, make_reward
+
+MODULE = '''
+def length_bonus(completions, answer, **kwargs):
+    return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
+
+def short(completions, **kwargs):
+    return [1.0]
+
+def nan(completions, **kwargs):
+    return [float("nan")] * len(completions)
+
+def inf(completions, **kwargs):
+    return [0.0, float("inf")][:len(completions)]
+
+def words(completions, **kwargs):
+    return ["high"] * len(completions)
+
+NOT_A_FUNCTION = 3
+'''
+
+
+@pytest.fixture
+def module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_called_with_completions_and_row_fields(module):
+    r = make_reward("custom", function="my_rewards:length_bonus")
+    result = r.evaluate([" 4", "5", "x"], [{"answer": "4", "id": 0}, {"answer": "4", "id": 1},
+                                           {"answer": "x", "id": 2}])
+    assert result.scores == [1.0, 0.0, 1.0]
+    assert result.reasons == ["ok", "zero", "ok"] and result.failures() == {"zero": 1}
+
+
+def test_file_path_spec(module):
+    r = CustomReward(CustomRewardConfig(function=f"{module}/my_rewards.py:length_bonus"))
+    assert r.score(["4"], [{"answer": "4"}]) == [1.0]
+
+
+@pytest.mark.parametrize("fn,match", [
+    ("short", r"'my_rewards:short' returned 1 scores for 2 completions"),
+    ("nan", r"'my_rewards:nan' returned non-finite scores at \[0, 1\]"),
+    ("inf", r"'my_rewards:inf' returned non-finite scores at \[1\]"),
+    ("words", r"'my_rewards:words' must return floats"),
+])
+def test_bad_outputs_name_the_function(module, fn, match):
+    r = make_reward({"kind": "custom", "function": f"my_rewards:{fn}"})
+    with pytest.raises(ValueError, match=match):
+        r.score(["a", "b"], [{}, {}])
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("my_rewards", "expected 'module:function'"),
+    ("my_rewards:", "expected 'module:function'"),
+    (":length_bonus", "expected 'module:function'"),
+    ("my_rewards:missing", "'my_rewards:missing'.*missing"),
+    ("my_rewards:NOT_A_FUNCTION", "'my_rewards:NOT_A_FUNCTION': not callable"),
+    ("no_such_module_xyz:f", "'no_such_module_xyz:f'.*no_such_module_xyz"),
+])
+def test_bad_spec_names_the_function(module, spec, match):
+    with pytest.raises(ValueError, match=match):
+        make_reward("custom", function=spec)
+
+
+def test_factory_errors():
+    with pytest.raises(ValueError, match="unknown reward kind 'maths'"):
+        make_reward("maths")
+    with pytest.raises(TypeError):
+        make_reward("math", no_such_field=1)
+    assert math.isfinite(make_reward("math").config.timeout_s)

@@ -1,0 +1,160 @@
+"""Math reward: extraction, math-verify equivalence, reasons, and the hard timeout."""
+import time
+
+import pytest
+
+from score_fast.rewards import MathReward, MathRewardConfig, make_reward
+from score_fast.rewards.math import extract_answer
+
+PAPER = "Final Answer: The final answer is ${}$. I hope it is correct."
+TABLE = [
+    # (response, reference answer, expected reason)
+    (PAPER.format(r"\frac{1}{2}"), "0.5", "ok"),
+    (PAPER.format("0.5"), r"\frac{1}{2}", "ok"),
+    (r"So the result is $\boxed{\dfrac12}$.", "1/2", "ok"),
+    (r"\boxed{\frac{\sqrt{2}}{2}}", r"\frac{\sqrt2}{2}", "ok"),
+    ("Half of it, so the answer is 0.5", r"\frac12", "ok"),
+    (PAPER.format(r"10\%"), "0.1", "ok"),
+    (PAPER.format("0.1"), r"10\%", "ok"),
+    (PAPER.format(r"50\%"), r"\frac{1}{2}", "ok"),
+    (PAPER.format("-3"), "-3", "ok"),
+    (r"\boxed{-\frac{3}{4}}", "-0.75", "ok"),
+    (PAPER.format("1,000"), "1000", "ok"),
+    (PAPER.format(r"5\text{ cm}"), "5", "ok"),
+    (PAPER.format(r"12 \text{ meters}"), "12", "ok"),
+    (PAPER.format(r"90^\circ"), "90", "ok"),
+    (PAPER.format(r"\$5"), "5", "ok"),
+    (PAPER.format("(1, 2]"), "(1,2]", "ok"),
+    (PAPER.format(r"(-\infty, 3)"), r"(-\infty,3)", "ok"),
+    (PAPER.format(r"\{1,2,3\}"), r"\{3,2,1\}", "ok"),
+    (PAPER.format(r"\begin{pmatrix}1&2\\3&4\end{pmatrix}"), r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", "ok"),
+    (PAPER.format("2, 3"), "3, 2", "ok"),
+    (PAPER.format("x^2+2x+1"), "(x+1)^2", "ok"),
+    (r"thus \boxed{\frac{1}{\sqrt{\frac{4}{1}}}} is it", r"\frac12", "ok"),
+    (PAPER.format(r"\text{(A)}"), "A", "ok"),
+    (PAPER.format("3.0"), "3", "ok"),
+    (PAPER.format(r"\frac{6}{4}"), r"\frac{3}{2}", "ok"),
+    (PAPER.format(r"\pi/2"), r"\frac{\pi}{2}", "ok"),
+    ("Step 1: 3+4=7.\n\n" + PAPER.format("7"), "7", "ok"),
+    ("so we get 12 apples and then 42", "42", "ok"),
+    (r"\boxed{0.333333}", r"\frac13", "ok"),
+    (PAPER.format("3.14"), "3.14", "ok"),
+    (PAPER.format(r"\sqrt{8}"), r"2\sqrt{2}", "ok"),
+    ("The final answer is $-2$", "-2", "ok"),
+    # not equivalent
+    (PAPER.format("-3"), "3", "wrong_answer"),
+    (PAPER.format("0.333"), r"\frac13", "wrong_answer"),
+    (PAPER.format("(1,2)"), "[1,2]", "wrong_answer"),
+    (PAPER.format(r"\{1,2\}"), r"\{1,2,3\}", "wrong_answer"),
+    (PAPER.format(r"\frac{1}{2}"), "2", "wrong_answer"),
+    (PAPER.format(r"\begin{pmatrix}1&2\\3&5\end{pmatrix}"), r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", "wrong_answer"),
+    (PAPER.format(r"2 \text{ or } 3"), "2", "wrong_answer"),  # two answers: a hedge
+    (r"either $2$ and $3$, The final answer is $2$ and $3$", "2", "wrong_answer"),
+    (r"First \boxed{2}, no wait, \boxed{3}", "2", "wrong_answer"),  # the last one counts
+    (PAPER.format("3.14"), r"\pi", "wrong_answer"),
+    (PAPER.format("x+1"), "x-1", "wrong_answer"),
+    (PAPER.format("1001"), "1000", "wrong_answer"),
+    (PAPER.format(r"-\frac{3}{4}"), "0.75", "wrong_answer"),
+    # nothing to extract
+    ("I don't know.", "5", "no_answer"),
+    ("", "5", "no_answer"),
+    (r"\boxed{}", "5", "no_answer"),
+    ("The final answer is $$. I hope it is correct.", "5", "no_answer"),
+    # a broken reference is the data's fault, reported as such
+    (PAPER.format("5"), "", "bad_reference"),
+]
+
+
+@pytest.fixture(scope="module")
+def reward():
+    with make_reward("math", workers=2) as r:
+        yield r
+
+
+def test_table(reward):
+    assert len(TABLE) >= 40
+    result = reward.evaluate([r for r, _, _ in TABLE], [{"answer": a} for _, a, _ in TABLE])
+    wrong = [(resp, ref, want, got) for (resp, ref, want), got in zip(TABLE, result.reasons)
+             if got != want]
+    assert not wrong, wrong
+    assert result.scores == [1.0 if want == "ok" else 0.0 for _, _, want in TABLE]
+    assert result.failures()["no_answer"] == 4
+
+
+@pytest.mark.parametrize("response,answer", [
+    (PAPER.format(r"\frac{1}{2}"), r"\frac{1}{2}"),
+    (r"a \boxed{x^{2}+\frac{1}{2}} b \boxed{\frac{\sqrt{3}}{2}} c", r"\frac{\sqrt{3}}{2}"),
+    (r"\boxed{\left\{1, 2\right\}}", r"\left\{1, 2\right\}"),
+    (r"unbalanced \boxed{\frac{1}{2} and 7", "7"),  # no closing brace: falls to the last number
+    ("The final answer is $2$ or $3$. Done", "2 or 3"),
+    (r"costs \$1,000.50 in total", "1,000.50"),
+    ("no digits here", None),
+])
+def test_extract_answer(response, answer):
+    assert extract_answer(response) == answer
+
+
+def test_score_is_floats_and_lengths_checked(reward):
+    assert reward.score([PAPER.format("4")], [{"answer": "4"}]) == [1.0]
+    with pytest.raises(ValueError, match="2 responses but 1 rows"):
+        reward.score(["a", "b"], [{"answer": "1"}])
+
+
+def test_answer_field():
+    with MathReward(MathRewardConfig(answer_field="solution", workers=1)) as r:
+        assert r.score([PAPER.format("3")], [{"solution": "3"}]) == [1.0]
+
+
+def test_hostile_input_times_out_without_blocking_others():
+    """A tower of powers makes sympy compute for ever; the alarm in the worker ends that check
+    only, and the other items of the batch still get their answers."""
+    tower = PAPER.format("2^{2^{2^{2^{2^{99}}}}}")
+    responses = [tower] + [PAPER.format("4")] * 4
+    with MathReward(MathRewardConfig(timeout_s=1, workers=2)) as r:
+        r.score([PAPER.format("1")], [{"answer": "1"}])  # start the workers
+        t0 = time.monotonic()
+        result = r.evaluate(responses, [{"answer": "4"}] * len(responses))
+        elapsed = time.monotonic() - t0
+    assert result.scores == [0.0, 1.0, 1.0, 1.0, 1.0]
+    assert result.reasons[0] == "timeout"
+    assert elapsed < 2 * 1 + 5, elapsed  # below the hard kill: the alarm did it
+
+
+@pytest.mark.parametrize("text", ["final answer is " * 20_000, "\\boxed{" * 50_000, "1," * 100_000,
+                                  "$" * 100_000 + "final answer is" + "$a" * 100_000])
+def test_extraction_is_linear_on_hostile_text(text):
+    t0 = time.monotonic()
+    extract_answer(text)
+    assert time.monotonic() - t0 < 1.0  # ~0.1 s on the CI machine; quadratic would be hours
+
+
+def test_pool_kills_a_stuck_or_dead_worker():
+    """The backstop behind the alarm: a worker stuck where signals cannot reach (a long C
+    call) or dead is SIGKILLed / reaped, its item gets a reason, and the slot is reused."""
+    import sys
+    from score_fast.rewards._pool import WorkerPool
+
+    script = ("import json, sys, time\n"
+              "for line in sys.stdin:\n"
+              "    r = json.loads(line)\n"
+              "    if r['do'] == 'hang': time.sleep(1000)\n"
+              "    if r['do'] == 'die': sys.exit(3)\n"
+              "    print(json.dumps({'score': 1.0, 'reason': 'ok'}), flush=True)\n")
+    pool = WorkerPool(1, lambda slot: ([sys.executable, "-c", script], {}))
+    try:
+        t0 = time.monotonic()
+        out = pool.map([{"do": "hang"}, {"do": "ok"}, {"do": "die"}, {"do": "ok"}], timeout=1.0)
+        assert [o["reason"] for o in out] == ["timeout", "ok", "crash", "ok"]
+        assert time.monotonic() - t0 < 10
+    finally:
+        pool.close()
+
+
+def test_check_runs_off_the_main_thread(reward):
+    """math-verify's own signal timeout fails outside the main thread; ours does not care."""
+    import threading
+    out = []
+    t = threading.Thread(target=lambda: out.append(reward.score([r"\boxed{0.5}"], [{"answer": "1/2"}])))
+    t.start()
+    t.join(60)
+    assert out == [[1.0]]
