@@ -14,6 +14,8 @@ _LAZY = {  # public name -> module under score_fast.kernels
     "kl_penalty": "kl_penalty",
     "score_advantages": "score_advantages",
     "score_loss": "score_loss",
+    "linear_logprobs": "linear_logprobs",
+    "linear_score_loss": "linear_score_loss",
 }
 __all__ = ["PackedBatch", "pack", "plan_bins", *_LAZY]
 

@@ -5,7 +5,7 @@ import sys
 import score_fast
 
 CONTRACT = ["pack", "plan_bins", "PackedBatch", "token_logprobs", "kl_penalty", "full_kl",
-            "score_advantages", "score_loss"]
+            "score_advantages", "score_loss", "linear_logprobs", "linear_score_loss"]
 
 
 def test_public_names_resolve():

@@ -1,0 +1,556 @@
+"""Log-probability of the chosen token straight from hidden states and the LM-head weight,
+never holding the [N, V] logits.
+
+With x = hidden @ weight.T + bias (never stored) and z = x / T, for row n, target t = t[n]:
+
+    logp[n] = z[n, t] - M[n] - log S[n],   M[n] = max_v z[n, v],  S[n] = sum_v exp(z[n, v] - M[n])
+
+    dlogp/dx[n, v]   = (onehot(t)_v - p[n, v]) / T,   p = exp(z - M - log S)
+    with upstream g[n] and D[n, v] = g[n] * (onehot(t)_v - p[n, v]) / T:
+    dhidden = D @ weight          [N, H]
+    dweight = D.T @ hidden        [V, H]
+    dbias   = D.sum(0)            [V]
+
+At N = 8192 tokens and V = 151936 the fp32 logits are 5 GB (2.5 GB in bf16) for 8192
+numbers. Here the logits exist one tile at a time, and (M, log S) -- 8 bytes a row -- are
+all that is kept between the passes:
+
+Triton (CUDA, or CPU tensors under TRITON_INTERPRET=1):
+  forward  one program per block of BLOCK_N rows, looping over vocabulary tiles of BLOCK_V;
+           each logit tile is a K-loop of tl.dot over H with fp32 accumulation, folded into
+           an online log-sum-exp (M, S); the target's logit is picked out of its tile.
+  backward two kernels, no atomics (deterministic):
+           _dhidden: one program per row block, loops over vocabulary tiles, recomputes the
+                     logit tile, forms D on the fly, adds D @ W[tile] into an fp32 dhidden
+                     [N, H] that only it writes;
+           _dweight: one program per vocabulary tile, loops over row blocks, recomputes the
+                     logit tile, adds D.T @ hidden[rows] into an fp32 dweight [V, H] rows
+                     that only it writes, and sums dbias in registers.
+           Matmul passes of 2NHV flops: 1 forward, 4 backward (two recomputes, two products).
+  Rows come through an index list and a device-side count (`rows`, `count`): rows past the
+  count are skipped inside the kernels, so the caller can select the loss rows without a
+  host sync (linear_score_loss). Each row's result depends only on its own data and the
+  fixed block sizes (chosen from V, H and the dtype, never from N).
+  bf16/fp16 operands run tensor-core dots; D is rounded to the weight dtype for its two
+  products (what a bf16 autograd backward would hold). fp32 operands use
+  input_precision="ieee": TF32 rounds the operands to 10 mantissa bits, a relative logit
+  error of ~5e-4, i.e. 0.01 nats at |logit| = 20 -- far outside the 2x-torch rule.
+
+PyTorch (CPU tensors): the same tiling with matmuls: row chunks of a fixed _ROWS = 256
+  rows (the last one padded with zero rows: a CPU GEMM's result for a row changes with the
+  row count below ~150 rows, a fixed shape makes each row's result independent of the
+  batch) times vocabulary chunks of at most _TILE_ELEMS / _ROWS columns (32 MB of fp32
+  logits a tile) with an online log-sum-exp across chunks. Where the whole vocabulary is
+  one chunk (V <= 32768), a pass that needs both the log-sum-exp and the gradient keeps the
+  tile instead of recomputing it (3 matmul passes, as eager autograd does). bf16/fp16 are
+  upcast to fp32 a tile at a time (fp32 accumulation, as on the GPU).
+
+Edge cases as in token_logprobs: a -inf logit (from a -inf bias) is a masked vocabulary
+entry; a row whose logits are all -inf gives -inf and a zero gradient; logp <= 0.
+
+    from score_fast.kernels.linear_logprobs import linear_logprobs
+    logp = linear_logprobs(hidden, lm_head.weight, targets)     # [N] fp32
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._dispatch import checks_enabled, interpreting, use_triton
+from .token_logprobs import _check_temperature, _round_to_bf16
+
+__all__ = ["linear_logprobs", "linear_logprobs_ref"]
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_ROWS = 256           # CPU row chunk: fixed, so a row's result never depends on the batch
+_TILE_ELEMS = 2**23   # CPU logit tile: 256 rows x 32768 columns x 4 bytes = 32 MB
+
+
+# ----------------------------------------------------------------------------- Triton
+@triton.jit
+def _logit_tile(
+    # pointers
+    h_ptr, w_ptr, b_ptr,
+    # row and column indices of the tile (int64) and their masks
+    rows, row_ok, offs_v, v_ok,
+    # sizes and strides
+    H, stride_h, stride_w, inv_t,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """z = (hidden[rows] @ weight[offs_v].T + bias) / T as fp32 [BLOCK_N, BLOCK_V]; -inf in
+    the columns past V (so they drop out of max, sum and gradient)."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < H
+        a = tl.load(h_ptr + rows[:, None] * stride_h + offs_k[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + offs_v[None, :] * stride_w + offs_k[:, None],
+                    mask=v_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST:  # interpreter only: triton 3.9 interprets bf16 tl.dot wrongly
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=v_ok, other=0.0).to(tl.float32)[None, :]
+    return tl.where(v_ok[None, :], acc * inv_t, float("-inf"))
+
+
+@triton.jit
+def _dlogit_tile(z, m, log_s, g, tgt, offs_v):
+    """D = g * (onehot(tgt) - exp(z - M - log S)), g already holding 1/T and 0 on dead rows."""
+    p = tl.exp(z - m[:, None] - log_s[:, None])
+    return g[:, None] * (tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0) - p)
+
+
+@triton.jit
+def _fwd_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, rows_ptr, count_ptr, tgt_ptr, logp_ptr, max_ptr, logsum_ptr,
+    # sizes
+    V, H,
+    # strides (H is the contiguous dim of hidden and weight)
+    stride_h, stride_w,
+    # scalars
+    inv_t,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_rows = tl.load(count_ptr)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_n < n_rows
+    # int64: rows * stride_h passes 2**31 at 8192 x 4096 x 64 rows, offs_v * stride_w at
+    # V * H > 2**31 (151936 x 16384)
+    rows = tl.load(rows_ptr + offs_n, mask=row_ok, other=0).to(tl.int64)
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=0)
+    # a block wholly past the live count does no vocabulary work: an empty loop
+    v_end = V * (pid * BLOCK_N < n_rows).to(tl.int32)
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    z_t = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    for v0 in range(0, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        v_ok = offs_v < V
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, H, stride_h,
+                        stride_w, inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST,
+                        PRECISION)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        # while a row has seen only -inf, shift by 0: exp(-inf - -inf) would be NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+        m = m_new
+        hit = offs_v[None, :] == tgt[:, None]
+        z_t = tl.maximum(z_t, tl.max(tl.where(hit, z, float("-inf")), axis=1))
+    log_s = tl.log(s)  # -inf for an all -inf row
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    # (z_t - M) - log S, not z_t - lse: at |z| = 1e4 an fp32 lse has an ulp of 1e-3
+    logp = tl.minimum((z_t - m_safe) - log_s, 0.0)
+    logp = tl.where(z_t == float("-inf"), float("-inf"), logp)
+    tl.store(logp_ptr + rows, logp, mask=row_ok)
+    tl.store(max_ptr + rows, m_safe, mask=row_ok)
+    tl.store(logsum_ptr + rows, log_s, mask=row_ok)
+
+
+@triton.jit
+def _load_row_state(rows, row_ok, tgt_ptr, max_ptr, logsum_ptr, g_ptr, inv_t):
+    """Target, M, log S and g / T of each row; dead rows (all -inf) and rows past the count
+    get g = 0 and finite M, log S, so their D is exactly 0."""
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=0)
+    # M = +inf past the count: p = exp(z - inf) = 0, never inf * (g = 0) = NaN
+    m = tl.load(max_ptr + rows, mask=row_ok, other=float("inf"))
+    log_s = tl.load(logsum_ptr + rows, mask=row_ok, other=0.0)
+    dead = log_s == float("-inf")
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0) * inv_t
+    g = tl.where(dead, 0.0, g)
+    return tgt, m, tl.where(dead, 0.0, log_s), g
+
+
+@triton.jit
+def _dhidden_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, rows_ptr, count_ptr, tgt_ptr, max_ptr, logsum_ptr, g_ptr, dh_ptr,
+    # sizes
+    V, H,
+    # strides (dh is contiguous fp32 [N, H])
+    stride_h, stride_w,
+    # scalars
+    inv_t,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_rows = tl.load(count_ptr)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_n < n_rows
+    rows = tl.load(rows_ptr + offs_n, mask=row_ok, other=0).to(tl.int64)
+    tgt, m, log_s, g = _load_row_state(rows, row_ok, tgt_ptr, max_ptr, logsum_ptr, g_ptr,
+                                       inv_t)
+    v_end = V * (pid * BLOCK_N < n_rows).to(tl.int32)
+    for v0 in range(0, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        v_ok = offs_v < V
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, H, stride_h,
+                        stride_w, inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST,
+                        PRECISION)
+        d = _dlogit_tile(z, m, log_s, g, tgt, offs_v)
+        if ROUND_BF16:  # interpreter: round-to-nearest as the GPU's cast does
+            d = _round_to_bf16(d)
+        if not UPCAST:
+            d = d.to(w_ptr.dtype.element_ty)
+        for k0 in range(0, H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < H
+            w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_k[None, :],
+                        mask=v_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            # this program owns these dhidden rows: read-modify-write, no atomics
+            out = dh_ptr + rows[:, None] * H + offs_k[None, :]
+            omask = row_ok[:, None] & k_ok[None, :]
+            acc = tl.load(out, mask=omask, other=0.0)
+            acc = tl.dot(d, w, acc, input_precision=PRECISION)
+            tl.store(out, acc, mask=omask)
+
+
+@triton.jit
+def _dweight_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, rows_ptr, count_ptr, tgt_ptr, max_ptr, logsum_ptr, g_ptr, dw_ptr,
+    db_ptr,
+    # sizes
+    V, H,
+    # strides (dw is contiguous fp32 [V, H])
+    stride_h, stride_w,
+    # scalars
+    inv_t,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_rows = tl.load(count_ptr)
+    offs_v = pid.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = offs_v < V
+    db = tl.zeros([BLOCK_V], tl.float32)
+    for n0 in range(0, n_rows, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        row_ok = offs_n < n_rows
+        rows = tl.load(rows_ptr + offs_n, mask=row_ok, other=0).to(tl.int64)
+        tgt, m, log_s, g = _load_row_state(rows, row_ok, tgt_ptr, max_ptr, logsum_ptr, g_ptr,
+                                           inv_t)
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, H, stride_h,
+                        stride_w, inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST,
+                        PRECISION)
+        d = _dlogit_tile(z, m, log_s, g, tgt, offs_v)
+        db += tl.sum(d, axis=0)
+        if ROUND_BF16:
+            d = _round_to_bf16(d)
+        if not UPCAST:
+            d = d.to(h_ptr.dtype.element_ty)
+        dt = tl.trans(d)
+        for k0 in range(0, H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < H
+            h = tl.load(h_ptr + rows[:, None] * stride_h + offs_k[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+            # this program owns these dweight rows: read-modify-write, no atomics
+            out = dw_ptr + offs_v[:, None] * H + offs_k[None, :]
+            omask = v_ok[:, None] & k_ok[None, :]
+            acc = tl.load(out, mask=omask, other=0.0)
+            acc = tl.dot(dt, h, acc, input_precision=PRECISION)
+            tl.store(out, acc, mask=omask)
+    if HAS_BIAS:
+        tl.store(db_ptr + offs_v, db, mask=v_ok)
+
+
+def _config(V: int, H: int, dtype: torch.dtype) -> dict:
+    """Block sizes from V, H and the dtype only (never N: a row's result must not depend on
+    the batch). GPU: 64 x 128 logit tiles, K steps of 64 bf16 (32 fp32) -- a 16 KB operand
+    per step each side. Interpreter: every tl op is a numpy call with Python overhead, so
+    few large tiles (V = 151936 in 38 steps of 4096)."""
+    if interpreting():
+        block_v = 256 if V <= 8192 else 4096
+        return dict(BLOCK_N=16, BLOCK_V=block_v,
+                    BLOCK_K=min(256, max(16, triton.next_power_of_2(H))), UPCAST=True,
+                    PRECISION="ieee")
+    if dtype == torch.float32:
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, UPCAST=False, PRECISION="ieee",
+                    num_warps=4)
+    # 16-bit operands: native bf16/fp16 MMA; "tf32" is Triton's default and only names how
+    # fp32 operands would be treated (it does not touch 16-bit ones)
+    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, UPCAST=False, PRECISION="tf32",
+                num_warps=8)
+
+
+def _launch_args(h, w, b, rows, count, t):
+    return (h, w, b if b is not None else w, rows, count, t)
+
+
+def _fwd_triton(h, w, b, t, rows, count, inv_t):
+    """logp, M, log S (fp32 [N], original row order) for rows[:count]; 0 elsewhere."""
+    N, H = h.shape
+    V = w.shape[0]
+    logp, m, log_s = (torch.zeros(N, device=h.device, dtype=torch.float32) for _ in range(3))
+    if N:
+        cfg = _config(V, H, h.dtype)
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+        _fwd_kernel[grid](*_launch_args(h, w, b, rows, count, t), logp, m, log_s, V, H,
+                          h.stride(0), w.stride(0), inv_t, HAS_BIAS=b is not None, **cfg)
+    return logp, m, log_s
+
+
+def _bwd_triton(h, w, b, t, rows, count, m, log_s, g, inv_t, need_dh=True, need_dw=True):
+    """fp32 dhidden [N, H], dweight [V, H], dbias [V] (None where not needed)."""
+    N, H = h.shape
+    V = w.shape[0]
+    cfg = _config(V, H, h.dtype)
+    cfg["ROUND_BF16"] = cfg["UPCAST"] and h.dtype == torch.bfloat16
+    args = _launch_args(h, w, b, rows, count, t) + (m, log_s, g)
+    dh = dw = db = None
+    if need_dh:
+        dh = torch.zeros(N, H, device=h.device, dtype=torch.float32)
+        if N:
+            _dhidden_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+                *args, dh, V, H, h.stride(0), w.stride(0), inv_t, HAS_BIAS=b is not None,
+                **cfg)
+    if need_dw:
+        dw = torch.zeros(V, H, device=h.device, dtype=torch.float32)
+        db = torch.zeros(V, device=h.device, dtype=torch.float32) if b is not None else None
+        _dweight_kernel[(triton.cdiv(V, cfg["BLOCK_V"]),)](
+            *args, dw, db if db is not None else dw, V, H, h.stride(0), w.stride(0), inv_t,
+            HAS_BIAS=b is not None, **cfg)
+    return dh, dw, db
+
+
+# ------------------------------------------------------------------------ reference
+def linear_logprobs_ref(hidden, weight, targets, bias=None, temperature=1.0):
+    """The specification and test oracle, in the inputs' dtype (fp64 in the tests): the
+    logits in full, then log_softmax(x / T).gather(targets) (an all -inf row gives -inf)."""
+    from .token_logprobs import token_logprobs_ref
+    x = hidden @ weight.T
+    if bias is not None:
+        x = x + bias
+    return token_logprobs_ref(x, targets, temperature)
+
+
+# ------------------------------------------------------------------------ CPU path
+def _vocab_chunks(V: int) -> list[tuple[int, int]]:
+    """Equal-ish vocabulary chunks of at most _TILE_ELEMS // _ROWS columns (fixed by V)."""
+    n = -(-V // (_TILE_ELEMS // _ROWS))
+    step = -(-V // n)
+    return [(v, min(v + step, V)) for v in range(0, V, step)]
+
+
+def _tile(hc, w, b, v0, v1, inv_t):
+    """fp32 z = (hc @ w[v0:v1].T + b) / T for a padded fp32 row chunk hc."""
+    wc = w[v0:v1]
+    z = hc @ (wc.T if wc.dtype == torch.float32 else wc.float().T)
+    if b is not None:
+        z += b[v0:v1].float()
+    return z.mul_(inv_t)
+
+
+def _cpu_pass(h, w, b, t, rows, inv_t, state=None, grad_of=None, need_dh=True,
+              need_dw=True):
+    """One sweep over fixed-size row chunks of `rows` (int64 indices into h).
+
+    state None: compute (logp, M, log S) with an online log-sum-exp over vocabulary chunks;
+    else reuse the saved (M, log S). grad_of(chunk_index, rows, logp) -> fp32 g (or None)
+    asks for D = g (onehot - p) / T in the same sweep, reusing the tile when the vocabulary
+    is one chunk. Returns logp, M, log S ([N] fp32, zero off `rows`) and fp32 dh, dw, db
+    (None unless a gradient was asked for)."""
+    N, H = h.shape
+    V = w.shape[0]
+    chunks = _vocab_chunks(V)
+    f32 = dict(dtype=torch.float32, device=h.device)
+    logp_all, m_all, ls_all = (torch.zeros(N, **f32) for _ in range(3))
+    if state is not None:
+        m_all, ls_all = state
+    dh = torch.zeros(N, H, **f32) if grad_of and need_dh else None
+    dw = torch.zeros(V, H, **f32) if grad_of and need_dw else None
+    db = torch.zeros(V, **f32) if grad_of and need_dw and b is not None else None
+    hc = torch.zeros(_ROWS, H, **f32)
+    for ci, r0 in enumerate(range(0, rows.numel(), _ROWS)):
+        idx = rows[r0:r0 + _ROWS]
+        n = idx.numel()
+        hc.zero_()[:n] = h.index_select(0, idx)  # padded to _ROWS: fixed GEMM shape
+        tc = torch.zeros(_ROWS, dtype=torch.int64, device=h.device)
+        tc[:n] = t.index_select(0, idx)
+        kept = None
+        if state is None:
+            m = torch.full((_ROWS,), float("-inf"), **f32)
+            s = torch.zeros(_ROWS, **f32)
+            z_t = torch.full((_ROWS,), float("-inf"), **f32)
+            for v0, v1 in chunks:
+                z = _tile(hc, w, b, v0, v1, inv_t)
+                m_new = torch.maximum(m, z.amax(-1))
+                m_safe = m_new.masked_fill(m_new == float("-inf"), 0)
+                s = s * torch.exp(m - m_safe) + torch.exp(z - m_safe[:, None]).sum(-1)
+                m = m_new
+                hit = (tc >= v0) & (tc < v1)
+                zt_c = z.gather(1, (tc - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+                z_t = torch.where(hit, zt_c, z_t)
+                kept = z if len(chunks) == 1 else None
+                del z
+            log_s = s.log()
+            m = m.masked_fill(m == float("-inf"), 0)
+            lp = ((z_t - m) - log_s).clamp_(max=0).masked_fill_(z_t == float("-inf"),
+                                                                float("-inf"))
+            logp_all[idx], m_all[idx], ls_all[idx] = lp[:n], m[:n], log_s[:n]
+        else:
+            # padding rows: M = +inf gives p = 0 (their z may be anything)
+            m = torch.full((_ROWS,), float("inf"), **f32)
+            log_s = torch.zeros(_ROWS, **f32)
+            m[:n], log_s[:n] = m_all[idx], ls_all[idx]
+            lp = None
+        g_rows = grad_of(ci, idx, None if lp is None else lp[:n]) if grad_of else None
+        if g_rows is None:
+            continue
+        dead = log_s == float("-inf")
+        g = torch.zeros(_ROWS, **f32)
+        g[:n] = g_rows * inv_t
+        g = g.masked_fill_(dead, 0)
+        log_s = log_s.masked_fill(dead, 0)
+        dhc = torch.zeros(_ROWS, H, **f32) if need_dh else None
+        for v0, v1 in chunks:
+            z = kept if kept is not None else _tile(hc, w, b, v0, v1, inv_t)
+            kept = None
+            # D = g (onehot - p), in place over the tile
+            d = z.sub_(m[:, None]).sub_(log_s[:, None]).exp_().mul_(-g[:, None])
+            hit = (tc >= v0) & (tc < v1)
+            d.scatter_add_(1, (tc - v0).clamp(0, v1 - v0 - 1)[:, None],
+                           torch.where(hit, g, 0.0)[:, None])
+            wc = w[v0:v1]
+            wc = wc if wc.dtype == torch.float32 else wc.float()
+            if need_dh:
+                dhc.addmm_(d, wc)
+            if need_dw:
+                dw[v0:v1].addmm_(d.T, hc)
+                if db is not None:
+                    db[v0:v1] += d.sum(0)
+            del z, d
+        if need_dh:
+            dh[idx] = dhc[:n]
+    return logp_all, m_all, ls_all, dh, dw, db
+
+
+# --------------------------------------------------------------------------- autograd
+def _forward(h, w, b, t, rows, count, inv_t, on_triton):
+    if on_triton:
+        return _fwd_triton(h, w, b, t, rows, count, inv_t)
+    return _cpu_pass(h, w, b, t, rows, inv_t)[:3]
+
+
+def _backward(h, w, b, t, rows, count, m, log_s, g, inv_t, on_triton, need_dh, need_dw):
+    if on_triton:
+        return _bwd_triton(h, w, b, t, rows, count, m, log_s, g, inv_t, need_dh, need_dw)
+    _, _, _, dh, dw, db = _cpu_pass(h, w, b, t, rows, inv_t, state=(m, log_s),
+                                    grad_of=lambda ci, idx, lp: g.index_select(0, idx),
+                                    need_dh=need_dh, need_dw=need_dw)
+    return dh, dw, db
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, b, t, rows, count, inv_t, on_triton):
+        logp, m, log_s = _forward(h, w, b, t, rows, count, inv_t, on_triton)
+        ctx.save_for_backward(h, w, b, t, rows, count, m, log_s)
+        ctx.inv_t, ctx.on_triton = inv_t, on_triton
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w, b, t, rows, count, m, log_s = ctx.saved_tensors
+        need_dh = ctx.needs_input_grad[0]
+        need_dw = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        dh, dw, db = _backward(h, w, b, t, rows, count, m, log_s, g.float().contiguous(),
+                               ctx.inv_t, ctx.on_triton, need_dh, need_dw)
+        return (None if dh is None else dh.to(h.dtype),
+                None if dw is None or not ctx.needs_input_grad[1] else dw.to(w.dtype),
+                None if db is None or not ctx.needs_input_grad[2] else db.to(b.dtype),
+                None, None, None, None, None)
+
+
+# ------------------------------------------------------------------------- checks, API
+def _check_inputs(hidden, weight, targets, bias):
+    """Shape, dtype and device checks (free); returns V, H."""
+    for name, a in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(a, torch.Tensor) or a.dtype not in _FLOATS:
+            raise ValueError(f"{name} must be a float32, bfloat16 or float16 tensor, "
+                             f"got {getattr(a, 'dtype', type(a).__name__)}")
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden must be [..., H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] < 1:
+        raise ValueError(f"weight must be [V, H] with V >= 1, got shape {tuple(weight.shape)}")
+    V, H = weight.shape
+    if hidden.shape[-1] != H:
+        raise ValueError(f"hidden shape {tuple(hidden.shape)} and weight shape "
+                         f"{tuple(weight.shape)} disagree on H ({hidden.shape[-1]} vs {H})")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype} "
+                         f"(hidden shape {tuple(hidden.shape)}, weight shape "
+                         f"{tuple(weight.shape)})")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must have shape ({V},) to match weight shape "
+                             f"{tuple(weight.shape)}, got {tuple(getattr(bias, 'shape', ()))}")
+        if bias.dtype != weight.dtype:
+            raise ValueError(f"bias dtype {bias.dtype} must equal weight dtype {weight.dtype}")
+    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point \
+            or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor, "
+                         f"got {getattr(targets, 'dtype', type(targets).__name__)}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] "
+                         f"{tuple(hidden.shape[:-1])} (hidden shape {tuple(hidden.shape)})")
+    devs = {a.device for a in (hidden, weight, targets, bias) if a is not None}
+    if len(devs) != 1:
+        raise ValueError(f"hidden, weight, targets (and bias) must share a device, got {devs}")
+    if checks_enabled() and targets.numel() and not (
+            0 <= targets.min().item() and targets.max().item() < V):  # one sync on a GPU
+        raise ValueError(f"targets must lie in [0, {V}) (weight shape {tuple(weight.shape)}), "
+                         f"got min {targets.min().item()} max {targets.max().item()}")
+    return V, H
+
+
+def _prepare(hidden, weight, targets, bias):
+    """Flattened, H-contiguous operands: h [N, H], w [V, H], b, t [N] int64."""
+    H = weight.shape[1]
+    h = hidden.reshape(-1, H)
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    t = targets.reshape(-1).to(torch.int64).contiguous()
+    return h, w, b, t
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                    bias: torch.Tensor | None = None,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax((hidden @ weight.T + bias) / temperature)[..., targets] as fp32 of shape
+    targets.shape, without the [N, V] logits (formulas and design in the module doc).
+
+    hidden: [..., H] float32/bfloat16/float16; weight: [V, H] same dtype; bias: [V] or None;
+    targets: integer, shape hidden.shape[:-1], values in [0, V). Differentiable in hidden,
+    weight and bias: the backward recomputes the logit tiles from the saved (M, log S), so
+    its memory beyond the gradients themselves is independent of V. Triton for CUDA tensors,
+    the tiled PyTorch path for CPU tensors (SCORE_FAST_BACKEND overrides, see _dispatch)."""
+    _check_inputs(hidden, weight, targets, bias)
+    inv_t = _check_temperature(temperature)
+    h, w, b, t = _prepare(hidden, weight, targets, bias)
+    N = h.shape[0]
+    rows = torch.arange(N, device=h.device)
+    count = torch.full((1,), N, device=h.device, dtype=torch.int32)
+    on_triton = use_triton(*[a for a in (hidden, weight, targets, bias) if a is not None])
+    logp = _LinearLogprobs.apply(h, w, b, t, rows, count, inv_t, on_triton)
+    return logp.view(targets.shape)
