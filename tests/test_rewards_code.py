@@ -88,7 +88,7 @@ def reward():
 
 
 def _uids(r: CodeReward) -> range:
-    return range(r._uid0, r._uid0 + 512)
+    return range(r._uid0, r._uid0 + 1024)  # candidates' uids, then the checkers'
 
 
 def run(r: CodeReward, src: str, row=MBPP, deadline_s: float = 15):
@@ -326,6 +326,196 @@ def test_monkey_patching_the_checker(reward, unprivileged):
              "    return tr\n"
              "sys.settrace(tr)\n" + wrong)
     assert run(reward, trace)[:2] == (0.0, "wrong_answer")
+
+
+# ---------------------------------------------------------------- forged passes
+# The tests run in a checker process that never runs candidate code; the candidate's process
+# only answers calls with plain data. None of these may score 1.
+
+WRONG = "def add(a, b):\n    return a - b\n"
+
+
+def test_forged_pass_tokens(reward, unprivileged):
+    """Copying a token between fds (the old pass signal), at top level, inside the tested
+    function, in a HumanEval completion: no fd of the candidate reaches the verdict."""
+    copy = "import os\nos.write(3, os.read(4, 64)); os._exit(0)\n"
+    assert run(reward, copy)[0] == 0.0
+    assert run(reward, "import os\ndef add(a, b):\n    os.write(3, os.read(4, 64)); os._exit(0)\n")[0] == 0.0
+    assert run(reward, "    import os\n    os.write(3, os.read(4, 64)); os._exit(0)\n", HUMANEVAL)[0] == 0.0
+    # every fd 0..255 gets every payload: raw bytes, a "pass" byte, framed protocol messages
+    # (a made-up success reason, a fake ready + answers), then it exits, or answers wrongly
+    spray = ("import os, json, struct\n"
+             "def frame(o):\n"
+             "    d = json.dumps(o).encode()\n"
+             "    return struct.pack('>I', len(d)) + d\n"
+             "payloads = [b'0' * 32, b'P', b'E:ok', b'\\x00' * 4096, frame({'err': 'ok'}),\n"
+             "            frame({'ready': {}}), frame({'v': 1}) * 8, frame({'P': 1})]\n"
+             "for p in payloads:\n"
+             "    for fd in range(256):\n"
+             "        try:\n"
+             "            os.write(fd, p)\n"
+             "        except OSError:\n"
+             "            pass\n")
+    for tail in ["import os\nos._exit(0)\n", WRONG, "import sys\nsys.exit(0)\n"]:
+        score, why, _ = run(reward, spray + tail)
+        assert score == 0.0, why
+    # pre-written answers are just answers: wrong ones fail like any wrong answer
+    ahead = ("import os, json, struct\n"
+             "def frame(o):\n"
+             "    d = json.dumps(o).encode()\n"
+             "    return struct.pack('>I', len(d)) + d\n"
+             "os.write(4, frame({'ready': {'add': 'f'}}) + frame({'v': 7}) * 2)\n" + WRONG)
+    assert run(reward, ahead)[0] == 0.0
+
+
+def test_harness_objects_out_of_reach(reward, unprivileged):
+    """Walking frames, gc and every module finds no test code (its expected answers) and no
+    pass token: the tests never enter the candidate's process, not even its zygote's memory."""
+    snoop = ("import gc, sys\n"
+             "def collect():\n"
+             "    seen = []\n"
+             "    f = sys._getframe()\n"
+             "    while f is not None:\n"
+             "        seen += [repr(f.f_locals), repr(f.f_globals)]\n"
+             "        f = f.f_back\n"
+             "    for o in gc.get_objects():\n"
+             "        try:\n"
+             "            seen.append(o.decode('latin-1') if isinstance(o, (bytes, bytearray))\n"
+             "                        else repr(o)[:100000])\n"
+             "        except Exception:\n"
+             "            pass\n"
+             "    for m in list(sys.modules.values()):\n"
+             "        seen.append(repr(getattr(m, '__dict__', '')))\n"
+             "    return '\\n'.join(seen)\n"
+             "def add(a, b):\n"
+             "    text = collect()\n"
+             "    # built after the search, from reversed literals: not in this source\n"
+             "    found = [m for m in ('(dda tressa', ' == )1 ,1-(dda', 'ecnon')\n"
+             "             if ''.join(reversed(m)) in text]\n"
+             "    return a + b if not found else -1\n")
+    assert run(reward, snoop)[:2] == (1.0, "ok")
+    # the same search used to cheat: parse answers out of whatever test text it can find
+    cheat = ("import gc, re\n"
+             "def add(a, b):\n"
+             "    for o in gc.get_objects():\n"
+             "        if isinstance(o, str) and 'assert' in o:\n"
+             "            for x, y, z in re.findall(r'add\\(([-\\d]+), ([-\\d]+)\\) == ([-\\d]+)', o):\n"
+             "                if (int(x), int(y)) == (a, b):\n"
+             "                    return int(z)\n"
+             "    return 999\n")
+    assert run(reward, cheat)[:2] == (0.0, "wrong_answer")
+
+
+def test_patching_its_own_process_changes_nothing(reward, unprivileged):
+    patches = [
+        "import builtins\nbuiltins.AssertionError = type('E', (Exception,), {})\n",
+        "import os\nos.write = lambda fd, b: len(b)\nos._exit = lambda c: None\n",
+        "import builtins\nbuiltins.__import__ = None\nbuiltins.isinstance = lambda a, b: True\n",
+        "import json\njson.loads = lambda *a, **k: {'v': 3}\njson.dumps = lambda *a, **k: '{\"v\": 3}'\n",
+        "import sys\nsys.modules['__main__'].__dict__.clear()\n",
+    ]
+    for patch in patches:
+        score, why, _ = run(reward, patch + WRONG)
+        assert score == 0.0, (patch, why)
+
+
+def test_ctypes_tricks(reward, unprivileged):
+    """Rewriting its own interpreter's memory only changes what its process sends."""
+    # the small int 3 made to read as -1 in its process: add(1, 2) is sent as whatever it is
+    small = ("import ctypes\n"
+             "def add(a, b):\n"
+             "    ctypes.c_long.from_address(id(0) + 24).value = 7\n"
+             "    return a - b\n")
+    assert run(reward, small)[0] == 0.0
+    # an object always equal, disguised as an int by rewriting its type pointer
+    disguise = ("import ctypes\n"
+                "class Eq:\n"
+                "    def __eq__(self, o):\n"
+                "        return True\n"
+                "def add(a, b):\n"
+                "    o = Eq()\n"
+                "    ctypes.c_void_p.from_address(id(o) + 8).value = id(int)\n"
+                "    return o\n")
+    assert run(reward, disguise)[0] == 0.0
+
+
+def test_equal_to_everything(reward, unprivileged):
+    always = "class Eq:\n    def __eq__(self, o):\n        return True\n    __ne__ = lambda s, o: False\n"
+    assert run(reward, always + "def add(a, b):\n    return Eq()\n")[:2] == (0.0, "bad_return_type")
+    assert run(reward, always + "def total(xs):\n    return [Eq()]\n", HUMANEVAL)[:2] == (
+        0.0, "bad_return_type")
+    # swallowed by the test's own bare except: still a failure
+    lenient = {**HUMANEVAL, "test": "def check(candidate):\n    try:\n        assert candidate([1, 2]) == 3\n"
+                                    "    except:\n        pass\n"}
+    assert run(reward, always + "def total(xs):\n    return Eq()\n", lenient)[:2] == (
+        0.0, "bad_return_type")
+    # a candidate class (MBPP rows that build one) is an opaque handle: equal only to itself
+    pair = {"test_list": ["assert Pair(1, 2) == (1, 2)"]}
+    assert run(reward, always.replace("class Eq:", "class Pair:\n    def __init__(s, a, b): pass")
+               , pair)[:2] == (0.0, "wrong_answer")
+
+
+def test_checker_out_of_reach(reward, unprivileged):
+    """Signals and ptrace to every process near its own pid (the checker is forked right
+    after it), to its parent and to -1 all fail: the checker runs as another uid."""
+    attack = ("import os, signal, ctypes\n"
+              "def attack():\n"
+              "    libc = ctypes.CDLL(None, use_errno=True)\n"
+              "    me, hit = os.getpid(), []\n"
+              "    for pid in [os.getppid()] + list(range(max(2, me - 200), me + 200)):\n"
+              "        if pid == me:\n"
+              "            continue\n"
+              "        try:\n"
+              "            os.kill(pid, signal.SIGKILL)\n"
+              "            hit.append(pid)\n"
+              "        except OSError:\n"
+              "            pass\n"
+              "        if libc.ptrace(16, pid, 0, 0) == 0:  # PTRACE_ATTACH\n"
+              "            hit.append(pid)\n"
+              "    os.kill(-1, signal.SIGKILL)  # spares the caller; it has no children\n"
+              "    return hit\n")
+    # at call time, from inside the tested function: the checker still gets its answers
+    assert run(reward, attack + "def add(a, b):\n    return a + b if attack() == [] else -1\n")[:2] == (
+        1.0, "ok")
+    # at import time, with a wrong function: the checker is alive and says so
+    assert run(reward, attack + "attack()\n" + WRONG)[:2] == (0.0, "wrong_answer")
+
+
+def test_checker_semantics():
+    """What crosses the pipe: plain data of every kind, exceptions as their builtin type
+    (tests that expect one still pass), the prompt's helpers, candidate classes by handle."""
+    with CodeReward(CodeRewardConfig(**CFG)) as r:
+        value = "({1: (2, 3)}, {4}, frozenset(), b'x', bytearray(b'y'), 2**100, -2**70, float('inf'), [1.5, None, True, 'é\\ud800'], 1j, range(3))"
+        rows = [
+            {"test_list": [f"assert f() == {value}", "assert math.isnan(g())",
+                           "assert type(f()[5]) is int and type(f()[8][1]) is type(None)",
+                           "assert h(1, k=[2]) == collections.Counter('aab')"],
+             "test_imports": ["import math", "import collections"]},
+            {**HUMANEVAL, "test": "def check(candidate):\n    try:\n        candidate([-1])\n"
+                                  "        assert False\n    except ValueError as e:\n"
+                                  "        assert 'neg' in str(e)\n    assert candidate([1, 2]) == 3\n"},
+            {"prompt": "def double(x):\n    return 2 * x\n\n\ndef quad(x):\n    \"\"\"4x\"\"\"\n",
+             "test": "def check(candidate):\n    assert candidate(3) == double(double(3))\n",
+             "entry_point": "quad"},
+            {"test_list": ["assert max_chain([Pair(5, 24), Pair(15, 25), Pair(27, 40)], 3) == 3"]},
+            {"test_list": ["assert sum(f([1, 2])) == 3"]},  # builtins stay the tests' own
+        ]
+        srcs = [
+            f"import math, collections\ndef f():\n    return {value}\ndef g():\n    return float('nan')\n"
+            "def h(a, k):\n    return collections.Counter('aab')\n",
+            "class Neg(ValueError):\n    pass\n"
+            "def total(xs):\n    if min(xs) < 0:\n        raise Neg('negative')\n    return sum(xs)\n",
+            "    return double(double(x))\n",
+            "class Pair:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\n"
+            "def max_chain(ps, n):\n    return len(ps) if all(type(p) is Pair for p in ps) else 0\n",
+            "def sum(xs):\n    return 3\ndef f(xs):\n    return [0]\n",
+        ]
+        with Watchdog(_uids(r), 30) as dog:
+            result = r.evaluate(srcs, rows)
+        assert not dog.fired, dog.fired
+        assert list(zip(result.scores, result.reasons)) == [
+            (1.0, "ok"), (1.0, "ok"), (1.0, "ok"), (1.0, "ok"), (0.0, "wrong_answer")]
+        assert _slot_procs(_uids(r)) == []
 
 
 def test_build_program_and_factory():

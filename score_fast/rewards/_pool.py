@@ -23,16 +23,21 @@ class _Worker:
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, env=env, start_new_session=True)
 
-    def call(self, request: dict, timeout: float) -> dict | None:
+    def call(self, request: dict | bytes, timeout: float) -> dict | str:
+        """`request`: a dict sent as one JSON line, or bytes sent as they are (a worker with
+        its own framing, like the code sandbox's). Returns the reply, or "timeout" (no reply
+        in time) or "crash" (EOF, broken pipe, garbage). Decided from the pipe, not from
+        poll(): a worker that just closed its stdout may not be reaped yet."""
         try:
-            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            data = request if isinstance(request, bytes) else json.dumps(request).encode() + b"\n"
+            self.proc.stdin.write(data)
             self.proc.stdin.flush()
             if not select.select([self.proc.stdout], [], [], timeout)[0]:
-                return None
+                return "timeout"
             line = self.proc.stdout.readline()
-            return json.loads(line) if line else None
+            return json.loads(line) if line else "crash"
         except (OSError, ValueError):  # broken pipe (worker died), garbage reply
-            return None
+            return "crash"
 
     def kill(self) -> None:
         try:
@@ -60,23 +65,22 @@ class WorkerPool:
         self._executor = ThreadPoolExecutor(size, thread_name_prefix="score_fast_reward")
         self._lock = threading.Lock()
 
-    def _one(self, request: dict, timeout: float) -> dict:
+    def _one(self, request: dict | bytes, timeout: float) -> dict:
         slot = self._free.get()
         try:
             worker = self._workers[slot]
             if worker is None or worker.proc.poll() is not None:
                 worker = self._workers[slot] = _Worker(*self._spawn(slot))
             reply = worker.call(request, timeout)
-            if reply is None:  # missed its deadline or died: never reuse it
-                alive = worker.proc.poll() is None
+            if isinstance(reply, str):  # missed its deadline or died: never reuse it
                 worker.kill()
                 self._workers[slot] = None
-                reply = {"score": 0.0, "reason": "timeout" if alive else "crash"}
+                reply = {"score": 0.0, "reason": reply}
             return reply
         finally:
             self._free.put(slot)
 
-    def map(self, requests: Sequence[dict], timeout: float) -> list[dict]:
+    def map(self, requests: Sequence[dict | bytes], timeout: float) -> list[dict]:
         return list(self._executor.map(lambda r: self._one(r, timeout), requests))
 
     def close(self) -> None:

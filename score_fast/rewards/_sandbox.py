@@ -4,28 +4,44 @@
 Standalone on purpose (stdlib only, no score_fast import): candidates are forked from this
 process and inherit its memory, so it must hold nothing worth stealing. It pre-imports the
 modules candidates commonly use once (a fresh `python -I -S` plus those imports costs ~80 ms a
-candidate on the 2-core CI machine, a fork ~1 ms), then answers one JSON request per stdin
-line: {"src", "tests", "entries"} -> {"score", "reason"}.
+candidate on the 2-core CI machine, a fork ~1 ms), then answers one request at a time on
+stdin: a line `HEADER_LEN TESTS_LEN\\n`, HEADER_LEN bytes of JSON {"src", "entries",
+"override"} and TESTS_LEN bytes of JSON {"setup", "setup_strict", "tests"}, with one JSON
+line {"score", "reason"}.
 
-Per candidate, the forked child, still root: new process group, stdio on /dev/null, every
-other fd closed; new network namespace (no interface but a down loopback: connect() fails)
-and mount namespace with a private tmpfs (size-capped, owned by the slot uid, mode 0700) as
-its working directory; rlimits (address space, CPU seconds, process count, file size, open
-files, no core dumps); then setgroups([])/setgid/setuid to the slot's own unprivileged uid,
-no_new_privs, and a Landlock domain that allows writing only in the tmpfs, reading only
-there and in the stdlib, no execve, no TCP, no signals or abstract sockets outside the
-domain. Then it runs the candidate and the tests in one namespace.
+Two processes per candidate, both forked from here:
 
-Pass/fail is decided here, not by the child's exit code or output: after the tests return
-the child reads a 16-byte nonce from a pipe this zygote fills only after fork, and copies it
-to the result pipe. sys.exit/os._exit/a printed marker before the tests end yields no nonce.
-The zygote enforces the wall clock (pidfd + select), then SIGKILLs the group and every
-process of the slot uid (kill(-1) from a helper running as that uid, which also catches
-setsid() escapees), reaping them as child subreaper."""
+* the candidate process runs the candidate's code and nothing else, then serves calls. Still
+  root after fork: new process group, stdio on /dev/null, every fd closed but its two ends of
+  the call pipes; new network namespace (no interface but a down loopback: connect() fails)
+  and mount namespace with a private tmpfs (size-capped, owned by the slot uid, mode 0700) as
+  its working directory; rlimits (address space, CPU seconds, process count, file size, open
+  files, no core dumps); then setgroups([])/setgid/setuid to the slot's own unprivileged uid,
+  no_new_privs, and a Landlock domain that allows writing only in the tmpfs, reading only
+  there and in the stdlib, no execve, no TCP, no signals or abstract sockets outside the
+  domain.
+* the checker process runs the dataset's test code (MBPP setup + asserts, HumanEval's prompt
+  + check) and never any candidate code: the functions the tests call are proxies that send
+  (name, args, kwargs) to the candidate process and decode its answer, a small tagged JSON
+  of plain data (None/bool/int/float/complex/str/bytes/containers) or an exception marker.
+  Objects of any other type never cross: no `__eq__` of the candidate's ever runs where the
+  asserts do. It runs as a second uid of the slot (so the candidate, not root, can neither
+  signal nor ptrace it), with rlimits, no_new_privs and a read-only Landlock domain.
+
+The test code never enters this zygote's memory, so it is not in the candidate's either (a
+fork copies everything): the zygote reads only the header and splices the tests bytes, in
+the kernel, from its stdin into a pipe only the checker reads. The checker alone writes the
+verdict, to a pipe created after the candidate was forked. The zygote enforces the wall
+clock (pidfds + select), then SIGKILLs both groups and every process of the candidate uid
+(kill(-1) from a helper running as that uid, which also catches setsid() escapees), reaping
+them as child subreaper. When the checker says the candidate process went away (EOF, garbage
+on the pipe), the reason comes from the candidate's exit status."""
+import ast
 import builtins
 import collections
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import resource
@@ -33,6 +49,7 @@ import select
 import signal
 import struct
 import sys
+import time
 
 CFG = json.loads(sys.argv[1])
 for _name in CFG["preload"]:
@@ -47,11 +64,11 @@ MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 0x4000, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 # Landlock syscalls share these numbers on every architecture (added after the 5.x unification).
 LL_CREATE, LL_ADD_RULE, LL_RESTRICT = 444, 445, 446
-# Exact types a tested function may return: an object of any other type could define
-# __eq__ to return True and pass `assert f(x) == y` without computing anything.
-PLAIN = {type(None), bool, int, float, complex, str, bytes, bytearray, list, tuple, dict, set,
-         frozenset, range, collections.OrderedDict, collections.defaultdict,
-         collections.Counter, collections.deque}
+MAX_MSG = 16 << 20  # largest encoded call or answer on the call pipes
+MAX_DEPTH = 100  # deepest nesting of an encoded value
+# Reasons a candidate process may give for its own failure; anything else reads "crash".
+REASONS = {"wrong_answer", "memory", "syntax_error", "exited_early", "bad_return_type",
+           "file_size", "crash", "cpu_time", "sandbox_error"}
 
 
 def _check(ok: int, what: str) -> None:
@@ -60,7 +77,7 @@ def _check(ok: int, what: str) -> None:
         raise OSError(e, f"{what}: {os.strerror(e)}")
 
 
-def _landlock(rw_dir: str, ro_dirs: list[str]) -> None:
+def _landlock(rw_dir, ro_dirs: list[str]) -> None:
     abi = libc.syscall(LL_CREATE, None, 0, 1)  # flag 1: ask for the ABI version
     if abi < 1:
         raise OSError(errno.ENOSYS, "landlock unavailable")
@@ -72,7 +89,8 @@ def _landlock(rw_dir: str, ro_dirs: list[str]) -> None:
     if ruleset < 0:
         raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
     read = 1 << 2 | 1 << 3  # READ_FILE | READ_DIR; no EXECUTE anywhere: no execve at all
-    for path, access in [(rw_dir, fs & ~1)] + [(d, read) for d in ro_dirs]:
+    rules = ([(rw_dir, fs & ~1)] if rw_dir else []) + [(d, read) for d in ro_dirs]
+    for path, access in rules:
         try:
             fd = os.open(path, os.O_PATH | os.O_DIRECTORY)
         except OSError:
@@ -82,9 +100,25 @@ def _landlock(rw_dir: str, ro_dirs: list[str]) -> None:
         os.close(fd)
     _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     _check(libc.syscall(LL_RESTRICT, ruleset, 0), "landlock_restrict_self")
+    os.close(ruleset)
 
 
-def _confine() -> None:
+def _drop(uid: int, limits: list) -> None:
+    mb = 1 << 20
+    for res, soft, hard in [
+        (resource.RLIMIT_AS, CFG["memory_mb"] * mb, CFG["memory_mb"] * mb),
+        # soft -> SIGXCPU, hard -> SIGKILL one second later if SIGXCPU is ignored
+        (resource.RLIMIT_CPU, CFG["cpu_s"], CFG["cpu_s"] + 1),
+        (resource.RLIMIT_NOFILE, CFG["open_files"], CFG["open_files"]),
+        (resource.RLIMIT_CORE, 0, 0),
+    ] + limits:
+        resource.setrlimit(res, (soft, hard))
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)  # root ignores RLIMIT_NPROC; this uid is the slot's alone, so it holds
+
+
+def _confine_candidate() -> None:
     uid, workdir = CFG["uid"], CFG["workdir"]
     _check(libc.unshare(CLONE_NEWNET | CLONE_NEWNS), "unshare")
     _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
@@ -93,61 +127,164 @@ def _confine() -> None:
            "mount tmpfs")
     os.chdir(workdir)
     mb = 1 << 20
-    for res, soft, hard in [
-        (resource.RLIMIT_AS, CFG["memory_mb"] * mb, CFG["memory_mb"] * mb),
-        # soft -> SIGXCPU, hard -> SIGKILL one second later if SIGXCPU is ignored
-        (resource.RLIMIT_CPU, CFG["cpu_s"], CFG["cpu_s"] + 1),
-        (resource.RLIMIT_NPROC, CFG["nproc"], CFG["nproc"]),
-        (resource.RLIMIT_FSIZE, CFG["file_size_mb"] * mb, CFG["file_size_mb"] * mb),
-        (resource.RLIMIT_NOFILE, CFG["open_files"], CFG["open_files"]),
-        (resource.RLIMIT_CORE, 0, 0),
-    ]:
-        resource.setrlimit(res, (soft, hard))
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)  # root ignores RLIMIT_NPROC; this uid is the slot's alone, so it holds
+    _drop(uid, [(resource.RLIMIT_NPROC, CFG["nproc"], CFG["nproc"]),
+                (resource.RLIMIT_FSIZE, CFG["file_size_mb"] * mb, CFG["file_size_mb"] * mb)])
     _landlock(workdir, CFG["read_dirs"])
     # after setuid: a credential change clears it. Dies with the zygote.
     _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
 
 
-# Code that runs after the candidate (it shares this interpreter) takes every builtin and
-# helper it needs as a default argument, bound when this file was imported: a candidate that
-# replaces builtins.type, builtins.AssertionError, os.write or this module's globals
-# (`import __main__`) cannot change what the harness calls.
-def _plain(value, plain=PLAIN, type=type, seqs=(list, tuple, set, frozenset, collections.deque),
-           dicts=(dict, collections.OrderedDict, collections.defaultdict, collections.Counter),
-           keys=dict.keys, values=dict.values):
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        t = type(v)
-        if t not in plain:
-            return False
-        if t in dicts:
-            stack.extend(keys(v))
-            stack.extend(values(v))
-        elif t in seqs:
-            stack.extend(v)
-    return True
+def _confine_checker() -> None:
+    """Trusted code, but it reads what the candidate sends: its own uid (the candidate's
+    cannot signal or ptrace it, and setuid from root leaves it non-dumpable), no forks, no
+    file writes, read-only stdlib, no TCP."""
+    os.chdir("/")
+    _drop(CFG["checker_uid"], [(resource.RLIMIT_NPROC, 1, 1), (resource.RLIMIT_FSIZE, 0, 0)])
+    _landlock(None, CFG["read_dirs"])
+    _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
 
 
-class BadReturn(Exception):
-    pass
+# ---------------------------------------------------------------- plain-data encoding
+# JSON with tags: null/true/false/str/float (NaN, +-Infinity included) and lists are
+# themselves; ints beyond 2^53 travel as hex (no int_max_str_digits limit); everything else
+# is {"t": tag, "v": ...}. Exact types only: a subclass could redefine __eq__.
+_FACTORIES = {"int": int, "float": float, "str": str, "list": list, "dict": dict, "set": set,
+              "tuple": tuple, "bool": bool, "bytes": bytes, "frozenset": frozenset}
 
 
-def _guard(fn, plain=_plain, bad=BadReturn, type=type):
-    def guarded(*args, **kwargs):
-        out = fn(*args, **kwargs)
-        if not plain(out):
-            raise bad(type(out).__name__)
-        return out
-    return guarded
+class Ref:
+    """Checker-side handle on an instance of a candidate class (MBPP rows that build one,
+    e.g. Pair(5, 24), and pass it back). Opaque: equal only to itself."""
+    __slots__ = ("id",)
+
+    def __init__(self, id_):
+        self.id = id_
 
 
+def _encode(v, depth=0, type=type, len=len, hexs=int.__format__, refs=None):
+    if depth > MAX_DEPTH:
+        raise ValueError("too deep")
+    t, d = type(v), depth + 1
+    if v is None or t is bool or t is str:
+        return v
+    if t is int:
+        return v if -(1 << 53) < v < (1 << 53) else {"t": "i", "v": hexs(v, "x")}
+    if t is float:
+        return v
+    if t is list:
+        return [_encode(x, d) for x in v]
+    if t is tuple:
+        return {"t": "t", "v": [_encode(x, d) for x in v]}
+    if t is dict or t is collections.OrderedDict or t is collections.Counter:
+        tag = "d" if t is dict else "od" if t is collections.OrderedDict else "C"
+        return {"t": tag, "v": [[_encode(k, d), _encode(x, d)] for k, x in v.items()]}
+    if t is collections.defaultdict:
+        f = v.default_factory
+        name = f.__name__ if f is not None and _FACTORIES.get(f.__name__) is f else None
+        return {"t": "dd", "f": name, "v": [[_encode(k, d), _encode(x, d)] for k, x in v.items()]}
+    if t is set or t is frozenset:
+        return {"t": "s" if t is set else "fs", "v": [_encode(x, d) for x in v]}
+    if t is bytes or t is bytearray:
+        return {"t": "b" if t is bytes else "ba", "v": v.hex()}
+    if t is complex:
+        return {"t": "c", "v": [v.real, v.imag]}
+    if t is range:
+        return {"t": "r", "v": [v.start, v.stop, v.step]}
+    if t is collections.deque:
+        return {"t": "q", "m": v.maxlen, "v": [_encode(x, d) for x in v]}
+    if t is Ref:
+        return {"t": "ref", "v": v.id}
+    raise TypeError(t.__name__)
+
+
+def _decode(v, refs, depth=0):
+    """Builds fresh objects of exact builtin types from parsed JSON; anything unexpected
+    raises. `refs`: list to resolve handles in (candidate side) or None (checker side)."""
+    if depth > MAX_DEPTH:
+        raise ValueError("too deep")
+    t, d = type(v), depth + 1
+    if v is None or t is bool or t is int or t is float or t is str:
+        return v
+    if t is list:
+        return [_decode(x, refs, d) for x in v]
+    if t is not dict or type(v.get("t")) is not str:
+        raise ValueError("bad value")
+    tag, x = v["t"], v.get("v")
+    if tag == "i" and type(x) is str and len(x) <= (MAX_MSG // 2):
+        return int(x, 16)
+    if tag in ("b", "ba") and type(x) is str:
+        return (bytes if tag == "b" else bytearray).fromhex(x)
+    if tag == "c" and type(x) is list and len(x) == 2 and all(type(y) in (int, float) for y in x):
+        return complex(x[0], x[1])
+    if tag == "r" and type(x) is list and len(x) == 3 and all(type(y) is int for y in x):
+        return range(*x)
+    if tag == "ref" and type(x) is int:
+        if refs is None:
+            return Ref(x)
+        return refs[x]  # IndexError on a bad handle
+    if type(x) is not list:
+        raise ValueError("bad value")
+    if tag in ("d", "od", "C", "dd"):
+        items = []
+        for kv in x:
+            if type(kv) is not list or len(kv) != 2:
+                raise ValueError("bad item")
+            items.append((_decode(kv[0], refs, d), _decode(kv[1], refs, d)))
+        if tag == "dd":
+            f = v.get("f")
+            return collections.defaultdict(_FACTORIES[f] if f is not None else None, items)
+        if tag == "C":
+            return collections.Counter(dict(items))  # Counter(pairs) would count the pairs
+        return (dict if tag == "d" else collections.OrderedDict)(items)
+    items = [_decode(y, refs, d) for y in x]
+    if tag == "t":
+        return tuple(items)
+    if tag == "s":
+        return set(items)
+    if tag == "fs":
+        return frozenset(items)
+    if tag == "q":
+        m = v.get("m")
+        if m is not None and type(m) is not int:
+            raise ValueError("bad maxlen")
+        return collections.deque(items, m)
+    raise ValueError("bad tag")
+
+
+def _send(fd: int, obj, dumps=json.dumps, pack=struct.pack, write=os.write) -> None:
+    data = dumps(obj, separators=(",", ":")).encode()
+    if len(data) > MAX_MSG:
+        raise ValueError("message too large")
+    data = pack(">I", len(data)) + data
+    while data:
+        data = data[write(fd, data):]
+
+
+def _recv(fd: int, read=os.read):
+    """One framed message, or None on EOF. Raises on an oversized frame."""
+    buf = b""
+    while len(buf) < 4:
+        chunk = read(fd, 4 - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    n = struct.unpack(">I", buf)[0]
+    if n > MAX_MSG:
+        raise ValueError("message too large")
+    parts, left = [], n
+    while left:
+        chunk = read(fd, min(left, 1 << 20))
+        if not chunk:
+            return None
+        parts.append(chunk)
+        left -= len(chunk)
+    return json.loads(b"".join(parts))
+
+
+# ---------------------------------------------------------------- candidate process
 def _reason(e, isinstance=isinstance, table=(
         (AssertionError, "wrong_answer"), (MemoryError, "memory"), (SyntaxError, "syntax_error"),
-        (SystemExit, "exited_early"), (BadReturn, "bad_return_type"), (OSError, "os_error"))):
+        (SystemExit, "exited_early"), (OSError, "os_error"))):
     for cls, reason in table:
         if isinstance(e, cls):
             if reason == "os_error":
@@ -156,42 +293,227 @@ def _reason(e, isinstance=isinstance, table=(
     return "crash"
 
 
-def _child(req: dict, result_fd: int, nonce_fd: int, read=os.read, write=os.write,
-           exit_=os._exit, compile_=compile, exec_=exec, settrace=sys.settrace,
-           setprofile=sys.setprofile, callable_=callable, isinstance_=isinstance, type_=type,
-           base_exception=BaseException, guard=_guard, reason=_reason) -> None:
-    clean_builtins = dict(builtins.__dict__)
+def _builtin_base(e) -> str:
+    """Name of the nearest builtin exception class of `e` (a candidate's own
+    `class E(ValueError)` travels as ValueError)."""
+    for cls in type(e).__mro__:
+        if getattr(builtins, cls.__name__, None) is cls:
+            return cls.__name__
+    return "Exception"
+
+
+def _candidate(header: dict, call_r: int, call_w: int, exit_=os._exit, callable=callable,
+               isinstance=isinstance, type=type, str=str, getattr=getattr, encode=_encode,
+               decode=_decode, send=_send, recv=_recv, reason=_reason) -> None:
+    """Runs the candidate's code, then answers calls until the checker hangs up. Nothing
+    here is trusted: whatever it sends, the checker only ever gets plain data from it. (The
+    builtins and helpers are bound at import only so that a candidate that patches them
+    still gets an accurate failure reason.)"""
     os.environ.clear()  # started with env={}, but CPython's C-locale coercion adds LC_CTYPE
     try:
-        _confine()
+        _confine_candidate()
     except OSError as e:
-        write(result_fd, f"E:sandbox_error {e}".encode())
+        _send(call_w, {"err": "sandbox_error", "msg": str(e)})
         exit_(1)
     try:
-        code = compile_(req["src"], "<candidate>", "exec")
-        tests = compile_(req["tests"], "<tests>", "exec")
+        code = compile(header["src"], "<candidate>", "exec")
         # "__candidate__", not "__main__": demo blocks under `if __name__ == "__main__"`
         # often call input() or print a lot, and are not part of the solution.
         ns = {"__name__": "__candidate__", "__builtins__": builtins}
-        exec_(code, ns)
-        for name in req["entries"]:
-            fn = ns.get(name)
-            if callable_(fn) and not isinstance_(fn, type_):
-                ns[name] = guard(fn)
-        settrace(None)  # a trace function can jump over assert lines
-        setprofile(None)
-        ns["__builtins__"] = clean_builtins  # tests resolve abs/len/... unpatched
-        exec_(tests, ns)
-    except base_exception as e:  # every way out is a failure with a reason
+        entries = header["entries"]
+        exec(code, ns)
+    except SystemExit:
+        exit_(0)  # the checker sees EOF, the zygote an exit status of 0: exited_early
+    except BaseException as e:
+        send(call_w, {"err": reason(e)})
+        exit_(1)
+    fns = {}
+    for name in entries:
+        fn = ns.get(name)
+        if callable(fn):
+            fns[name] = (fn, isinstance(fn, type))
+    send(call_w, {"ready": {n: "c" if cls else "f" for n, (_, cls) in fns.items()}})
+    refs = []
+    while True:
+        msg = recv(call_r)
+        if msg is None:
+            exit_(0)
+        fn, cls = fns[msg["n"]]
+        args = decode(msg["a"], refs)
+        kwargs = {k: decode(x, refs) for k, x in msg["k"]}
         try:
-            write(result_fd, b"E:" + reason(e).encode())
-        finally:
-            exit_(1)
-    write(result_fd, read(nonce_fd, 64))
-    exit_(0)
+            out = fn(*args, **kwargs)
+        except SystemExit:
+            exit_(0)
+        except BaseException as e:
+            try:
+                text = str(e)[:2000]
+            except BaseException:
+                text = ""
+            eno = getattr(e, "errno", None) if isinstance(e, OSError) else None
+            send(call_w, {"x": _builtin_base(e), "m": text,
+                          "e": eno if type(eno) is int else None})
+            continue
+        if cls:
+            refs.append(out)
+            send(call_w, {"v": {"t": "ref", "v": len(refs) - 1}})
+            continue
+        try:
+            send(call_w, {"v": encode(out)})  # raises before writing if not plain or too big
+        except MemoryError:
+            send(call_w, {"err": "memory"})
+        except (TypeError, ValueError, RecursionError):
+            send(call_w, {"bad": "?"})
 
 
-def _sweep(uid: int) -> None:
+
+# ---------------------------------------------------------------- checker process
+class _Fatal(BaseException):
+    """The candidate process broke the call protocol, returned a non-plain object, or left.
+    A BaseException, and remembered: a test's `except Exception` (or bare except) that
+    swallows it does not turn the run into a pass."""
+
+
+class CandidateError(Exception):
+    """An exception the candidate raised whose type is not a builtin one."""
+
+
+_EXCEPTIONS = {n: c for n, c in vars(builtins).items()
+               if isinstance(c, type) and issubclass(c, Exception)}
+
+
+class _Channel:
+    def __init__(self, req_w: int, resp_r: int):
+        self.req_w, self.resp_r, self.fatal = req_w, resp_r, None
+
+    def fail(self, reason: str):
+        if self.fatal is None:
+            self.fatal = reason
+        raise _Fatal(self.fatal)
+
+    def recv(self):
+        try:
+            msg = _recv(self.resp_r)
+        except MemoryError:
+            self.fail("memory")
+        except Exception:
+            msg = None
+        if type(msg) is not dict:
+            self.fail("lost")  # EOF or garbage: the zygote reads the candidate's status
+        return msg
+
+    def call(self, name: str, args: tuple, kwargs: dict):
+        if self.fatal is not None:
+            raise _Fatal(self.fatal)
+        try:
+            req = {"n": name, "a": _encode(list(args)),
+                   "k": [[k, _encode(v)] for k, v in kwargs.items()]}
+        except Exception:
+            self.fail("unsupported_argument")
+        try:
+            _send(self.req_w, req)
+        except OSError:
+            self.fail("lost")
+        msg = self.recv()
+        if "v" in msg:
+            try:
+                return _decode(msg["v"], None)
+            except MemoryError:
+                self.fail("memory")
+            except Exception:
+                self.fail("lost")
+        if "bad" in msg:
+            self.fail("bad_return_type")
+        if "err" in msg:
+            self.fail(msg["err"] if msg["err"] in REASONS else "crash")
+        if "x" in msg:
+            cls, text, eno = _EXCEPTIONS.get(msg["x"]), str(msg.get("m", "")), msg.get("e")
+            try:
+                if cls is None:
+                    exc = CandidateError(f"{msg['x']}: {text}")
+                elif type(eno) is int and issubclass(cls, OSError):
+                    exc = cls(eno, text)
+                else:
+                    exc = cls(text)
+            except Exception:
+                exc = CandidateError(f"{msg['x']}: {text}")
+            raise exc
+        self.fail("lost")
+
+
+def _proxy(channel: _Channel, name: str):
+    def proxy(*args, **kwargs):
+        return channel.call(name, args, kwargs)
+    proxy.__name__ = proxy.__qualname__ = name
+    return proxy
+
+
+def _checker(part_fd: int, req_w: int, resp_r: int, verdict_fd: int, header: dict) -> None:
+    """Runs the dataset's test code against proxies; writes b"P" (every test passed),
+    b"E:reason" or b"C" (the candidate process went away: the zygote knows why). Never runs
+    candidate code: what comes from it is decoded into fresh builtin objects."""
+    chunks = []
+    while True:
+        chunk = os.read(part_fd, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(part_fd)
+    part = json.loads(b"".join(chunks))
+    del chunks
+    try:
+        _confine_checker()
+    except OSError as e:
+        os.write(verdict_fd, b"E:sandbox_error " + str(e).encode())
+        return
+    channel = _Channel(req_w, resp_r)
+    ns = {"__name__": "__checker__"}
+    try:
+        if part["setup"]:  # HumanEval's prompt: optional, a prompt may not run on its own
+            try:
+                exec(compile(part["setup"], "<setup>", "exec"), ns)
+            except Exception:
+                pass
+        tree = ast.parse(part["tests"], "<tests>")
+        tests = compile(tree, "<tests>", "exec")
+        # names the test code binds itself (imports, setup code's defs): never proxied
+        bound = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+                 and isinstance(n.ctx, ast.Store)}
+        bound |= {n.name for n in ast.walk(tree)
+                  if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+        bound |= {(a.asname or a.name).split(".")[0] for n in ast.walk(tree)
+                  if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+        ready = channel.recv()
+        if "err" in ready:
+            channel.fail(ready["err"] if ready["err"] in REASONS else "crash")
+        kinds = ready.get("ready")
+        if type(kinds) is not dict:
+            channel.fail("lost")
+        override = set(header["override"])
+        for name in header["entries"]:
+            if name in override:
+                ns.pop(name, None)
+            elif name in bound or hasattr(builtins, name):
+                continue  # the tests' own definition, or a builtin: never the candidate's
+            if name in kinds:
+                ns[name] = _proxy(channel, name)
+        exec(tests, ns)
+    except _Fatal:
+        pass
+    except BaseException as e:
+        if channel.fatal is None:
+            os.write(verdict_fd, b"E:" + _reason(e).encode())
+            return
+    if channel.fatal == "lost":
+        os.write(verdict_fd, b"C")
+    elif channel.fatal is not None:
+        os.write(verdict_fd, b"E:" + channel.fatal.encode())
+    else:
+        os.write(verdict_fd, b"P")
+
+
+# ---------------------------------------------------------------- zygote
+def _sweep(uid: int, reap: bool = True) -> None:
     """SIGKILL every process of `uid` (the candidate's tree, setsid() or not), then reap."""
     pid = os.fork()
     if pid == 0:
@@ -203,78 +525,158 @@ def _sweep(uid: int) -> None:
             pass
         os._exit(0)
     os.waitpid(pid, 0)
-    while True:  # orphans were re-parented to us (child subreaper); all are SIGKILLed
+    while reap:  # orphans were re-parented to us (child subreaper); all are SIGKILLed
         try:
             os.waitpid(-1, 0)
         except ChildProcessError:
             return
 
 
-def _run(req: dict) -> dict:
-    result_r, result_w = os.pipe()
-    nonce_r, nonce_w = os.pipe()
+def _high(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_DUPFD, 64)  # above every target of the dup2s below
+
+
+def _fork(fds: list[int], body) -> int:
+    """Forks a child whose fds 0-2 are /dev/null and 3, 4, ... are `fds`, nothing else."""
     pid = os.fork()
     if pid == 0:
-        null = os.open(os.devnull, os.O_RDWR)
-        res, non = os.dup(result_w), os.dup(nonce_r)
-        for fd in (0, 1, 2):  # 0/1 are the zygote's protocol pipes: the child must not speak
-            os.dup2(null, fd)
-        os.dup2(res, 3)
-        os.dup2(non, 4)
-        os.closerange(5, 1 << 16)
         try:
+            high = [_high(fd) for fd in fds]
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):  # 0/1 are the zygote's protocol pipes: the child must not speak
+                os.dup2(null, fd)
+            for i, fd in enumerate(high):
+                os.dup2(fd, 3 + i)
+            os.closerange(3 + len(fds), 1 << 16)
             os.setpgid(0, 0)
-            _child(req, 3, 4)
+            body(*range(3, 3 + len(fds)))
         finally:  # never fall back into the zygote's loop
             os._exit(1)
     try:
         os.setpgid(pid, pid)  # also here: no race with a kill before the child ran setpgid
     except OSError:
         pass
-    os.close(result_w)
-    os.close(nonce_r)
-    nonce = os.urandom(16).hex().encode()  # made after fork: the child's memory never held it
-    os.write(nonce_w, nonce)
-    os.close(nonce_w)
-    pidfd = os.pidfd_open(pid)
-    timed_out = not select.select([pidfd], [], [], CFG["wall_s"])[0]
-    os.close(pidfd)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
-    _, status, usage = os.wait4(pid, 0)
-    _sweep(CFG["uid"])
-    os.set_blocking(result_r, False)
-    try:
-        data = os.read(result_r, 4096)  # every writer is dead: what's there is all there is
-    except BlockingIOError:
-        data = b""
-    os.close(result_r)
-    if timed_out:
-        return {"score": 0.0, "reason": "timeout"}
-    if data == nonce and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-        return {"score": 1.0, "reason": "ok"}
-    if data.startswith(b"E:"):
-        return {"score": 0.0, "reason": data[2:].decode(errors="replace")}
+    return pid
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    parts = []
+    while n:
+        chunk = os.read(fd, n)
+        if not chunk:
+            raise EOFError
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
+def _splice(src: int, dst: int, n: int) -> None:
+    """Moves n bytes from the stdin pipe to `dst` inside the kernel: this process never
+    holds them. If the reader is gone, the rest goes to /dev/null, so the stream stays in
+    step with the next request."""
+    null = None
+    while n:
+        try:
+            moved = os.splice(src, dst if null is None else null, n)
+        except BrokenPipeError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            continue
+        if moved == 0:
+            raise EOFError
+        n -= moved
+    if null is not None:
+        os.close(null)
+
+
+def _status_reason(status: int, usage) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         if sig == signal.SIGXCPU or (sig == signal.SIGKILL
                                      and usage.ru_utime + usage.ru_stime >= CFG["cpu_s"]):
-            return {"score": 0.0, "reason": "cpu_time"}
-        return {"score": 0.0, "reason": "file_size" if sig == signal.SIGXFSZ else "crash"}
+            return "cpu_time"
+        return "file_size" if sig == signal.SIGXFSZ else "crash"
     exited_zero = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    return {"score": 0.0, "reason": "exited_early" if exited_zero else "crash"}
+    return "exited_early" if exited_zero else "crash"
+
+
+def _run(header: dict, tests_len: int) -> dict:
+    call_r, call_w = os.pipe()  # checker -> candidate
+    resp_r, resp_w = os.pipe()  # candidate -> checker
+    cpid = _fork([call_r, resp_w], lambda r, w: _candidate(header, r, w))
+    os.close(call_r)
+    os.close(resp_w)
+    # made after the candidate was forked: it never held them
+    part_r, part_w = os.pipe()
+    verdict_r, verdict_w = os.pipe()
+    kpid = _fork([part_r, call_w, resp_r, verdict_w],
+                 lambda p, w, r, v: _checker(p, w, r, v, header) or os._exit(0))
+    for fd in (call_w, resp_r, part_r, verdict_w):
+        os.close(fd)
+    _splice(0, part_w, tests_len)
+    os.close(part_w)
+    cfd = os.pidfd_open(cpid)
+    deadline = time.monotonic() + CFG["wall_s"]
+    timed_out, c_dead = False, False
+    while True:  # the verdict pipe turns readable when the checker wrote to it or exited
+        left = deadline - time.monotonic()
+        ready = select.select([verdict_r] + ([] if c_dead else [cfd]), [], [], max(left, 0))[0]
+        if verdict_r in ready:
+            break
+        if cfd in ready:  # the candidate left: its children may still hold the pipe to the
+            c_dead = True  # checker open, so kill them all for the checker to see EOF
+            _sweep(CFG["uid"], reap=False)
+            continue
+        timed_out = True
+        break
+    os.set_blocking(verdict_r, False)
+    try:  # one write of at most a few bytes, and only the checker holds the write end
+        verdict = os.read(verdict_r, 4096)
+    except BlockingIOError:
+        verdict = b""
+    os.close(verdict_r)
+    if verdict == b"C" and not c_dead:  # garbage on the pipe, or it exits right now
+        select.select([cfd], [], [], min(1.0, max(deadline - time.monotonic(), 0)))
+    os.close(cfd)
+    for pid in (kpid, cpid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if verdict not in (b"P", b"C") and not verdict.startswith(b"E:"):
+        _, kstatus, _ = os.wait4(kpid, 0)  # no verdict: timed out or died; why?
+    # else the checker (no forks: RLIMIT_NPROC 1) is torn down while the candidate's
+    # processes are reaped and swept; the sweep's reaping waits for it too
+    _, cstatus, cusage = os.wait4(cpid, 0)
+    _sweep(CFG["uid"])  # and reaps every child, the checker included
+    if timed_out:
+        return {"score": 0.0, "reason": "timeout"}
+    if verdict == b"P":
+        return {"score": 1.0, "reason": "ok"}
+    if verdict.startswith(b"E:"):
+        return {"score": 0.0, "reason": verdict[2:].decode(errors="replace")}
+    if verdict == b"C":
+        return {"score": 0.0, "reason": _status_reason(cstatus, cusage)}
+    if os.WIFSIGNALED(kstatus) and os.WTERMSIG(kstatus) == signal.SIGXCPU:
+        return {"score": 0.0, "reason": "cpu_time"}
+    return {"score": 0.0, "reason": "checker_error"}
 
 
 def main() -> None:
     _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "subreaper")
     _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
     _sweep(CFG["uid"])  # leftovers of a predecessor that was killed mid-candidate
-    for line in sys.stdin.buffer:
-        reply = _run(json.loads(line))
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
+    _sweep(CFG["checker_uid"])
+    while True:
+        line = b""  # "HEADER_LEN TESTS_LEN\n", read byte by byte: no read-ahead into the tests
+        while not line.endswith(b"\n"):
+            c = os.read(0, 1)
+            if not c:
+                return
+            line += c
+        header_len, tests_len = map(int, line.split())
+        header = json.loads(_read_exact(0, header_len))
+        reply = _run(header, tests_len)
+        os.write(1, (json.dumps(reply) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ appended to the prompt, as in the original harness.
 
 The candidate is written by a model optimised to get reward, so it runs in a sandbox (see
 _sandbox.py for each limit and how it is enforced): a pool of `workers` zygote processes,
-each owning one unprivileged uid, forks one confined child per candidate. Needs Linux and
-root (uid drop, network and mount namespaces); the CI and GPU machines run as root."""
+each owning two unprivileged uids, forks per candidate one confined process that runs the
+candidate's code and a checker process that runs the tests and alone decides pass/fail,
+calling the candidate's functions through a pipe that carries plain data only. The test code
+never reaches the candidate's process. Needs Linux and root (uid drop, network and mount
+namespaces); the CI and GPU machines run as root."""
 from __future__ import annotations
 
 import ast
@@ -50,8 +53,9 @@ class CodeRewardConfig:
     file_size_mb: int = 16  # RLIMIT_FSIZE: largest file it may write
     disk_mb: int = 64  # size of its private tmpfs working directory (RAM-backed)
     open_files: int = 64  # RLIMIT_NOFILE
-    # Slot uids are uid_base + 512 * block + slot with a random block per reward object, so
-    # two trainers on one machine never share a uid (a sweep kills every process of a uid).
+    # Slot uids are uid_base + 1024 * block + slot (candidates) and + 512 + slot (checkers)
+    # with a random block per reward object, so two trainers on one machine never share a
+    # uid (a sweep kills every process of a uid).
     # 2^30 + 2^29 stays below 2^31, which some tools misread as negative.
     uid_base: int = 1 << 30
     preload: tuple[str, ...] = field(default=PRELOAD)
@@ -68,8 +72,14 @@ def extract_code(response: str) -> str:
 
 
 def build_program(response: str, row: Mapping) -> dict | None:
-    """{"src": candidate, "tests": test code, "entries": functions the tests call}, or None
-    when the response holds no code."""
+    """{"src": candidate, "tests": test code, "entries": functions the tests call,
+    "override": entries that are the candidate's even where the test code defines them,
+    "setup": trusted code the checker runs first}, or None when the response holds no code.
+
+    The sandbox runs "src" in one process and "setup" + "tests" in another, where each entry
+    the candidate defines is a proxy to it (MBPP: unless it is a builtin or bound by the test
+    code itself). HumanEval's prompt is the setup: checks use its helpers (poly,
+    encode_cyclic, ...), and its stub of the entry point gives way to the candidate's."""
     code = extract_code(response)
     if not code.strip():
         return None
@@ -80,7 +90,8 @@ def build_program(response: str, row: Mapping) -> dict | None:
             code = "\n".join(_IMPORT.findall(row["prompt"]) + [code])
         else:
             code = row["prompt"] + code
-        return {"src": code, "tests": f"{row['test']}\n\ncheck({entry})\n", "entries": [entry]}
+        return {"src": code, "tests": f"{row['test']}\n\ncheck({entry})\n", "entries": [entry],
+                "override": [entry], "setup": row["prompt"]}
     if "test_list" in row:
         imports = row.get("test_imports") or []
         tests = "\n".join([*imports, row.get("test_setup_code") or "", *row["test_list"]])
@@ -89,9 +100,17 @@ def build_program(response: str, row: Mapping) -> dict | None:
                              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)})
         except SyntaxError:
             called = []
-        return {"src": code, "tests": tests, "entries": called}
+        return {"src": code, "tests": tests, "entries": called, "override": [], "setup": ""}
     raise ValueError("code reward rows need HumanEval fields (prompt, test, entry_point) "
                      f"or an MBPP test_list; got {sorted(row)}")
+
+
+def _request(program: dict) -> bytes:
+    """The zygote's framing: it reads the header (what the candidate process gets) and passes
+    the test part on to the checker without ever holding it, see _sandbox.py."""
+    header = json.dumps({k: program[k] for k in ("src", "entries", "override")}).encode()
+    tests = json.dumps({k: program[k] for k in ("setup", "tests")}).encode()
+    return b"%d %d\n" % (len(header), len(tests)) + header + tests
 
 
 class CodeReward(Reward):
@@ -102,14 +121,15 @@ class CodeReward(Reward):
         self.config = config or CodeRewardConfig()
         self._pool: WorkerPool | None = None
         self._dirs: list[str] = []
-        self._uid0 = self.config.uid_base + 512 * random.randrange(1 << 20)
+        # uid0 + slot runs the candidates of a slot, uid0 + 512 + slot their checkers
+        self._uid0 = self.config.uid_base + 1024 * random.randrange(1 << 19)
 
     def _spawn(self, slot: int):
         c = self.config
         workdir = tempfile.mkdtemp(prefix="score_fast_code_")  # tmpfs goes over it, in-ns only
         self._dirs.append(workdir)
         paths = sysconfig.get_paths()
-        cfg = dict(uid=self._uid0 + slot, workdir=workdir, wall_s=c.wall_s, cpu_s=c.cpu_s,
+        cfg = dict(uid=self._uid0 + slot, checker_uid=self._uid0 + 512 + slot, workdir=workdir, wall_s=c.wall_s, cpu_s=c.cpu_s,
                    memory_mb=c.memory_mb, nproc=c.nproc, file_size_mb=c.file_size_mb,
                    disk_mb=c.disk_mb, open_files=c.open_files, preload=list(c.preload),
                    read_dirs=sorted({paths["stdlib"], paths["platstdlib"]}))
@@ -126,7 +146,7 @@ class CodeReward(Reward):
         if self._pool is None:
             self._pool = WorkerPool(c.workers or os.cpu_count() or 1, self._spawn)
         # The zygote enforces wall_s itself; the extra 30 s only catch a stuck zygote.
-        replies = self._pool.map([programs[i] for i in todo], c.wall_s + 30)
+        replies = self._pool.map([_request(programs[i]) for i in todo], c.wall_s + 30)
         scores, reasons = [0.0] * len(rows), ["no_code"] * len(rows)
         for i, reply in zip(todo, replies):
             scores[i], reasons[i] = float(reply["score"]), reply["reason"]
