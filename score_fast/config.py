@@ -1,0 +1,135 @@
+"""The run configuration: typed nested dataclasses, read by jsonargparse (score_fast/cli.py)
+from a YAML file plus dotted overrides (`--stage2.alpha=5`). Every field the paper leaves
+open (arXiv 2409.12917, Appendix B) is a field here with its default marked "not stated"."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+__all__ = ["MATH_INSTRUCTION", "CODE_INSTRUCTION", "ModelConfig", "DataConfig",
+           "RolloutConfig", "RewardConfig", "Stage1Config", "Stage2Config", "TrainConfig",
+           "EvalConfig", "Config", "config_from_dict"]
+
+# The paper's self-correction instructions (Appendix C), quoted.
+MATH_INSTRUCTION = (
+    "There might be an error in the solution above because of lack of understanding of the "
+    "question. Please correct the error, if any, and rewrite the solution. Only output the "
+    "final solution! At the end of the Solution, when you give your final answer, write it in "
+    "the form \"Final Answer: The final answer is $answer$. I hope it is correct.\"")
+CODE_INSTRUCTION = (
+    "There might be an error in the code above because of lack of understanding of the "
+    "question. Please correct the error, if any, and rewrite the solution. Only output the "
+    "final correct Python program!")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local HF model directory (policy init and the frozen reference)
+    bf16: bool = False  # bf16 autocast for the training forward (GPU)
+    gradient_checkpointing: bool = False  # recompute activations in backward (GPU, long contexts)
+
+
+@dataclass
+class DataConfig:
+    train_file: str = ""  # .jsonl / .json / .parquet (score_fast.data.load_rows)
+    problem_field: Optional[str] = None  # None: "problem" (math, custom), "prompt" (code)
+    answer_field: Optional[str] = None  # None: "answer" (math, custom); code rows carry tests
+    limit: Optional[int] = None  # keep the first `limit` rows
+    max_prompt_tokens: int = 1024  # a longer (templated) prompt is an error naming its row
+
+
+@dataclass
+class RolloutConfig:
+    samples_per_prompt: int = 4  # k episodes per prompt for the RLOO baseline (not stated)
+    temperature: float = 1.0  # the paper's sampling temperature
+    max_new_tokens: int = 512  # per attempt (not stated)
+    instruction: Optional[str] = None  # None: the paper's math or code instruction
+    gen_batch_size: int = 64  # sequences per generate() call
+
+
+@dataclass
+class RewardConfig:
+    kind: str = "math"  # math | code | custom
+    function: str = ""  # custom only: "module:function"
+
+
+@dataclass
+class Stage1Config:
+    steps: int = 100  # steps of Stage I per round (not stated)
+    beta1: float = 0.01  # KL weight on attempt 2
+    beta2: float = 0.1  # KL weight on attempt 1 (MATH 0.1, MBPP 0.25)
+
+
+@dataclass
+class Stage2Config:
+    steps: int = 300  # steps of Stage II per round (not stated)
+    alpha: float = 10.0  # shaping bonus alpha * (r2 - r1) on attempt 2
+    beta1: float = 0.01  # KL weight on both attempts
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/score"
+    seed: int = 0
+    rounds: int = 1  # Stage I then Stage II, repeated (v1 interleaves them)
+    prompts_per_step: int = 8  # episodes per step = prompts_per_step * samples_per_prompt
+    lr: float = 1e-6  # AdamW (paper: Adam, 5e-6 MATH, 1e-5 MBPP)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_tokens: int = 8192  # token budget of one packed micro-batch
+    kl: str = "k3"  # KL estimator: k1 | k2 | k3 (not stated)
+    reduction: str = "token_mean"  # loss averaging (not stated)
+    baseline: str = "rloo"  # rloo | mean | none
+    normalize: bool = False  # divide advantages by the group std (not stated)
+    log_every: int = 1
+    save_every: int = 50
+    resume: bool = False  # continue from the last complete checkpoint in run_dir
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # resolved defaults that depend on the reward kind
+    def problem_field(self) -> str:
+        return self.data.problem_field or ("prompt" if self.reward.kind == "code" else "problem")
+
+    def answer_field(self) -> Optional[str]:
+        if self.data.answer_field is not None:
+            return self.data.answer_field
+        return None if self.reward.kind == "code" else "answer"
+
+    def instruction(self) -> str:
+        if self.rollout.instruction is not None:
+            return self.rollout.instruction
+        return CODE_INSTRUCTION if self.reward.kind == "code" else MATH_INSTRUCTION
+
+    def required_fields(self) -> list[str]:
+        return [f for f in (self.problem_field(), self.answer_field()) if f]
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = ""  # a checkpoint-N directory (or any HF model directory)
+    data: str = ""  # .jsonl / .json / .parquet with the run's problem and answer fields
+    limit: Optional[int] = None
+    max_new_tokens: Optional[int] = None  # None: the run's rollout.max_new_tokens
+
+
+def config_from_dict(d: dict) -> Config:
+    """A Config from its nested-dict form (yaml.safe_load of a saved config.yaml); unknown
+    keys raise TypeError naming them."""
+    parts = {f: t for f, t in (("model", ModelConfig), ("data", DataConfig),
+                                ("rollout", RolloutConfig), ("reward", RewardConfig),
+                                ("stage1", Stage1Config), ("stage2", Stage2Config),
+                                ("train", TrainConfig))}
+    unknown = set(d) - set(parts)
+    if unknown:
+        raise TypeError(f"unknown config sections: {sorted(unknown)}")
+    return Config(**{k: parts[k](**(v or {})) for k, v in d.items()})

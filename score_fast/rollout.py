@@ -1,0 +1,165 @@
+"""Two-attempt rollouts: sample attempt 1, append the self-correction instruction, sample
+attempt 2, and lay each episode out as ONE token sequence with segment labels.
+
+    [prompt | attempt 1 (+eos) | instruction | attempt 2 (+eos)]
+     0 ...    1 ...              0 ...         2 ...
+
+Layout with a chat template (the tokenizer has one): the prompt is the template rendered
+for [user: problem] with the generation prompt; the instruction segment is the template's
+text between attempt 1's content and attempt 2's, i.e. what
+[user: problem, assistant: attempt 1, user: instruction] + generation prompt renders after
+the assistant's content (its end-of-turn marker, the user turn, the next generation
+prompt). When attempt 1 ended with eos and that text starts with the eos token (chat
+templates close a turn with the eos, e.g. <|im_end|>), the eos is not repeated.
+Without a chat template (plain layout, documented):
+
+    [bos] problem "\\n\\n" | attempt 1 | "\\n\\n" instruction "\\n\\n" | attempt 2
+
+Attempt tokens are kept exactly as sampled (never re-tokenised from text), up to and
+including the first eos; an attempt that hits max_new_tokens has no eos.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+__all__ = ["Episode", "Formatter", "generate", "rollout"]
+
+_MARK = "\x00SCORE_FAST_ATTEMPT\x00"
+
+
+@dataclass
+class Episode:
+    prompt_index: int  # which prompt (row) of the step's batch: the RLOO group
+    prompt_ids: list[int]
+    attempt1_ids: list[int]
+    instruction_ids: list[int]
+    attempt2_ids: list[int] = field(default_factory=list)
+    text1: str = ""
+    text2: str = ""
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt_ids + self.attempt1_ids + self.instruction_ids + self.attempt2_ids
+
+    @property
+    def labels(self) -> list[int]:
+        return ([0] * len(self.prompt_ids) + [1] * len(self.attempt1_ids)
+                + [0] * len(self.instruction_ids) + [2] * len(self.attempt2_ids))
+
+
+class Formatter:
+    """Token ids of the prompt and of the instruction segment, for one tokenizer."""
+
+    def __init__(self, tokenizer, instruction: str):
+        self.tok = tokenizer
+        self.instruction = instruction
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        self.eos = tokenizer.eos_token_id
+        self._cache: dict = {}
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _render(self, messages) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def prompt_ids(self, problem: str) -> list[int]:
+        if self.chat:
+            return self._encode(self._render([{"role": "user", "content": problem}]))
+        return self.tok(problem + "\n\n")["input_ids"]  # with bos, if the tokenizer adds one
+
+    def instruction_ids(self, problem: str, attempt1_ids: Sequence[int]) -> list[int]:
+        ended = len(attempt1_ids) > 0 and attempt1_ids[-1] == self.eos
+        key = (problem, ended)
+        if key not in self._cache:  # a template render costs ~0.5 ms: once per problem
+            self._cache[key] = self._instruction_ids(problem, ended)
+        return list(self._cache[key])
+
+    def _instruction_ids(self, problem: str, ended: bool) -> list[int]:
+        if not self.chat:
+            return self._encode("\n\n" + self.instruction + "\n\n")
+        text = self._render([{"role": "user", "content": problem},
+                             {"role": "assistant", "content": _MARK},
+                             {"role": "user", "content": self.instruction}])
+        if text.count(_MARK) != 1:
+            raise ValueError("the chat template does not render the assistant's content "
+                             "verbatim; cannot place attempt 1 inside it")
+        tail = text.split(_MARK, 1)[1]
+        eos_text = self.tok.eos_token or ""
+        if ended and eos_text and tail.startswith(eos_text):
+            tail = tail[len(eos_text):]
+        return self._encode(tail)
+
+
+def _strip(ids: list[int], eos: int | None, pad: int | None) -> list[int]:
+    """Generated ids up to and including the first eos (the rest is padding)."""
+    if eos is not None and eos in ids:
+        return ids[:ids.index(eos) + 1]
+    if pad is not None and pad != eos:
+        while ids and ids[-1] == pad:
+            ids = ids[:-1]
+    return ids
+
+
+@torch.no_grad()
+def generate(model, contexts: list[list[int]], *, max_new_tokens: int, temperature: float,
+             greedy: bool, eos: int | None, pad: int, batch_size: int) -> list[list[int]]:
+    """Sample (or decode greedily) one continuation per context with HF generate, left-padded
+    batches; returns the new tokens of each, cut after the first eos."""
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    for lo in range(0, len(contexts), batch_size):
+        chunk = contexts[lo:lo + batch_size]
+        width = max(len(c) for c in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, c in enumerate(chunk):
+            ids[i, width - len(c):] = torch.tensor(c)
+            mask[i, width - len(c):] = 1
+        kwargs = dict(do_sample=False) if greedy else dict(do_sample=True,
+                                                           temperature=temperature, top_k=0,
+                                                           top_p=1.0)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max_new_tokens, pad_token_id=pad,
+                             eos_token_id=eos, **kwargs)
+        for row in gen[:, width:].tolist():
+            out.append(_strip(row, eos, pad))
+    return out
+
+
+def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samples: int,
+            max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
+            batch_size: int = 64, max_prompt_tokens: int | None = None,
+            row_names: list[str] | None = None) -> tuple[list[Episode], dict]:
+    """`samples` two-attempt episodes per problem (problem-major order). Returns the episodes
+    and timing: {"gen_tokens", "gen_seconds"}."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    prompts = [formatter.prompt_ids(p) for p in problems]
+    if max_prompt_tokens is not None:
+        for i, p in enumerate(prompts):
+            if len(p) > max_prompt_tokens:
+                where = row_names[i] if row_names else f"prompt {i}"
+                raise ValueError(f"{where}: the prompt is {len(p)} tokens, longer than "
+                                 f"data.max_prompt_tokens={max_prompt_tokens}")
+    gen_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
+                  eos=eos, pad=pad, batch_size=batch_size)
+    t0 = time.perf_counter()
+    episodes = [Episode(i, prompts[i], [], []) for i in range(len(problems))
+                for _ in range(samples)]
+    for ep, a1 in zip(episodes, generate(model, [e.prompt_ids for e in episodes], **gen_kw)):
+        ep.attempt1_ids = a1
+        ep.instruction_ids = formatter.instruction_ids(problems[ep.prompt_index], a1)
+    contexts = [e.prompt_ids + e.attempt1_ids + e.instruction_ids for e in episodes]
+    for ep, a2 in zip(episodes, generate(model, contexts, **gen_kw)):
+        ep.attempt2_ids = a2
+    seconds = time.perf_counter() - t0
+    for ep in episodes:
+        ep.text1 = tokenizer.decode(ep.attempt1_ids, skip_special_tokens=True)
+        ep.text2 = tokenizer.decode(ep.attempt2_ids, skip_special_tokens=True)
+    n_gen = sum(len(e.attempt1_ids) + len(e.attempt2_ids) for e in episodes)
+    return episodes, {"gen_tokens": n_gen, "gen_seconds": seconds}

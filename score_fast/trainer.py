@@ -1,0 +1,334 @@
+"""The SCoRe trainer: rollouts -> rewards -> advantages -> packed fused-loss step, Stage I
+then Stage II (optionally `rounds` times), resumable from atomic checkpoints.
+
+One step (prompts_per_step prompts x samples_per_prompt episodes):
+  1. rollout.py samples attempt 1 and attempt 2 with the policy (temperature 1.0); each
+     episode is one token sequence [prompt | y1 | instruction | y2] with segment labels
+     0 / 1 / 2.
+  2. Rewards r1 = r(y1), r2 = r(y2) from score_fast.rewards; advantages [E, 2] from
+     score_advantages(r1, r2, prompt group, stage, alpha, baseline="rloo").
+  3. Episodes are packed (score_fast.pack, segments = labels) into micro-batches of
+     train.max_tokens tokens; per micro-batch of T tokens:
+       targets[t] = input_ids[t + 1]        (next token, within the sequence)
+       turn[t]    = label of the TARGET token, 0 at each sequence's last position
+       episode[t] = the sequence's row in the advantages (PackedBatch.seq_index)
+     hidden = policy.model(input_ids, position_ids, use_cache=False).last_hidden_state
+     ref_logp: the frozen reference (the initial policy) under no_grad, through
+       linear_logprobs on its hidden states and LM head, only at rows with turn > 0
+     loss = linear_score_loss(hidden, policy.lm_head.weight, targets, ref_logp, turn,
+       episode, adv, stage, beta1, beta2): Stage I puts beta2 KL (no policy gradient) on
+       attempt 1 and REINFORCE + beta1 KL on attempt 2; Stage II puts REINFORCE + beta1 KL
+       on both, attempt 2 with the shaped reward r2 + alpha (r2 - r1).
+     Micro-batch losses are weighted by their share of the step's loss tokens (or
+     episodes, for the seq_mean reductions), so accumulation gives the same loss as one
+     batch; then clip, AdamW step.
+  A non-finite loss or gradient norm raises NonFiniteLossError before the optimizer step,
+  hence before any checkpoint is written.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import yaml
+
+import score_fast as sf
+from score_fast.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from score_fast.config import Config
+from score_fast.rollout import Episode, Formatter, rollout
+
+__all__ = ["Trainer", "NonFiniteLossError", "RewardError", "build_step_tensors",
+           "score_episodes", "evaluate", "load_model", "stage_at"]
+
+log = logging.getLogger("score_fast")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class RewardError(RuntimeError):
+    pass
+
+
+def load_model(path: str, what: str = "model.path"):
+    """AutoModelForCausalLM from a local directory, with a clear error when it is missing."""
+    from transformers import AutoModelForCausalLM
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"{what}: model directory {path!r} does not exist (a local "
+                                f"HF model directory is needed; nothing is downloaded)")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def stage_at(config: Config, step: int) -> int:
+    """Stage (1 or 2) of 0-based step `step`: n1 Stage I steps, n2 Stage II, `rounds` times."""
+    n1 = config.stage1.steps
+    return 1 if step % (n1 + config.stage2.steps) < n1 else 2
+
+
+def build_step_tensors(batch) -> dict[str, torch.Tensor]:
+    """targets, turn, episode (each [T]) of one packed micro-batch; see the module doc."""
+    ids = batch.input_ids[0]
+    seg = batch.segment_ids[0]
+    lengths = batch.cu_seqlens.diff().long()
+    last = batch.cu_seqlens[1:].long() - 1
+    targets = torch.roll(ids, -1).clone()
+    turn = torch.roll(seg, -1).clone()
+    targets[last] = 0  # no next token: the row gets turn 0 and is never scored
+    turn[last] = 0
+    episode = torch.repeat_interleave(batch.seq_index, lengths)
+    return {"targets": targets, "turn": turn, "episode": episode}
+
+
+def score_episodes(reward, texts: list[str], rows: list[dict], name: str = "reward"
+                   ) -> tuple[list[float], int, list[str]]:
+    """Scores for texts[i] against rows[i]. If the batch raises, each sample is scored alone
+    and a sample that raises scores 0 (counted, its error returned). If every sample
+    raises, or none does alone, the reward itself is broken: RewardError."""
+    try:
+        return list(reward.score(texts, rows)), 0, []
+    except Exception as batch_error:  # noqa: BLE001 - any user reward error
+        scores, errors = [], []
+        for t, r in zip(texts, rows):
+            try:
+                scores.append(float(reward.score([t], [r])[0]))
+            except Exception as e:  # noqa: BLE001
+                scores.append(0.0)
+                errors.append(f"{type(e).__name__}: {e}")
+        if len(errors) == len(texts) or not errors:
+            # every sample fails, or none does alone (e.g. a wrong-length return): the
+            # reward itself is broken, not one sample
+            first = errors[0] if errors else "each sample alone scores fine"
+            raise RewardError(f"{name} failed on the batch: {type(batch_error).__name__}: "
+                              f"{batch_error} ({first})") from batch_error
+        return scores, len(errors), errors
+
+
+def make_reward_from(config: Config):
+    from score_fast.rewards import make_reward
+    r = config.reward
+    if r.kind == "custom":
+        return make_reward({"kind": "custom", "function": r.function})
+    if r.kind == "math" and config.answer_field():
+        return make_reward({"kind": "math", "answer_field": config.answer_field()})
+    return make_reward(r.kind)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, config: Config, rows: list[dict], reward,
+             max_new_tokens: int | None = None) -> dict:
+    """Greedy two-attempt evaluation: the paper's metrics (score_fast.metrics) over rows."""
+    from score_fast.metrics import self_correction_metrics
+    was_training = model.training
+    model.eval()
+    fmt = Formatter(tokenizer, config.instruction())
+    problems = [str(r[config.problem_field()]) for r in rows]
+    eps, _ = rollout(model, tokenizer, fmt, problems, samples=1, greedy=True,
+                     max_new_tokens=max_new_tokens or config.rollout.max_new_tokens,
+                     batch_size=config.rollout.gen_batch_size,
+                     max_prompt_tokens=config.data.max_prompt_tokens,
+                     row_names=[f"row {i + 1}" for i in range(len(rows))])
+    s1, _, _ = score_episodes(reward, [e.text1 for e in eps], rows)
+    s2, _, _ = score_episodes(reward, [e.text2 for e in eps], rows)
+    model.train(was_training)
+    return self_correction_metrics([s > 0 for s in s1], [s > 0 for s in s2],
+                                   [e.text1 for e in eps], [e.text2 for e in eps])
+
+
+class Trainer:
+    """Holds the policy, the frozen reference, the optimizer and the data of one run."""
+
+    def __init__(self, config: Config):
+        from score_fast.data import load_rows
+        self.config = c = config
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(c.train.seed)
+        self.rows = load_rows(c.data.train_file, c.required_fields(), limit=c.data.limit)
+        self.reward = make_reward_from(c)
+        self.run_dir = c.train.run_dir
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.config_yaml = yaml.safe_dump(dataclasses.asdict(c), sort_keys=False)
+        with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+            f.write(self.config_yaml)
+        ckpt = latest_checkpoint(self.run_dir) if c.train.resume else None
+        self.ref = load_model(c.model.path).to(self.device)
+        self.tokenizer = load_tokenizer(c.model.path)
+        self.policy = (load_model(ckpt, "checkpoint") if ckpt else copy.deepcopy(self.ref)
+                       ).to(self.device)
+        self.ref.eval().requires_grad_(False)
+        if c.model.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.train.lr,
+                                           weight_decay=c.train.weight_decay)
+        self.formatter = Formatter(self.tokenizer, c.instruction())
+        self.step = 0
+        self.total_steps = c.train.rounds * (c.stage1.steps + c.stage2.steps)
+        if ckpt:
+            state = load_state(ckpt)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step = state["step"]
+            set_rng_state(state["rng"])
+            log.info("resumed from %s at step %d", ckpt, self.step)
+
+    # ------------------------------------------------------------------ one step
+    def rollouts(self, step: int) -> tuple[list[Episode], list[dict], dict]:
+        c = self.config
+        pick = np.random.default_rng([c.train.seed, step])  # stateless: same on resume
+        n = min(c.train.prompts_per_step, len(self.rows))
+        idx = pick.choice(len(self.rows), size=n, replace=False).tolist()
+        rows = [self.rows[i] for i in idx]
+        self.policy.eval()
+        episodes, timing = rollout(
+            self.policy, self.tokenizer, self.formatter,
+            [str(r[c.problem_field()]) for r in rows], samples=c.rollout.samples_per_prompt,
+            max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
+            batch_size=c.rollout.gen_batch_size, max_prompt_tokens=c.data.max_prompt_tokens,
+            row_names=[f"row {i + 1} of {c.data.train_file}" for i in idx])
+        return episodes, [rows[e.prompt_index] for e in episodes], timing
+
+    def loss_and_backward(self, episodes: list[Episode], adv: torch.Tensor, stage: int
+                          ) -> dict:
+        """Packed forward/backward over all episodes (gradients accumulate in .grad)."""
+        c = self.config
+        beta1 = c.stage1.beta1 if stage == 1 else c.stage2.beta1
+        seqs = [e.ids for e in episodes]
+        # an episode longer than the budget gets a micro-batch of its own
+        budget = max(c.train.max_tokens, max(len(s) for s in seqs))
+        batches = sf.pack(seqs, budget, segments=[e.labels for e in episodes])
+        parts = [build_step_tensors(b) for b in batches]
+        per_token = c.train.reduction == "token_mean"
+        units = [int((p["turn"] > 0).sum()) if per_token else
+                 len(torch.unique(p["episode"][p["turn"] > 0])) for p in parts]
+        total = max(sum(units), 1)
+        lm_w = self.policy.get_output_embeddings().weight
+        ref_w = self.ref.get_output_embeddings().weight
+        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.model.bf16
+                             and self.device.type == "cuda")
+        adv = adv.to(self.device)
+        out = {"loss": 0.0, "kl_sum1": 0.0, "kl_sum2": 0.0, "n1": 0, "n2": 0, "tokens": 0}
+        self.policy.train()
+        for b, p, u in zip(batches, parts, units):
+            ids, pos = b.input_ids.to(self.device), b.position_ids.to(self.device)
+            targets, turn, episode = (p[k].to(self.device) for k in ("targets", "turn", "episode"))
+            live = turn > 0
+            with torch.no_grad():
+                with amp:
+                    rh = self.ref.model(input_ids=ids, position_ids=pos,
+                                        use_cache=False).last_hidden_state[0]
+                ref_logp = torch.zeros(turn.shape, dtype=torch.float32, device=self.device)
+                if live.any():  # only the scored rows need the reference
+                    ref_logp[live] = sf.linear_logprobs(rh[live], ref_w.to(rh.dtype),
+                                                        targets[live])
+            with amp:
+                h = self.policy.model(input_ids=ids, position_ids=pos,
+                                      use_cache=False).last_hidden_state[0]
+            loss, m = sf.linear_score_loss(h, lm_w.to(h.dtype), targets, ref_logp, turn,
+                                           episode, adv, stage=stage, beta1=beta1,
+                                           beta2=c.stage1.beta2, kl=c.train.kl,
+                                           reduction=c.train.reduction)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at step {self.step + 1} (stage {stage}, "
+                    f"micro-batch of {b.num_tokens} tokens); stopping before the optimizer "
+                    f"step, no checkpoint written. Lower train.lr or check the model.")
+            (loss * (u / total)).backward()
+            n1, n2 = int((turn == 1).sum()), int((turn == 2).sum())
+            out["loss"] += loss.item() * u / total
+            out["kl_sum1"] += m["kl_t1"].item() * n1
+            out["kl_sum2"] += m["kl_t2"].item() * n2
+            out["n1"] += n1
+            out["n2"] += n2
+            out["tokens"] += b.num_tokens
+        return out
+
+    def train_step(self) -> dict:
+        c = self.config
+        stage = stage_at(c, self.step)
+        t0 = time.perf_counter()
+        episodes, rows, timing = self.rollouts(self.step)
+        s1, e1, err1 = score_episodes(self.reward, [e.text1 for e in episodes], rows)
+        s2, e2, err2 = score_episodes(self.reward, [e.text2 for e in episodes], rows)
+        for err in (err1 + err2)[:3]:
+            log.warning("reward error (scored 0): %s", err)
+        r1, r2 = torch.tensor(s1), torch.tensor(s2)
+        group = torch.tensor([e.prompt_index for e in episodes])
+        adv = sf.score_advantages(r1, r2, group, stage=stage, alpha=c.stage2.alpha,
+                                  baseline=c.train.baseline, normalize=c.train.normalize)
+        t1 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.loss_and_backward(episodes, adv, stage)
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.train.max_grad_norm)
+        if not torch.isfinite(norm):
+            raise NonFiniteLossError(f"gradient norm is {norm.item()} at step {self.step + 1} "
+                                     f"(stage {stage}); no optimizer step, no checkpoint")
+        self.optimizer.step()
+        train_s = time.perf_counter() - t1
+        self.step += 1
+        from score_fast.metrics import self_correction_metrics
+        sc = self_correction_metrics([s > 0 for s in s1], [s > 0 for s in s2],
+                                     [e.text1 for e in episodes], [e.text2 for e in episodes])
+        return {"step": self.step, "stage": stage, "loss": out["loss"],
+                "reward_t1": float(r1.mean()), "reward_t2": float(r2.mean()), **sc,
+                "kl_t1": out["kl_sum1"] / max(out["n1"], 1),
+                "kl_t2": out["kl_sum2"] / max(out["n2"], 1),
+                "len_t1": float(np.mean([len(e.attempt1_ids) for e in episodes])),
+                "len_t2": float(np.mean([len(e.attempt2_ids) for e in episodes])),
+                "grad_norm": float(norm), "reward_errors": e1 + e2,
+                "gen_tok_s": timing["gen_tokens"] / max(timing["gen_seconds"], 1e-9),
+                "train_tok_s": out["tokens"] / max(train_s, 1e-9),
+                "step_s": time.perf_counter() - t0}
+
+    # ------------------------------------------------------------------ the run
+    def save(self) -> str:
+        return save_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer,
+                               self.optimizer, {"stage": stage_at(self.config, self.step - 1)},
+                               self.config_yaml)
+
+    def train(self, until: int | None = None, progress: bool = True) -> list[dict]:
+        """Steps until `until` (default: the end of the schedule); checkpoints every
+        save_every steps and at the end. Returns the logged metrics of this call."""
+        from tqdm.auto import tqdm
+        c = self.config
+        end = min(self.total_steps, until if until is not None else self.total_steps)
+        history = []
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not progress,
+                   desc="score", dynamic_ncols=True)
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as jf:
+            while self.step < end:
+                m = self.train_step()
+                history.append(m)
+                bar.update(1)
+                if self.step % c.train.log_every == 0 or self.step == end:
+                    jf.write(json.dumps(m) + "\n")
+                    jf.flush()
+                    (bar.write if progress else log.info)(format_line(m))
+                if self.step % c.train.save_every == 0 or self.step == end:
+                    self.save()
+        bar.close()
+        return history
+
+
+def format_line(m: dict) -> str:
+    return (f"step {m['step']} stage {m['stage']} loss {m['loss']:.4f} "
+            f"r1 {m['reward_t1']:.3f} r2 {m['reward_t2']:.3f} "
+            f"Acc@t1 {m['acc_t1']:.3f} Acc@t2 {m['acc_t2']:.3f} Delta {m['delta']:+.3f} "
+            f"i->c {m['delta_i2c']:.3f} c->i {m['delta_c2i']:.3f} "
+            f"edit {m.get('edit_ratio', math.nan):.3f} KL t1 {m['kl_t1']:.4f} "
+            f"t2 {m['kl_t2']:.4f} len {m['len_t1']:.1f}/{m['len_t2']:.1f} "
+            f"tok/s gen {m['gen_tok_s']:.0f} train {m['train_tok_s']:.0f}"
+            + (f" reward_errors {m['reward_errors']}" if m["reward_errors"] else ""))

@@ -1,0 +1,218 @@
+"""The training step: turn/episode tensors, both stage objectives against a hand-computed
+loss, micro-batching, rewards that fail, NaN, metrics, and a short end-to-end run."""
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+import score_fast as sf
+from score_fast import demo_task
+from score_fast.config import (Config, DataConfig, ModelConfig, RewardConfig, RolloutConfig,
+                               Stage1Config, Stage2Config, TrainConfig)
+from score_fast.rollout import Episode
+from score_fast.trainer import (NonFiniteLossError, RewardError, Trainer, build_step_tensors,
+                                score_episodes, stage_at)
+
+def make_run(tmp_path, n_rows=12, **train):
+    """A tiny random Llama + char tokenizer saved to tmp_path/model, a JSONL of arithmetic
+    problems, and a Config for them (2 Stage I + 2 Stage II steps)."""
+    model_dir = tmp_path / "model"
+    if not model_dir.exists():
+        tok = demo_task.build_tokenizer()
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(demo_task.tiny_model_config(tok)).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in demo_task.make_problems(n_rows, seed=1)))
+    # a random model never writes the right sum: reward even-length answers instead, so
+    # that the advantages (and so the updates) are not all zero
+    parity = tmp_path / "parity.py"
+    parity.write_text("def parity(completions, **_):\n"
+                      "    return [float(len(c) % 2 == 0) for c in completions]\n")
+    t = dict(run_dir=str(tmp_path / "run"), prompts_per_step=3, lr=1e-2, save_every=2)
+    t.update(train)
+    return Config(model=ModelConfig(path=str(model_dir)), data=DataConfig(train_file=str(data)),
+                  rollout=RolloutConfig(samples_per_prompt=2, max_new_tokens=4,
+                                        instruction=demo_task.DEMO_INSTRUCTION),
+                  reward=RewardConfig(kind="custom", function=f"{parity}:parity"),
+                  stage1=Stage1Config(steps=2), stage2=Stage2Config(steps=2),
+                  train=TrainConfig(**t))
+
+
+def test_step_tensors_target_labels():
+    b = sf.pack([[10, 11, 12], [20, 21]], 16, segments=[[0, 1, 2], [0, 2]])[0]
+    t = build_step_tensors(b)
+    order = b.seq_index.tolist()
+    per = {0: ([11, 12, 0], [1, 2, 0], [0, 0, 0]), 1: ([21, 0], [2, 0], [1, 1])}
+    exp = [sum((per[i][k] for i in order), []) for k in range(3)]
+    assert t["targets"].tolist() == exp[0]
+    assert t["turn"].tolist() == exp[1]  # label of the TARGET token, 0 at each last position
+    assert t["episode"].tolist() == exp[2]
+
+
+def test_schedule_interleaves_rounds(tmp_path):
+    c = make_run(tmp_path)
+    c.train.rounds = 2
+    assert [stage_at(c, s) for s in range(8)] == [1, 1, 2, 2, 1, 1, 2, 2]
+
+
+def _episodes(tok):
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = tok.eos_token_id
+    from score_fast.rollout import Formatter
+    fmt = Formatter(tok, demo_task.DEMO_INSTRUCTION)
+    out = []
+    for i, (p, a1, a2) in enumerate([("12+30", "42", "41"), ("7-9", "-2", "-23"),
+                                     ("5+5", "10", "10")]):
+        y1 = enc(a1) + [eos]
+        out.append(Episode(i % 2, fmt.prompt_ids(p), y1, fmt.instruction_ids(p, y1),
+                           enc(a2) + [eos]))
+    return out
+
+
+def _hand_loss(policy, ref, episodes, adv, stage, beta1, beta2):
+    """The SCoRe objective written out token by token from full logits."""
+    terms = []
+    for e_idx, ep in enumerate(episodes):
+        ids = torch.tensor([ep.ids])
+        tgt, lab = ids[0, 1:], torch.tensor(ep.labels[1:])
+        logp = torch.log_softmax(policy(input_ids=ids).logits[0, :-1].double(), -1)
+        logp = logp.gather(1, tgt[:, None])[:, 0]
+        with torch.no_grad():
+            rl = torch.log_softmax(ref(input_ids=ids).logits[0, :-1].double(), -1)
+            rl = rl.gather(1, tgt[:, None])[:, 0]
+        for t in range(len(tgt)):
+            k = int(lab[t])
+            if k == 0:
+                continue
+            d = rl[t] - logp[t]
+            kl = torch.exp(d) - d - 1  # k3
+            if stage == 1 and k == 1:
+                terms.append(beta2 * kl)  # attempt 1 in Stage I: KL only, no policy gradient
+            else:
+                beta = beta1
+                terms.append(-adv[e_idx, k - 1].double() * logp[t] + beta * kl)
+    return torch.stack(terms).mean()  # token_mean
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stage_objective_matches_hand_computed(tmp_path, stage):
+    tr = Trainer(make_run(tmp_path, max_tokens=40))  # 3 episodes of ~25 tokens: 3 micro-batches
+    with torch.no_grad():  # move the policy off the reference so that the KL is not 0
+        for p in tr.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    eps = _episodes(tr.tokenizer)
+    r1, r2 = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 1.0])
+    adv = sf.score_advantages(r1, r2, torch.tensor([0, 1, 0]), stage=stage, alpha=10.0)
+    tr.optimizer.zero_grad()
+    out = tr.loss_and_backward(eps, adv, stage)
+    got = {n: p.grad.clone() for n, p in tr.policy.named_parameters()}
+    c = tr.config
+    beta1 = c.stage1.beta1 if stage == 1 else c.stage2.beta1
+    tr.optimizer.zero_grad()
+    want = _hand_loss(tr.policy, tr.ref, eps, adv, stage, beta1, c.stage1.beta2)
+    want.backward()
+    # fp32 k3 = exp(d) - d - 1 cancels at |d| ~ 1e-2 (3-4 of 7 digits lost), the hand
+    # version runs in fp64: 2e-4 relative covers that and still catches a wrong beta or sign
+    assert out["loss"] == pytest.approx(want.item(), rel=2e-4)
+    assert out["n1"] == sum(len(e.attempt1_ids) for e in eps)
+    assert out["n2"] == sum(len(e.attempt2_ids) for e in eps)
+    for n, p in tr.policy.named_parameters():
+        err = (got[n] - p.grad).abs().max().item()
+        assert err <= 2e-4 * p.grad.abs().max().item() + 1e-8, f"{n}: max grad err {err:.2e}"
+    if stage == 1:  # Stage I: r1 plays no part, attempt-1 advantage is 0
+        assert torch.all(adv[:, 0] == 0)
+
+
+def test_micro_batching_does_not_change_gradients(tmp_path):
+    grads = []
+    for budget in (30, 4096):
+        tr = Trainer(make_run(tmp_path, max_tokens=budget))
+        eps = _episodes(tr.tokenizer)
+        adv = torch.tensor([[0.5, -1.0], [0.0, 2.0], [-0.5, 1.0]])
+        tr.optimizer.zero_grad()
+        tr.loss_and_backward(eps, adv, 2)
+        grads.append(torch.cat([p.grad.flatten() for p in tr.policy.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7), (
+        (grads[0] - grads[1]).abs().max())
+
+
+class _Reward:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def score(self, texts, rows):
+        return [self.fn(t) for t in texts]
+
+
+def test_reward_failing_on_one_sample_scores_zero():
+    def fn(t):
+        if t == "bad":
+            raise RuntimeError("checker crashed")
+        return 1.0
+    scores, n_err, errors = score_episodes(_Reward(fn), ["a", "bad", "c"], [{}, {}, {}])
+    assert scores == [1.0, 0.0, 1.0] and n_err == 1 and "checker crashed" in errors[0]
+
+
+def test_reward_failing_everywhere_is_an_error(tmp_path):
+    mod = tmp_path / "bad_reward.py"
+    mod.write_text("def short(completions, **_):\n    return [1.0]\n")
+    from score_fast.rewards import make_reward
+    r = make_reward({"kind": "custom", "function": f"{mod}:short"})
+    with pytest.raises(RewardError, match=r"bad_reward.py:short' returned 1 scores for 2"):
+        score_episodes(r, ["x", "y"], [{"answer": "1"}, {"answer": "2"}])
+    mod.write_text("def boom(completions, **_):\n    raise KeyError('answer')\n")
+    r = make_reward({"kind": "custom", "function": f"{mod}:boom"})
+    with pytest.raises(RewardError, match="failed on the batch: KeyError"):
+        score_episodes(r, ["x", "y"], [{"answer": "1"}, {"answer": "2"}])
+
+
+def test_nan_loss_stops_before_checkpoint(tmp_path, monkeypatch):
+    tr = Trainer(make_run(tmp_path))
+    before = [p.clone() for p in tr.policy.parameters()]
+    monkeypatch.setattr(sf, "score_advantages",
+                        lambda r1, *a, **k: torch.full((len(r1), 2), float("nan")))
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 1.*no checkpoint"):
+        tr.train(progress=False)
+    assert not [d for d in os.listdir(tr.run_dir) if "checkpoint" in d]
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.policy.parameters()))
+
+
+def test_bad_inputs_name_the_problem(tmp_path):
+    from score_fast.data import DataError
+    c = make_run(tmp_path)
+    c.model.path = str(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="model.path: model directory .*nope"):
+        Trainer(c)
+    c = make_run(tmp_path)
+    c.data.answer_field = "solution"
+    with pytest.raises(DataError, match=r"row 1 of .*train.jsonl has no field 'solution'"):
+        Trainer(c)
+    c = make_run(tmp_path)
+    open(c.data.train_file, "w").close()
+    with pytest.raises(DataError, match="empty file"):
+        Trainer(c)
+    c = make_run(tmp_path)
+    c.data.max_prompt_tokens = 5
+    with pytest.raises(ValueError, match=r"row \d+ of .*train.jsonl: the prompt is \d+ tokens"):
+        Trainer(c).train(progress=False)
+
+
+def test_end_to_end_train_logs_metrics(tmp_path):
+    tr = Trainer(make_run(tmp_path))
+    hist = tr.train(progress=False)
+    assert [m["stage"] for m in hist] == [1, 1, 2, 2]
+    lines = [json.loads(x) for x in open(os.path.join(tr.run_dir, "metrics.jsonl"))]
+    assert lines == hist
+    for m in hist:
+        # metrics wiring: binary rewards, so accuracies are the mean rewards
+        assert m["acc_t1"] == pytest.approx(m["reward_t1"])
+        assert m["acc_t2"] == pytest.approx(m["reward_t2"])
+        assert m["delta"] == pytest.approx(m["delta_i2c"] - m["delta_c2i"])
+        assert 0 <= m["edit_ratio"] <= 1 and m["kl_t1"] >= 0 and m["kl_t2"] >= 0
+        assert m["gen_tok_s"] > 0 and m["train_tok_s"] > 0 and 1 <= m["len_t1"] <= 4
+    assert hist[1]["kl_t1"] > 0  # after one update the policy has left the reference
+    assert sorted(d for d in os.listdir(tr.run_dir) if d.startswith("checkpoint")) == [
+        "checkpoint-2", "checkpoint-4"]
