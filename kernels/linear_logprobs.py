@@ -15,7 +15,42 @@ At N = 8192 tokens and V = 151936 the fp32 logits are 5 GB (2.5 GB in bf16) for 
 numbers. Here the logits exist one tile at a time, and (M, log S) -- 8 bytes a row -- are
 all that is kept between the passes:
 
-Triton (CUDA, or CPU tensors under TRITON_INTERPRET=1):
+Three paths: "chunked" (default for CUDA tensors), "fused" (all-Triton), and the PyTorch
+path (CPU tensors); SCORE_FAST_LMHEAD=chunked|fused picks between the first two wherever
+the Triton backend is on (_dispatch: SCORE_FAST_BACKEND=triton puts CPU tensors on it under
+TRITON_INTERPRET=1, where the default stays fused, and the tests force each).
+
+Chunked (cuBLAS GEMMs + Triton elementwise kernels), over the live rows (gathered when
+they are not all N) and vocabulary chunks of Vc columns (_chunk_cols: an [n, Vc] fp32
+tile of <= 256 MB, Vc in [1024, 16384], a multiple of 128; 8192 at n = 8192 rows, 19 chunks
+at V = 151936; memory independent of V):
+  forward  per chunk z_c = h @ W_c.T as fp32 (cuBLAS: bf16/fp16 operands, fp32
+           accumulation AND fp32 output -- no bf16 rounding of the logits, so the result is
+           as precise as the fused path's, not eager's bf16 logits; a bf16 output would
+           halve the tile traffic (est. ~3 ms of ~65 ms at 8192 x 4096 x 151936) but put the
+           chunked path at eager's accuracy exactly, where the 2x rule becomes a coin toss
+           on averaged metrics), then _chunk_lse_kernel folds (z_c + b) / T into the per-row
+           online (M, S) and picks the target logit.
+  backward per chunk: recompute z_c (cuBLAS); _chunk_dlogits_kernel writes
+           D_c = g (onehot - exp((z_c + b) / T - M - log S)) / T in the weight dtype;
+           dhidden += D_c @ W_c (cuBLAS into an fp32 accumulator, beta = 1),
+           dweight[v0:v1] = D_c.T @ h (one GEMM over all rows, written straight into the
+           slice: in the weight dtype for linear_logprobs -- eager's single rounding --,
+           fp32 for linear_score_loss, which scales it by the upstream later),
+           dbias[v0:v1] = D_c.sum(0).
+  Matmul passes of 2NHV flops: 1 forward + 3 backward (eager: 3). At cuBLAS ~90% of peak
+  that is ~65-70% of the matmul rate counted at 6NHV useful flops.
+  Not bitwise batch-invariant (cuBLAS picks kernels by shape; Vc depends on n); linear_
+  logprobs takes no host sync, linear_score_loss one (the live-row count sizes the GEMMs).
+  Why chunked is the CUDA default: fused's backward kernels read-modify-write their fp32
+  accumulators ([BLOCK_N, H] dhidden, [BLOCK_V, H] dweight) in global memory for every
+  tile: at BLOCK_N = 64, BLOCK_V = 128, H = 4096 that is 4 * 64 * 128 * H flops per
+  ~1024 * H bytes (the W tile read twice + the dh read and write), ~32 flop/byte, against
+  ~250 flop/byte (790 TFLOP/s bf16 / ~3.3 TB/s) for an H100 to be compute-bound: an
+  estimated 10-15% of the matmul rate for the backward. Unmeasured here (no GPU):
+  bench/bench_lmhead.py compares both (score_fast vs score_fast_fused).
+
+Fused Triton (SCORE_FAST_LMHEAD=fused; CPU tensors under TRITON_INTERPRET=1 by default):
   forward  one program per block of BLOCK_N rows, looping over vocabulary tiles of BLOCK_V;
            each logit tile is a K-loop of tl.dot over H with fp32 accumulation, folded into
            an online log-sum-exp (M, S); the target's logit is picked out of its tile.
@@ -52,6 +87,8 @@ entry; a row whose logits are all -inf gives -inf and a zero gradient; logp <= 0
     logp = linear_logprobs(hidden, lm_head.weight, targets)     # [N] fp32
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -332,6 +369,242 @@ def _bwd_triton(h, w, b, t, rows, count, m, log_s, g, inv_t, need_dh=True, need_
     return dh, dw, db
 
 
+# ------------------------------------------------------------- chunked (cuBLAS) path
+def _lmhead_path(on_triton: bool, tensors) -> str:
+    """'torch', 'fused' (all-Triton tiles) or 'chunked' (cuBLAS + Triton elementwise).
+
+    SCORE_FAST_LMHEAD=auto (default): chunked for CUDA tensors, fused for CPU tensors forced
+    onto Triton (SCORE_FAST_BACKEND=triton under the interpreter: what the existing tests
+    check). chunked|fused force one wherever the Triton backend is on; the PyTorch backend
+    (CPU tensors by default) ignores the variable."""
+    want = os.environ.get("SCORE_FAST_LMHEAD", "auto").lower()
+    if want not in ("auto", "chunked", "fused"):
+        raise ValueError(f"SCORE_FAST_LMHEAD must be auto, chunked or fused, got {want!r}")
+    if not on_triton:
+        return "torch"
+    if want == "auto":
+        return "chunked" if all(a.is_cuda for a in tensors) else "fused"
+    return want
+
+
+_CHUNK_COLS = None  # tests: force the vocabulary chunk width (a multiple of 128 or any int)
+
+
+def _chunk_cols(n: int) -> int:
+    """Vocabulary columns a chunk: an [n, Vc] fp32 tile of <= 2**28 bytes (256 MB; the bf16
+    logits and dlogits of a chunk are half that each), clamped to [1024, 16384] and rounded
+    down to a multiple of 128 (GEMM-friendly widths). n = 8192 rows -> Vc = 8192, 19 chunks
+    at V = 151936. Memory is independent of V; past n = 65536 rows the 1024 floor lets the
+    tile grow with n (as hidden itself does)."""
+    if _CHUNK_COLS is not None:
+        return _CHUNK_COLS
+    return max(1024, min(16384, 2**28 // (4 * max(n, 1)))) // 128 * 128
+
+
+def _ew_config(n_cols: int) -> dict:
+    """Elementwise tiles [BLOCK_N, BLOCK_V]. GPU: 4 x 1024 (16 KB of bf16 logits a step);
+    interpreter: few large numpy tiles."""
+    if interpreting():
+        return dict(BLOCK_N=16, BLOCK_V=min(4096, triton.next_power_of_2(n_cols)))
+    return dict(BLOCK_N=4, BLOCK_V=1024, num_warps=8)
+
+
+@triton.jit
+def _chunk_lse_kernel(
+    # pointers: z [n, n_cols] (the chunk's logits before bias and 1/T, fp32), bias
+    # [V], targets [n] (int64), the fp32 [n] running max / sum / target logit, updated in place
+    z_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, zt_ptr,
+    # sizes, chunk offset and the row stride of z
+    n, n_cols, v0, stride_z,
+    # scalars
+    inv_t,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Online log-sum-exp over one vocabulary chunk: fold the chunk's (x + b) / T into the
+    per-row (M, S) and pick the target logit when it lies in the chunk (fp32 math)."""
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_n < n
+    tgt = tl.load(tgt_ptr + offs_n, mask=row_ok, other=-1)
+    m = tl.load(m_ptr + offs_n, mask=row_ok, other=0.0)
+    s = tl.load(s_ptr + offs_n, mask=row_ok, other=0.0)
+    z_t = tl.load(zt_ptr + offs_n, mask=row_ok, other=0.0)
+    for c0 in range(0, n_cols, BLOCK_V):
+        offs_c = c0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        c_ok = offs_c < n_cols
+        ok = row_ok[:, None] & c_ok[None, :]
+        z = tl.load(z_ptr + offs_n[:, None] * stride_z + offs_c[None, :], mask=ok,
+                    other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(b_ptr + v0 + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        z = tl.where(ok, z * inv_t, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        # while a row has seen only -inf, shift by 0: exp(-inf - -inf) would be NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+        m = m_new
+        hit = (v0 + offs_c)[None, :] == tgt[:, None]
+        z_t = tl.maximum(z_t, tl.max(tl.where(hit, z, float("-inf")), axis=1))
+    tl.store(m_ptr + offs_n, m, mask=row_ok)
+    tl.store(s_ptr + offs_n, s, mask=row_ok)
+    tl.store(zt_ptr + offs_n, z_t, mask=row_ok)
+
+
+@triton.jit
+def _chunk_dlogits_kernel(
+    # pointers: z [n, n_cols] as above, bias, targets [n], fp32 [n] M, log S and g (g
+    # holding 1/T and 0 on dead rows), d [n, n_cols] out in the weight dtype
+    z_ptr, b_ptr, tgt_ptr, m_ptr, ls_ptr, g_ptr, d_ptr,
+    # sizes, chunk offset, row strides of z and d
+    n, n_cols, v0, stride_z, stride_d,
+    # scalars
+    inv_t,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    """D = g (onehot(t) - exp((x + b) / T - M - log S)) for one tile of the chunk."""
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = offs_n < n
+    c_ok = offs_c < n_cols
+    ok = row_ok[:, None] & c_ok[None, :]
+    tgt = tl.load(tgt_ptr + offs_n, mask=row_ok, other=-1)
+    m = tl.load(m_ptr + offs_n, mask=row_ok, other=0.0)
+    log_s = tl.load(ls_ptr + offs_n, mask=row_ok, other=0.0)
+    g = tl.load(g_ptr + offs_n, mask=row_ok, other=0.0)
+    z = tl.load(z_ptr + offs_n[:, None] * stride_z + offs_c[None, :], mask=ok,
+                other=float("-inf")).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + v0 + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    p = tl.exp(z * inv_t - m[:, None] - log_s[:, None])
+    d = g[:, None] * (tl.where((v0 + offs_c)[None, :] == tgt[:, None], 1.0, 0.0) - p)
+    if ROUND_BF16:  # interpreter: round-to-nearest as the GPU's cast does
+        d = _round_to_bf16(d)
+    tl.store(d_ptr + offs_n[:, None] * stride_d + offs_c[None, :],
+             d.to(d_ptr.dtype.element_ty), mask=ok)
+
+
+_OUT_DTYPE_MM = {}  # (op, device type) -> False where torch's out_dtype GEMM failed
+
+
+def _mm_f32(a, b, acc=None):
+    """a @ b with fp32 accumulation and an fp32 result, no rounding to a's dtype; added
+    into acc (fp32) when given. 16-bit a, b on CUDA: cuBLAS with an fp32 C (torch's
+    out_dtype GEMMs; with acc, beta = 1 in place); where this torch lacks them, the product
+    in a's dtype, upcast (one extra rounding: eager's). CPU (the tests): an fp32 GEMM of the
+    upcast operands (products of 16-bit numbers are exact in fp32). fp32 a, b follow
+    torch's matmul precision (TF32 only where the caller allowed it)."""
+    if a.dtype == torch.float32:
+        return a @ b if acc is None else acc.addmm_(a, b)
+    if a.is_cuda:
+        key = ("mm" if acc is None else "addmm", a.device.type)
+        if _OUT_DTYPE_MM.get(key, True):
+            try:
+                if acc is None:
+                    return torch.mm(a, b, out_dtype=torch.float32)
+                return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            except (RuntimeError, TypeError):  # older torch: addmm's C must be a's dtype
+                _OUT_DTYPE_MM[key] = False
+        out = _mm_f32(a, b) if acc is not None else (a @ b).float()
+        return out if acc is None else acc.add_(out)
+    if acc is None:
+        return a.float() @ b.float()
+    return acc.addmm_(a.float(), b.float())
+
+
+def _fwd_chunked(h, w, b, t, rows, inv_t):
+    """logp, M, log S (fp32 [N], zero off `rows`) for the rows `rows` (int64, all live),
+    vocabulary chunk by chunk: fp32 z_c = h[rows] @ w[v0:v1].T (cuBLAS), then
+    _chunk_lse_kernel."""
+    N = h.shape[0]
+    V = w.shape[0]
+    n = rows.numel()
+    f32 = dict(device=h.device, dtype=torch.float32)
+    logp_all, m_all, ls_all = (torch.zeros(N, **f32) for _ in range(3))
+    if n == 0:
+        return logp_all, m_all, ls_all
+    hs = h if n == N else h.index_select(0, rows)
+    ts = t if n == N else t.index_select(0, rows)
+    m = torch.full((n,), float("-inf"), **f32)
+    s = torch.zeros(n, **f32)
+    z_t = torch.full((n,), float("-inf"), **f32)
+    vc = _chunk_cols(n)
+    cfg = _ew_config(min(vc, V))
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+    for v0 in range(0, V, vc):
+        v1 = min(v0 + vc, V)
+        z = _mm_f32(hs, w[v0:v1].T)
+        _chunk_lse_kernel[grid](z, b if b is not None else z, ts, m, s, z_t, n, v1 - v0, v0,
+                                z.stride(0), inv_t, HAS_BIAS=b is not None, **cfg)
+        del z
+    log_s = s.log()  # -inf for an all -inf row
+    m = m.masked_fill_(m == float("-inf"), 0)
+    # (z_t - M) - log S, not z_t - lse: at |z| = 1e4 an fp32 lse has an ulp of 1e-3
+    lp = ((z_t - m) - log_s).clamp_(max=0).masked_fill_(z_t == float("-inf"), float("-inf"))
+    if n == N:
+        return lp, m, log_s
+    return (logp_all.index_copy_(0, rows, lp), m_all.index_copy_(0, rows, m),
+            ls_all.index_copy_(0, rows, log_s))
+
+
+def _bwd_chunked(h, w, b, t, rows, m, log_s, g, inv_t, need_dh=True, need_dw=True,
+                 dw_dtype=torch.float32):
+    """dhidden (fp32 [N, H]), dweight ([V, H] in dw_dtype), dbias (fp32 [V]) for the rows
+    `rows` from the saved M, log S and upstream g (fp32 [N]), chunk by chunk: recompute z_c
+    (cuBLAS), D_c in the weight dtype (_chunk_dlogits_kernel), dh += D_c @ w_c into an fp32
+    accumulator, dw[v0:v1] = D_c.T @ h[rows] (one GEMM over all rows: written, not
+    accumulated), db[v0:v1] = D_c.sum(0)."""
+    N, H = h.shape
+    V = w.shape[0]
+    n = rows.numel()
+    f32 = dict(device=h.device, dtype=torch.float32)
+    dh = torch.zeros(N, H, **f32) if need_dh else None
+    if need_dw:
+        dw = (torch.zeros if dw_dtype == torch.float32 else torch.empty)(
+            V, H, device=h.device, dtype=dw_dtype)
+        db = torch.zeros(V, **f32) if b is not None else None
+    else:
+        dw = db = None
+    if n == 0 or not (need_dh or need_dw):
+        if dw is not None and dw_dtype != torch.float32:
+            dw.zero_()
+        return dh, dw, db
+    sel = (lambda a: a) if n == N else (lambda a: a.index_select(0, rows))  # noqa: E731
+    hs, ts, ms, ls = sel(h), sel(t), sel(m), sel(log_s)
+    # dead rows (all -inf): g = 0 and finite M, log S, so their D is exactly 0
+    dead = ls == float("-inf")
+    gs = sel(g).mul(inv_t).masked_fill_(dead, 0)
+    ls = ls.masked_fill(dead, 0)
+    dhs = dh if n == N or dh is None else torch.zeros(n, H, **f32)
+    vc = _chunk_cols(n)
+    cfg = _ew_config(min(vc, V))
+    round_bf16 = interpreting() and w.dtype == torch.bfloat16
+    for v0 in range(0, V, vc):
+        v1 = min(v0 + vc, V)
+        wc = w[v0:v1]
+        z = _mm_f32(hs, wc.T)
+        d = torch.empty(n, v1 - v0, device=h.device, dtype=w.dtype)
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v1 - v0, cfg["BLOCK_V"]))
+        _chunk_dlogits_kernel[grid](z, b if b is not None else z, ts, ms, ls, gs, d, n,
+                                    v1 - v0, v0, z.stride(0), d.stride(0), inv_t,
+                                    HAS_BIAS=b is not None, ROUND_BF16=round_bf16, **cfg)
+        del z
+        if need_dh:
+            _mm_f32(d, wc, dhs)
+        if need_dw:
+            if dw_dtype == torch.float32:
+                _mm_f32(d.T, hs, dw[v0:v1])  # dw is zero: a plain write
+            else:
+                torch.mm(d.T, hs, out=dw[v0:v1])  # one rounding, as eager autograd
+            if db is not None:
+                db[v0:v1] = d.sum(0, dtype=torch.float32)
+        del d
+    if dhs is not dh:
+        dh.index_copy_(0, rows, dhs)
+    return dh, dw, db
+
+
 # ------------------------------------------------------------------------ reference
 def linear_logprobs_ref(hidden, weight, targets, bias=None, temperature=1.0):
     """The specification and test oracle, in the inputs' dtype (fp64 in the tests): the
@@ -445,15 +718,20 @@ def _cpu_pass(h, w, b, t, rows, inv_t, state=None, grad_of=None, need_dh=True,
 
 
 # --------------------------------------------------------------------------- autograd
-def _forward(h, w, b, t, rows, count, inv_t, on_triton):
-    if on_triton:
+def _forward(h, w, b, t, rows, count, inv_t, path):
+    if path == "fused":
         return _fwd_triton(h, w, b, t, rows, count, inv_t)
+    if path == "chunked":  # rows are all live here (linear_logprobs: all N)
+        return _fwd_chunked(h, w, b, t, rows, inv_t)
     return _cpu_pass(h, w, b, t, rows, inv_t)[:3]
 
 
-def _backward(h, w, b, t, rows, count, m, log_s, g, inv_t, on_triton, need_dh, need_dw):
-    if on_triton:
+def _backward(h, w, b, t, rows, count, m, log_s, g, inv_t, path, need_dh, need_dw):
+    if path == "fused":
         return _bwd_triton(h, w, b, t, rows, count, m, log_s, g, inv_t, need_dh, need_dw)
+    if path == "chunked":  # g is the final upstream: dweight straight in the weight dtype
+        return _bwd_chunked(h, w, b, t, rows, m, log_s, g, inv_t, need_dh, need_dw,
+                            dw_dtype=w.dtype)
     _, _, _, dh, dw, db = _cpu_pass(h, w, b, t, rows, inv_t, state=(m, log_s),
                                     grad_of=lambda ci, idx, lp: g.index_select(0, idx),
                                     need_dh=need_dh, need_dw=need_dw)
@@ -462,10 +740,10 @@ def _backward(h, w, b, t, rows, count, m, log_s, g, inv_t, on_triton, need_dh, n
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, t, rows, count, inv_t, on_triton):
-        logp, m, log_s = _forward(h, w, b, t, rows, count, inv_t, on_triton)
+    def forward(ctx, h, w, b, t, rows, count, inv_t, path):
+        logp, m, log_s = _forward(h, w, b, t, rows, count, inv_t, path)
         ctx.save_for_backward(h, w, b, t, rows, count, m, log_s)
-        ctx.inv_t, ctx.on_triton = inv_t, on_triton
+        ctx.inv_t, ctx.path = inv_t, path
         return logp
 
     @staticmethod
@@ -474,7 +752,7 @@ class _LinearLogprobs(torch.autograd.Function):
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         dh, dw, db = _backward(h, w, b, t, rows, count, m, log_s, g.float().contiguous(),
-                               ctx.inv_t, ctx.on_triton, need_dh, need_dw)
+                               ctx.inv_t, ctx.path, need_dh, need_dw)
         return (None if dh is None else dh.to(h.dtype),
                 None if dw is None or not ctx.needs_input_grad[1] else dw.to(w.dtype),
                 None if db is None or not ctx.needs_input_grad[2] else db.to(b.dtype),
@@ -543,14 +821,16 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     hidden: [..., H] float32/bfloat16/float16; weight: [V, H] same dtype; bias: [V] or None;
     targets: integer, shape hidden.shape[:-1], values in [0, V). Differentiable in hidden,
     weight and bias: the backward recomputes the logit tiles from the saved (M, log S), so
-    its memory beyond the gradients themselves is independent of V. Triton for CUDA tensors,
-    the tiled PyTorch path for CPU tensors (SCORE_FAST_BACKEND overrides, see _dispatch)."""
+    its memory beyond the gradients themselves is independent of V. The chunked cuBLAS path
+    for CUDA tensors (SCORE_FAST_LMHEAD=fused: the all-Triton kernels), the tiled PyTorch
+    path for CPU tensors (SCORE_FAST_BACKEND overrides, see _dispatch)."""
     _check_inputs(hidden, weight, targets, bias)
     inv_t = _check_temperature(temperature)
     h, w, b, t = _prepare(hidden, weight, targets, bias)
     N = h.shape[0]
     rows = torch.arange(N, device=h.device)
     count = torch.full((1,), N, device=h.device, dtype=torch.int32)
-    on_triton = use_triton(*[a for a in (hidden, weight, targets, bias) if a is not None])
-    logp = _LinearLogprobs.apply(h, w, b, t, rows, count, inv_t, on_triton)
+    tensors = [a for a in (hidden, weight, targets, bias) if a is not None]
+    path = _lmhead_path(use_triton(*tensors), tensors)
+    logp = _LinearLogprobs.apply(h, w, b, t, rows, count, inv_t, path)
     return logp.view(targets.shape)

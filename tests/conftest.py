@@ -5,8 +5,29 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import ctypes  # noqa: E402
+import ctypes.util  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """Peak-memory tests read the RSS high-water mark. glibc raises its mmap threshold after
+    each large free (up to 32 MB), after which big tensors come from the heap and can reuse
+    pages that are still resident, so an [N, V] allocation could go unseen. A fixed threshold
+    (which also turns the dynamic one off) keeps every tensor >= 1 MB in its own mapping,
+    returned to the OS on free: RSS then follows the live tensors."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        ctypes.CDLL(name).mallopt(-3, nbytes)  # M_MMAP_THRESHOLD (glibc)
+    except (OSError, AttributeError):
+        pass
+
+
+_fixed_mmap_threshold()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,8 +14,18 @@ from score_fast.kernels.linear_logprobs import linear_logprobs, linear_logprobs_
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
 from harness import peak_memory  # noqa: E402
 
-BACKENDS = ["torch", "triton"]
+# torch: the PyTorch path; triton: the fused all-Triton kernels; chunked: the vocabulary-
+# chunked path (torch matmuls -- cuBLAS on a GPU -- and Triton elementwise kernels)
+BACKENDS = ["torch", "triton", "chunked"]
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
+
+
+def _use(backend, monkeypatch, cols=256):
+    """Select a path; chunked runs with `cols`-column vocabulary chunks (256: V = 1000 is 4
+    chunks, the last partial), so the online log-sum-exp crosses chunks in every test."""
+    monkeypatch.setenv("SCORE_FAST_BACKEND", "torch" if backend == "torch" else "triton")
+    monkeypatch.setenv("SCORE_FAST_LMHEAD", "chunked" if backend == "chunked" else "fused")
+    monkeypatch.setattr(ll, "_CHUNK_COLS", cols)
 
 
 def _inputs(N, H, V, dtype, bias=True, seed=0, device="cpu", scale=1.0):
@@ -65,19 +75,20 @@ def _check_against_reference(h, w, b, t, up, temperature=1.0, atol=None):
     (1, 16, 100, True, 1.0), (37, 64, 1000, True, 0.7), (37, 16, 1000, False, 1.0),
     (20, 64, 100, False, 1.5)])
 def test_matches_reference(backend, dtype, N, H, V, bias, temperature, monkeypatch):
-    monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
+    _use(backend, monkeypatch)
     _check_against_reference(*_inputs(N, H, V, dtype, bias), temperature=temperature)
 
 
-def test_fp16_triton(monkeypatch):
-    monkeypatch.setenv("SCORE_FAST_BACKEND", "triton")
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
+def test_fp16_triton(backend, monkeypatch):
+    _use(backend, monkeypatch)
     _check_against_reference(*_inputs(19, 32, 300, torch.float16))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("V", [32001, 50257, 151936])
 def test_odd_vocabularies(backend, V, monkeypatch):
-    monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
+    _use(backend, monkeypatch, cols=8192)  # 4 to 19 chunks, the last partial
     h, w, b, t, up = _inputs(3, 16, V, torch.float32)
     t[0] = V - 1  # the last column of the last (partial) tile
     _check_against_reference(h, w, b, t, up, temperature=0.9)
@@ -85,14 +96,14 @@ def test_odd_vocabularies(backend, V, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_odd_vocabulary_bf16(backend, monkeypatch):
-    monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
+    _use(backend, monkeypatch, cols=8192)
     _check_against_reference(*_inputs(5, 16, 50257, torch.bfloat16))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_online_lse_across_vocab_chunks_cpu_and_tiles(backend, monkeypatch):
     """Several CPU vocabulary chunks (recompute instead of reuse) and several row chunks."""
-    monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
+    _use(backend, monkeypatch)
     monkeypatch.setattr(ll, "_TILE_ELEMS", ll._ROWS * 128)  # 1000 columns -> 8 chunks
     assert len(ll._vocab_chunks(1000)) == 8
     _check_against_reference(*_inputs(300 if backend == "torch" else 40, 16, 1000,
@@ -102,7 +113,7 @@ def test_online_lse_across_vocab_chunks_cpu_and_tiles(backend, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_vocabulary(backend, monkeypatch):
     """-inf bias entries are a masked vocabulary: p = 0 there, zero bias gradient there."""
-    monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
+    _use(backend, monkeypatch)
     h, w, b, t, up = _inputs(9, 16, 300, torch.float32)
     b[::3] = float("-inf")
     t = torch.where(t % 3 == 0, t + 1, t)
@@ -118,7 +129,7 @@ def test_masked_vocabulary(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_leading_dims_and_no_grad(backend, monkeypatch):
-    monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
+    _use(backend, monkeypatch)
     h, w, b, t, _ = _inputs(12, 16, 200, torch.float32)
     with torch.no_grad():
         out = linear_logprobs(h.view(3, 4, 16), w, t.view(3, 4), bias=b)
@@ -142,8 +153,9 @@ def test_batch_split_invariance_cpu(monkeypatch):
 def test_batch_split_invariance_triton(monkeypatch):
     """Bitwise under the interpreter, for cuts inside a row block too (each tile row's
     dot is its own numpy row; on a GPU the MMA K-order per output is fixed as well, but
-    that is only checked by test_gpu_bf16 at the block granularity)."""
-    monkeypatch.setenv("SCORE_FAST_BACKEND", "triton")
+    that is only checked by test_gpu_bf16 at the block granularity). The fused path only:
+    the chunked one's GEMMs (cuBLAS picks kernels by shape) and chunk width depend on N."""
+    _use("triton", monkeypatch)
     h, w, b, t, _ = _inputs(37, 32, 700, torch.float32)
     full = linear_logprobs(h, w, t, bias=b)
     for cut in (16, 7):
@@ -181,6 +193,34 @@ def test_no_logits_sized_allocation_cpu(monkeypatch):
     assert grown < N * 32768 * 4 / 8, f"peak grew {grown / 2**20:.0f} MiB with V"
 
 
+def test_path_selection(monkeypatch):
+    """SCORE_FAST_LMHEAD picks the Triton-backend path (chunked by default on CUDA only);
+    the PyTorch backend ignores it; a bad value is an error."""
+    cpu = [torch.zeros(1)]
+    for env, on_triton, want in (("auto", True, "fused"), ("chunked", True, "chunked"),
+                                 ("fused", True, "fused"), ("chunked", False, "torch")):
+        monkeypatch.setenv("SCORE_FAST_LMHEAD", env)
+        assert ll._lmhead_path(on_triton, cpu) == want, env
+    monkeypatch.setenv("SCORE_FAST_LMHEAD", "cublas")
+    with pytest.raises(ValueError, match="SCORE_FAST_LMHEAD"):
+        ll._lmhead_path(True, cpu)
+    # the chunked path really runs (the fused kernels would raise here)
+    _use("chunked", monkeypatch)
+    monkeypatch.setattr(ll, "_fwd_triton", None)
+    monkeypatch.setattr(ll, "_bwd_triton", None)
+    _check_against_reference(*_inputs(5, 16, 300, torch.float32))
+
+
+def test_chunk_cols_rule():
+    """[n, Vc] fp32 tile <= 256 MB, Vc in [1024, 16384], a multiple of 128."""
+    assert ll._chunk_cols(8192) == 8192
+    assert ll._chunk_cols(1) == 16384 and ll._chunk_cols(10**6) == 1024
+    for n in (1, 3, 1000, 5000, 8192, 12345, 65536, 10**6):
+        vc = ll._chunk_cols(n)
+        assert vc % 128 == 0 and 1024 <= vc <= 16384
+        assert n * vc * 4 <= 2**28 or vc == 1024
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(hidden=torch.randn(4, 8)), r"hidden shape \(4, 8\).*weight shape \(50, 16\).*H"),
     (dict(weight=torch.randn(50)), r"weight must be \[V, H\].*\(50,\)"),
@@ -202,11 +242,18 @@ def test_bad_input(bad, match):
                         temperature=args["temperature"])
 
 
+LMHEAD = ["fused", "chunked"]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("lmhead", LMHEAD)
 @pytest.mark.parametrize("N,H,V", [(256, 512, 32000), (512, 2048, 151936)])
-def test_gpu_bf16(N, H, V):
+def test_gpu_bf16(N, H, V, lmhead, monkeypatch):
+    monkeypatch.setenv("SCORE_FAST_LMHEAD", lmhead)
     h, w, b, t, up = _inputs(N, H, V, torch.bfloat16, device="cuda")
     _check_against_reference(h, w, b, t, up, temperature=0.9)
+    if lmhead == "chunked":  # cuBLAS's kernel choice and the chunk width depend on N
+        return
     # block-granular batch split invariance of the compiled kernel
     full = linear_logprobs(h, w, t, bias=b)
     halves = torch.cat([linear_logprobs(h[:128], w, t[:128], bias=b),
@@ -215,5 +262,16 @@ def test_gpu_bf16(N, H, V):
 
 
 @pytest.mark.gpu
-def test_gpu_fp32():
+@pytest.mark.parametrize("lmhead", LMHEAD)
+def test_gpu_fp32(lmhead, monkeypatch):
+    monkeypatch.setenv("SCORE_FAST_LMHEAD", lmhead)
     _check_against_reference(*_inputs(128, 256, 32000, torch.float32, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_chunked_several_chunks(monkeypatch):
+    """Forced 1024-column chunks (32 at V = 32000, the last partial), bias, T != 1."""
+    monkeypatch.setenv("SCORE_FAST_LMHEAD", "chunked")
+    monkeypatch.setattr(ll, "_CHUNK_COLS", 1024)
+    _check_against_reference(*_inputs(300, 512, 32000, torch.bfloat16, device="cuda"),
+                             temperature=0.8)

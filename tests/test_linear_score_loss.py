@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import assert_within_rule
+from test_linear_logprobs import _use
 from score_fast.kernels import linear_logprobs as ll
 from score_fast.kernels.linear_logprobs import linear_logprobs, linear_logprobs_ref
 from score_fast.kernels.linear_score_loss import linear_score_loss, linear_score_loss_ref
@@ -16,7 +17,7 @@ from score_fast.kernels.score_loss import score_loss
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
 from harness import peak_memory  # noqa: E402
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "chunked"]  # chunked: see test_linear_logprobs._use
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}  # 1e-5: a few ulp of |logp| ~ 10
 
 
@@ -97,7 +98,7 @@ def _check(batch, up=1.7, **kw):
 ])
 def test_matches_reference(backend, dtype, N, H, V, stage, kl, reduction, temperature, bias,
                            monkeypatch):
-    monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
+    _use(backend, monkeypatch)
     batch = _batch(N, H, V, dtype=dtype, bias=bias, temperature=temperature)
     if N == 1:
         batch["turn"].fill_(1)
@@ -106,7 +107,7 @@ def test_matches_reference(backend, dtype, N, H, V, stage, kl, reduction, temper
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ppo_clip(backend, monkeypatch):
-    monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
+    _use(backend, monkeypatch)
     _, m, _ = _check(_batch(37, 32, 500, clip=True), stage=2)
     assert "clip_frac" in m
 
@@ -114,7 +115,7 @@ def test_ppo_clip(backend, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("V", [32001, 151936])
 def test_odd_vocabularies(backend, V, monkeypatch):
-    monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
+    _use(backend, monkeypatch, cols=8192)
     batch = _batch(6, 16, V)
     batch["turn"] = torch.tensor([0, 1, 2, 2, 0, 1])
     batch["targets"][1] = V - 1
@@ -124,7 +125,7 @@ def test_odd_vocabularies(backend, V, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_several_cpu_vocab_chunks_and_row_chunks(backend, monkeypatch):
     """The PyTorch path with the tile recomputed (8 vocabulary chunks) over 2 row chunks."""
-    monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
+    _use(backend, monkeypatch)
     monkeypatch.setattr(ll, "_TILE_ELEMS", ll._ROWS * 128)
     _check(_batch(400 if backend == "torch" else 40, 16, 1000), stage=1,
            reduction="seq_mean_token_mean")
@@ -133,7 +134,7 @@ def test_several_cpu_vocab_chunks_and_row_chunks(backend, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_equals_composition(backend, monkeypatch):
     """score_loss(linear_logprobs(...)) through autograd: same loss, metrics, gradients."""
-    monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
+    _use(backend, monkeypatch)
     batch = _batch(30, 32, 700)
     kw = dict(stage=2, kl="k3", reduction="seq_mean_token_sum", temperature=0.8)
     loss, m, grads = _call(linear_score_loss, batch, 0.6, **kw)
@@ -154,7 +155,7 @@ def test_equals_composition(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_rows_masked(backend, monkeypatch):
-    monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
+    _use(backend, monkeypatch)
     batch = _batch(20, 16, 300)
     batch["turn"].zero_()
     loss, m, grads = _call(linear_score_loss, batch, 1.0, stage=1)
@@ -168,7 +169,7 @@ def test_all_rows_masked(backend, monkeypatch):
 def test_prompt_rows_do_no_vocabulary_work(backend, monkeypatch):
     """Turn-0 rows are never multiplied with the weight: NaN hidden states there leave the
     loss and the weight gradient finite and unchanged, and their hidden gradient is 0."""
-    monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
+    _use(backend, monkeypatch)
     batch = _batch(37, 16, 400)
     loss, m, (dh, dw, db) = _call(linear_score_loss, batch, 1.0, stage=2)
     poisoned = dict(batch, hidden=batch["hidden"].clone())
@@ -182,7 +183,7 @@ def test_prompt_rows_do_no_vocabulary_work(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_and_leading_dims(backend, monkeypatch):
-    monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
+    _use(backend, monkeypatch)
     batch = _batch(24, 16, 300)
     ref, _ = linear_score_loss_ref(*(batch[k].double() if batch[k].is_floating_point()
                                      else batch[k] for k in
@@ -265,12 +266,16 @@ def test_bad_input(over, match):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lmhead", ["fused", "chunked"])
 @pytest.mark.parametrize("N,H,V", [(256, 512, 32000), (512, 2048, 151936)])
-def test_gpu_bf16(N, H, V):
+def test_gpu_bf16(N, H, V, lmhead, monkeypatch):
+    monkeypatch.setenv("SCORE_FAST_LMHEAD", lmhead)
     _check(_batch(N, H, V, E=16, dtype=torch.bfloat16, device="cuda"), stage=2,
            reduction="seq_mean_token_mean")
 
 
 @pytest.mark.gpu
-def test_gpu_fp32():
+@pytest.mark.parametrize("lmhead", ["fused", "chunked"])
+def test_gpu_fp32(lmhead, monkeypatch):
+    monkeypatch.setenv("SCORE_FAST_LMHEAD", lmhead)
     _check(_batch(128, 256, 32000, E=8, device="cuda"), stage=1, temperature=0.8)
