@@ -26,6 +26,8 @@ from typing import Sequence
 
 import torch
 
+from score_fast.sampler import TwoTurnSampler
+
 __all__ = ["Episode", "Formatter", "generate", "rollout"]
 
 _MARK = "\x00SCORE_FAST_ATTEMPT\x00"
@@ -135,8 +137,10 @@ def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samp
             max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
             batch_size: int = 64, max_prompt_tokens: int | None = None,
             row_names: list[str] | None = None) -> tuple[list[Episode], dict]:
-    """`samples` two-attempt episodes per problem (problem-major order). Returns the episodes
-    and timing: {"gen_tokens", "gen_seconds"}."""
+    """`samples` two-attempt episodes per problem (problem-major order), sampled with the
+    KV-cache engine (score_fast.sampler.TwoTurnSampler; `generate` above is the plain
+    reference). Returns the episodes and timing: {"gen_tokens", "gen_seconds",
+    "prefill_tokens", "decode_tokens"} (the last two: tokens the model was run on)."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prompts = [formatter.prompt_ids(p) for p in problems]
@@ -146,20 +150,25 @@ def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samp
                 where = row_names[i] if row_names else f"prompt {i}"
                 raise ValueError(f"{where}: the prompt is {len(p)} tokens, longer than "
                                  f"data.max_prompt_tokens={max_prompt_tokens}")
-    gen_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
-                  eos=eos, pad=pad, batch_size=batch_size)
+    gen_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy)
     t0 = time.perf_counter()
     episodes = [Episode(i, prompts[i], [], []) for i in range(len(problems))
                 for _ in range(samples)]
-    for ep, a1 in zip(episodes, generate(model, [e.prompt_ids for e in episodes], **gen_kw)):
+    # attempt 2 continues from attempt 1's KV cache: only the instruction is prefilled
+    sampler = TwoTurnSampler(model, eos, pad, batch_size=batch_size)
+    attempts1, state = sampler.attempt1([e.prompt_ids for e in episodes], **gen_kw)
+    for ep, a1 in zip(episodes, attempts1):
         ep.attempt1_ids = a1
         ep.instruction_ids = formatter.instruction_ids(problems[ep.prompt_index], a1)
-    contexts = [e.prompt_ids + e.attempt1_ids + e.instruction_ids for e in episodes]
-    for ep, a2 in zip(episodes, generate(model, contexts, **gen_kw)):
+    attempts2 = sampler.attempt2(state, [e.instruction_ids for e in episodes], **gen_kw)
+    del state  # every episode's cache: free it before the caller's training step
+    for ep, a2 in zip(episodes, attempts2):
         ep.attempt2_ids = a2
     seconds = time.perf_counter() - t0
     for ep in episodes:
         ep.text1 = tokenizer.decode(ep.attempt1_ids, skip_special_tokens=True)
         ep.text2 = tokenizer.decode(ep.attempt2_ids, skip_special_tokens=True)
     n_gen = sum(len(e.attempt1_ids) + len(e.attempt2_ids) for e in episodes)
-    return episodes, {"gen_tokens": n_gen, "gen_seconds": seconds}
+    return episodes, {"gen_tokens": n_gen, "gen_seconds": seconds,
+                      "prefill_tokens": sampler.stats.prefill_tokens,
+                      "decode_tokens": sampler.stats.decode_tokens}

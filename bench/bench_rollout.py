@@ -1,0 +1,124 @@
+"""Rollout benchmark: the KV-cache engine (score_fast.sampler.TwoTurnSampler) against
+`model.generate` run once per attempt (score_fast.rollout.generate, the old path: attempt 2
+re-prefills prompt + attempt 1), same tiny model, prompts, instruction and lengths.
+
+    SCORE_FAST_BENCH_QUICK=1 OUT=/tmp/ro bash bench/run.sh bench/bench_rollout.py
+
+A random tiny Llama (hidden 64, 2 layers, vocab 48), sampled at temperature 1.0 from torch's
+global RNG seeded 0 before each call: with near-uniform logits the eos (1 of 48 ids) ends
+about 2% of rows per step, so attempts end at mixed lengths. 64 episodes of 8..48-token
+prompts, a 12-token instruction, up to 64 new tokens per attempt (QUICK: 8 episodes, 8).
+torch runs on 1 thread here (restored afterwards): for a model this small thread
+contention on a shared 2-core machine, not compute, would otherwise decide the numbers.
+
+attempt1: sample attempt 1.  attempt2: sample attempt 2 for fixed attempt-1 outputs (the
+engine from attempt 1's saved cache, generate from the full context).  both: the whole
+two-attempt rollout.  extra: tokens = tokens generated, tok_s = tokens / median seconds,
+prefill_tokens / prefill_slots = real / padded tokens in prefill forwards,
+decode_tokens = tokens run through decode forwards (generate keeps finished rows: batch x
+steps), forwards, tok_per_decode_fwd = decode_tokens / decode forwards."""
+import pytest
+import torch
+import transformers
+
+from harness import QUICK, bench_device, run
+from score_fast.rollout import generate
+from score_fast.sampler import TwoTurnSampler
+
+DEVICE = bench_device()
+EPISODES = 8 if QUICK else 64
+NEW = 8 if QUICK else 64
+VOCAB, EOS, PAD, INSTR = 48, 1, 0, 12
+SHAPE = f"B={EPISODES},new={NEW}"
+PROVIDERS = ["engine", "generate"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=4, max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(cfg).eval().to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(8, 49, (EPISODES,), generator=g).tolist()
+    prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in lens]
+    instr = [torch.randint(2, VOCAB, (INSTR,), generator=g).tolist() for _ in lens]
+    torch.manual_seed(0)
+    a1, state = TwoTurnSampler(model, EOS, PAD, batch_size=EPISODES).attempt1(
+        prompts, max_new_tokens=NEW, temperature=1.0)
+    yield model, prompts, instr, a1, state
+    torch.set_num_threads(threads)
+
+
+def _generate(model, contexts):
+    return generate(model, contexts, max_new_tokens=NEW, temperature=1.0, greedy=False,
+                    eos=EOS, pad=PAD, batch_size=EPISODES)
+
+
+def _generate_counts(contexts, outs) -> dict:
+    """What HF generate runs: one padded prefill, then every row until the longest ends."""
+    steps = max(len(o) for o in outs)
+    return dict(prefill_tokens=sum(map(len, contexts)),
+                prefill_slots=len(contexts) * max(map(len, contexts)),
+                decode_tokens=len(contexts) * (steps - 1), forwards=steps,
+                tok_per_decode_fwd=round(len(contexts) * (steps - 1) / max(steps - 1, 1), 2))
+
+
+def _engine_counts(sampler) -> dict:
+    s = sampler.stats.summary()
+    return dict(prefill_tokens=s["prefill_tokens"], prefill_slots=s["prefill_slots"],
+                decode_tokens=s["decode_tokens"], forwards=s["forwards"],
+                tok_per_decode_fwd=round(s["decode_tokens"] / max(s["decode_forwards"], 1), 2))
+
+
+def _case(which, provider, model, prompts, instr, a1, state):
+    """(fn, outputs-and-counts of one call)"""
+    if provider == "engine":
+        def fn():
+            torch.manual_seed(0)
+            s = TwoTurnSampler(model, EOS, PAD, batch_size=EPISODES)
+            if which == "attempt1":
+                out, _ = s.attempt1(prompts, max_new_tokens=NEW, temperature=1.0)
+            elif which == "attempt2":
+                out = s.attempt2(state, instr, max_new_tokens=NEW, temperature=1.0)
+            else:
+                b1, st = s.attempt1(prompts, max_new_tokens=NEW, temperature=1.0)
+                out = b1 + s.attempt2(st, instr, max_new_tokens=NEW, temperature=1.0)
+            return out, _engine_counts(s)
+    else:
+        def fn():
+            torch.manual_seed(0)
+            if which == "attempt1":
+                out = _generate(model, prompts)
+                return out, _generate_counts(prompts, out)
+            if which == "attempt2":
+                ctx = [p + a + x for p, a, x in zip(prompts, a1, instr)]
+                out = _generate(model, ctx)
+                return out, _generate_counts(ctx, out)
+            b1 = _generate(model, prompts)
+            ctx = [p + a + x for p, a, x in zip(prompts, b1, instr)]
+            b2 = _generate(model, ctx)
+            c1, c2 = _generate_counts(prompts, b1), _generate_counts(ctx, b2)
+            counts = {k: c1[k] + c2[k] for k in c1}
+            counts["tok_per_decode_fwd"] = round(
+                counts["decode_tokens"] / max(counts["forwards"] - 2, 1), 2)
+            return b1 + b2, counts
+    return fn
+
+
+@pytest.mark.parametrize("which", ["attempt1", "attempt2", "both"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_rollout(benchmark, setup, provider, which):
+    fn = _case(which, provider, *setup)
+    out, counts = fn()
+    tokens = sum(map(len, out))
+    run(benchmark, fn, device=DEVICE, provider=provider, shape=f"{which},{SHAPE}",
+        dtype="float32", baseline="generate", rounds=3 if QUICK else 5, warmup=0,
+        tokens=tokens,
+        **counts)
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    if stats is not None:
+        benchmark.extra_info["tok_s"] = round(tokens / stats.median, 1)

@@ -1,0 +1,249 @@
+"""The rollout engine (score_fast/sampler.py) against the reference: HF generate on the full
+context, greedy. A tiny random Llama; its eos is set to a token the greedy model actually
+emits, so rows end at different steps."""
+import pytest
+import torch
+import transformers
+
+from score_fast.sampler import TwoTurnSampler, sample_next
+
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=256)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 100, (n,), generator=g).tolist() for n in lengths]
+
+
+LENGTHS = [3, 7, 1, 12, 5, 9, 2, 4]
+
+
+@torch.no_grad()
+def ref(model, contexts, eos, n=8):
+    """model.generate (greedy) on the left-padded full contexts, cut after the first eos
+    (rollout.generate would also strip trailing pad ids, which this model can emit)."""
+    width = max(map(len, contexts))
+    ids = torch.full((len(contexts), width), PAD)
+    mask = torch.zeros_like(ids)
+    for i, c in enumerate(contexts):
+        ids[i, width - len(c):] = torch.tensor(c)
+        mask[i, width - len(c):] = 1
+    gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                         pad_token_id=PAD, eos_token_id=eos)[:, width:].tolist()
+    return [row[:row.index(eos) + 1] if eos in row else row for row in gen]
+
+
+def _common_eos(model, prompts):
+    """A token the greedy model emits early in several rows (not first everywhere)."""
+    free = ref(model, prompts, None, 8)
+    counts = {}
+    for row in free:
+        for t in set(row[1:5]):
+            counts[t] = counts.get(t, 0) + 1
+    return max(counts, key=counts.get)
+
+
+def _instructions(n):
+    return [[5, 6, 7, 8][:1 + i % 4] for i in range(n)]
+
+
+@pytest.mark.parametrize("batch_size,compact_at", [(64, 0.125), (3, 0.0), (64, 0.6)])
+def test_greedy_two_attempts_match_generate(model, batch_size, compact_at):
+    prompts = _prompts(LENGTHS)
+    eos = _common_eos(model, prompts)
+    s = TwoTurnSampler(model, eos, PAD, batch_size=batch_size, compact_at=compact_at)
+    a1, state = s.attempt1(prompts, max_new_tokens=8, greedy=True)
+    assert a1 == ref(model, prompts, eos)
+    assert len({len(a) for a in a1}) > 1 and any(a[-1] == eos for a in a1)  # mixed lengths
+    instr = _instructions(len(prompts))
+    a2 = s.attempt2(state, instr, max_new_tokens=8, greedy=True)
+    ctx = [p + a + x for p, a, x in zip(prompts, a1, instr)]
+    assert a2 == ref(model, ctx, eos)
+    # cache reuse: attempt 2 prefilled only the instruction tokens
+    assert s.stats.summary("attempt2")["prefill_tokens"] == sum(map(len, instr))
+    assert s.stats.summary("attempt1")["prefill_tokens"] == sum(map(len, prompts))
+    # each generated token is fed once (attempt 1's last tokens too: they enter the cache)
+    assert s.stats.summary("attempt1")["decode_tokens"] == sum(map(len, a1))
+    assert s.stats.summary("attempt2")["decode_tokens"] == sum(map(len, a2)) - len(a2)
+
+
+def test_finished_rows_are_dropped(model):
+    prompts = _prompts(LENGTHS)
+    eos = _common_eos(model, prompts)
+    s = TwoTurnSampler(model, eos, PAD)
+    a1, state = s.attempt1(prompts, max_new_tokens=8, greedy=True)
+    decode = [f for f in s.stats.forwards if f[1] == "decode"]
+    # one forward per step; its batch shrinks as rows end
+    live = [f[2] for f in decode]
+    slots = [f[3] for f in decode]
+    assert live == sorted(live, reverse=True) and live[-1] < len(prompts)
+    assert sum(live) == sum(map(len, a1))
+    assert slots == sorted(slots, reverse=True) and slots[-1] < len(prompts)  # compacted
+    assert all(x >= y for x, y in zip(slots, live))
+    # the rows that keep running produce what they produce alone
+    for p, a in zip(prompts, a1):
+        alone = TwoTurnSampler(model, eos, PAD).attempt1([p], max_new_tokens=8, greedy=True)[0]
+        assert alone == [a]
+
+
+def test_third_turn_from_attempt2_state(model):
+    """attempt2(keep=True) returns a state whose rows have pad holes (masked): a further turn
+    continues from it and still matches generate on the full context."""
+    prompts = _prompts(LENGTHS)
+    eos = _common_eos(model, prompts)
+    s = TwoTurnSampler(model, eos, PAD, batch_size=5)
+    a1, st1 = s.attempt1(prompts, max_new_tokens=6, greedy=True)
+    instr = _instructions(len(prompts))
+    a2, st2 = s.attempt2(st1, instr, max_new_tokens=6, greedy=True, keep=True)
+    a3 = s.attempt2(st2, [[9, 9]] * len(prompts), max_new_tokens=6, greedy=True)
+    ctx = [p + a + x + b + [9, 9] for p, a, x, b in zip(prompts, a1, instr, a2)]
+    assert a3 == ref(model, ctx, eos, 6)
+    # the first state is not consumed: attempt 2 again gives the same tokens
+    assert s.attempt2(st1, instr, max_new_tokens=6, greedy=True) == a2
+
+
+def test_batch_of_one(model):
+    p = _prompts([6])
+    s = TwoTurnSampler(model, None, PAD)
+    a1, state = s.attempt1(p, max_new_tokens=5, greedy=True)
+    assert a1 == ref(model, p, None, 5) and len(a1[0]) == 5
+    a2 = s.attempt2(state, [[9, 10]], max_new_tokens=5, greedy=True)
+    assert a2 == ref(model, [p[0] + a1[0] + [9, 10]], None, 5)
+    assert s.stats.summary("attempt2")["prefill_tokens"] == 2
+
+
+def test_empty_attempt1(model):
+    prompts = _prompts(LENGTHS)
+    first = ref(model, prompts, None, 1)
+    eos = first[2][0]  # row 2's first greedy token: its attempt 1 is just eos
+    s = TwoTurnSampler(model, eos, PAD)
+    a1, state = s.attempt1(prompts, max_new_tokens=6, greedy=True)
+    assert a1[2] == [eos] and a1 == ref(model, prompts, eos, 6)
+    instr = _instructions(len(prompts))
+    a2 = s.attempt2(state, instr, max_new_tokens=6, greedy=True)
+    assert a2 == ref(model, [p + a + x for p, a, x in zip(prompts, a1, instr)], eos, 6)
+
+
+def test_stop_strings(model):
+    prompts = _prompts(LENGTHS)
+    free = ref(model, prompts, None, 10)
+
+    def decode(ids):
+        return "".join(f"<{i}>" for i in ids)
+
+    stop = decode(free[1][3:5])  # two tokens of row 1
+    k1 = next(k for k in range(2, 6) if stop in decode(free[1][:k]))
+    s = TwoTurnSampler(model, None, PAD, decode=decode)
+    a1, state = s.attempt1(prompts, max_new_tokens=10, greedy=True, stop=[stop])
+    for full, got in zip(free, a1):
+        text = decode(full)
+        if stop in text:  # cut at the token that completes the first occurrence
+            k = next(k for k in range(1, len(full) + 1) if stop in decode(full[:k]))
+            assert got == full[:k]
+        else:
+            assert got == full
+    assert a1[1] == free[1][:k1] and k1 < len(free[1])
+    # per-row stop lists: only row 1 stops
+    per = [[] for _ in prompts]
+    per[1] = [stop]
+    a1b, _ = TwoTurnSampler(model, None, PAD, decode=decode).attempt1(
+        prompts, max_new_tokens=10, greedy=True, stop=per)
+    assert a1b[1] == free[1][:k1] and all(a1b[i] == free[i] for i in range(len(free)) if i != 1)
+    # attempt 2 after a stop-string cut continues from the cut
+    instr = _instructions(len(prompts))
+    a2 = s.attempt2(state, instr, max_new_tokens=4, greedy=True)
+    assert a2 == ref(model, [p + a + x for p, a, x in zip(prompts, a1, instr)], None, 4)
+
+
+def test_sampling_reproducible(model):
+    prompts = _prompts(LENGTHS)
+
+    def go(**kw):
+        s = TwoTurnSampler(model, 7, PAD, batch_size=3)
+        a1, st = s.attempt1(prompts, max_new_tokens=6, temperature=0.8, top_p=0.9, **kw)
+        return a1, s.attempt2(st, _instructions(len(prompts)), max_new_tokens=6,
+                              temperature=0.8, top_p=0.9, **kw)
+
+    a = go(generator=torch.Generator().manual_seed(3))
+    assert a == go(generator=torch.Generator().manual_seed(3))
+    assert a != go(generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(5)
+    b = go()
+    torch.manual_seed(5)
+    assert b == go()  # torch's global RNG
+
+
+def test_top_p_and_temperature():
+    logits = torch.tensor([[0.0, 3.0, 1.0, -2.0]] * 2000)
+    g = torch.Generator().manual_seed(0)
+    # a tiny nucleus keeps the argmax only
+    assert sample_next(logits, greedy=False, temperature=1.0, top_p=1e-6, generator=g).eq(1).all()
+    t = sample_next(logits, greedy=False, temperature=1.0, top_p=0.9, generator=g)
+    assert set(t.tolist()) <= {1, 2}  # p = .84, .11, .04, .01: the nucleus is {1, 2}
+    t = sample_next(logits, greedy=False, temperature=1.0, top_p=1.0, generator=g)
+    assert set(t.tolist()) == {0, 1, 2, 3}
+    assert sample_next(logits[:1], greedy=True, temperature=1.0, top_p=1.0,
+                       generator=None).item() == 1
+
+
+def test_empty_instruction_rejected(model):
+    s = TwoTurnSampler(model, None, PAD)
+    _, st = s.attempt1(_prompts([3]), max_new_tokens=2, greedy=True)
+    with pytest.raises(ValueError, match="empty instruction"):
+        s.attempt2(st, [[]], max_new_tokens=2)
+
+
+def test_rollout_uses_engine_and_matches_reference_path():
+    """rollout() (engine) == the old path: rollout.generate per attempt on the full context."""
+    from score_fast import demo_task
+    from score_fast.rollout import Formatter, generate, rollout
+    tok = demo_task.build_tokenizer()
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(demo_task.tiny_model_config(tok)).eval()
+    fmt = Formatter(tok, "Fix:")
+    problems = ["1+2", "33-4", "7*8"]
+    eps, timing = rollout(m, tok, fmt, problems, samples=2, max_new_tokens=6, greedy=True,
+                          batch_size=4)
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    kw = dict(max_new_tokens=6, temperature=1.0, greedy=True, eos=eos, pad=pad, batch_size=4)
+    prompts = [e.prompt_ids for e in eps]
+    a1 = generate(m, prompts, **kw)
+    instr = [fmt.instruction_ids(problems[e.prompt_index], a) for e, a in zip(eps, a1)]
+    a2 = generate(m, [p + a + x for p, a, x in zip(prompts, a1, instr)], **kw)
+    assert [e.ids for e in eps] == [p + a + x + b for p, a, x, b in zip(prompts, a1, instr, a2)]
+    assert timing["prefill_tokens"] == sum(map(len, prompts)) + sum(map(len, instr))
+
+
+@pytest.mark.parametrize("mask_kind", ["eager", "2d"])
+def test_other_mask_paths(model, mask_kind):
+    """eager attention gets an additive 4-D mask; other implementations (flash, flex) get
+    the 2-D padding mask and HF builds the rest (forced here on the sdpa model)."""
+    m = model
+    if mask_kind == "eager":
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, max_position_embeddings=256,
+                                       attn_implementation="eager")
+        m = transformers.LlamaForCausalLM(cfg).eval()
+    prompts = _prompts(LENGTHS)
+    eos = _common_eos(m, prompts)
+    s = TwoTurnSampler(m, eos, PAD)
+    if mask_kind == "2d":
+        s._mask_kind = "2d"
+    assert s._mask_kind == mask_kind
+    a1, st = s.attempt1(prompts, max_new_tokens=6, greedy=True)
+    assert a1 == ref(m, prompts, eos, 6)
+    instr = _instructions(len(prompts))
+    a2 = s.attempt2(st, instr, max_new_tokens=6, greedy=True)
+    assert a2 == ref(m, [p + a + x for p, a, x in zip(prompts, a1, instr)], eos, 6)
