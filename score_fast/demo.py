@@ -4,15 +4,33 @@
 
 1. A tiny Llama (score_fast.demo_task.tiny_model_config) and a character tokenizer.
 2. Supervised warm-up (teacher forcing) on two-turn transcripts of one-digit "a+b" / "a-b"
-   problems: on a fixed 40% of the problems ("hard" ones) attempt 1 is wrong 80% of the
-   time (the answer off by one), elsewhere right; attempt 2 always copies attempt 1. The
-   base model therefore answers right on about 60-70% of problems and never self-corrects.
+   problems (all 200 of them), standing in for pre-training:
+     attempt 1: on the 82 "hard" problems it makes a systematic slip 80% of the time (a
+       negative difference loses its sign, a two-digit sum has its digits swapped: see
+       `corrupt`), elsewhere it is right;
+     attempt 2: mostly a copy of attempt 1; with probability p_fix a wrong attempt 1 is
+       fixed, with probability p_break a right one is broken.
+   With p_fix = p_break < 0.5 the greedy base model (nearly) copies attempt 1: it does not
+   self-correct. Its *sampled* second attempts sometimes change the answer, both ways,
+   and more often right -> wrong than wrong -> right (most first attempts are right), as
+   the paper's base models do. Those changes are the exploration RL needs: a model that
+   only ever copies (the previous demo) gives Stage I/II nothing to reward in attempt 2.
 3. Stage I then Stage II through the same Trainer as `score-fast train` (the warmed-up
-   model is saved as run_dir/base and is the run's model.path, i.e. the reference).
-4. A greedy two-attempt evaluation after each phase, printed as the paper's table.
+   model is saved as run_dir/base and is the run's model.path, i.e. the reference). RL
+   trains on 150 of the 200 problems ("RL-train"); the other 50 ("held-out") are never
+   seen by RL, only by the warm-up (as a test set is covered by pre-training knowledge).
+4. A greedy two-attempt evaluation after each phase, printed as the paper's table, on the
+   RL-train problems and on the held-out problems separately.
 
-The evaluation problems are the training problems (the task has only 200 of them): the demo
-shows the self-correction mechanics, not generalisation."""
+What the table shows: whether RL turned "copy attempt 1" into "fix attempt 1 when it is
+wrong, keep it when it is right" under greedy decoding. The same model writes both
+attempts, and attempt 1 could in principle also learn to stop slipping; the difference
+comes from the method (Stage I trains attempt 2 only and holds attempt 1 near the base
+with the beta2 KL; Stage II's bonus alpha (r2 - r1) rewards wrong -> right 11x more than
+keeping a right answer). It is a toy: one-digit problems, a tiny model, a few hundred RL
+steps, and a slip that is visible in the answer; the held-out table says whether the
+learned correction carries to problems RL never trained on.
+"""
 from __future__ import annotations
 
 import json
@@ -27,28 +45,71 @@ from score_fast.config import (Config, DataConfig, ModelConfig, RewardConfig, Ro
                                Stage1Config, Stage2Config, TrainConfig)
 from score_fast.rollout import Episode, Formatter
 
-__all__ = ["run_demo", "warmup_transcripts"]
+__all__ = ["run_demo", "warmup_transcripts", "demo_rows", "split_rows", "corrupt"]
 
 
 _PROMPTS: dict = {}
 
 
-def _hard(row: dict) -> bool:
-    return sum(map(ord, row["problem"])) % 5 < 2  # a fixed 40% of the problems
+def corrupt(row: dict) -> str | None:
+    """The warm-up's systematic slip on a "hard" problem, or None for the others: a negative
+    difference loses its sign ("3-7" -> "4"), a two-digit sum has its digits swapped
+    ("9+8" -> "71"; 11 has no swapped form, so 2+9 etc. are not hard). 82 of the 200
+    problems (41%) are hard. The slip is visible in the answer text itself, so fixing it
+    is a rule a model can learn once and apply to problems it never trained on."""
+    ans = row["answer"]
+    if ans.startswith("-"):
+        return ans[1:]
+    if len(ans) == 2 and ans[::-1] != ans:
+        return ans[::-1]
+    return None
+
+
+def demo_rows() -> list[dict]:
+    """All 200 one-digit problems a+b, a-b (a, b in 0..9)."""
+    return [{"problem": f"{a}{op}{b}", "answer": str(a + b if op == "+" else a - b)}
+            for a in range(10) for b in range(10) for op in "+-"]
+
+
+def split_rows(rows: list[dict], held_out: int, seed: int = 1234) -> tuple[list, list]:
+    """(RL-train, held-out): a fixed random `held_out` rows aside (same split every seed)."""
+    idx = list(range(len(rows)))
+    random.Random(seed).shuffle(idx)
+    out = set(idx[:held_out])
+    return ([r for i, r in enumerate(rows) if i not in out],
+            [r for i, r in enumerate(rows) if i in out])
+
+
+def _off_by_one(ans: str, rng: random.Random) -> str:
+    return str(int(ans) + rng.choice((-1, 1)))
 
 
 def warmup_transcripts(rows, formatter: Formatter, tokenizer, rng: random.Random,
-                       p_wrong: float = 0.8) -> list[Episode]:
-    """One two-turn transcript per row (the layout rollout.py produces), attempt 2 = attempt 1."""
+                       p_wrong: float = 0.8, p_fix: float = 0.0,
+                       p_break: float = 0.0) -> list[Episode]:
+    """One two-turn transcript per row (the layout rollout.py produces). On a hard row
+    attempt 1 makes the row's slip (`corrupt`) with probability p_wrong; attempt 2 copies
+    attempt 1, except that a wrong attempt 1 is fixed with probability p_fix and a right
+    one broken with probability p_break (into the slip on a hard row, off by one on others)."""
     eos = tokenizer.eos_token_id
+
+    def ids(text: str) -> list[int]:
+        return [tokenizer.convert_tokens_to_ids(ch) for ch in text] + [eos]  # char tokenizer
+
     out = []
     for i, r in enumerate(rows):
-        ans = r["answer"]
-        if _hard(r) and rng.random() < p_wrong:
-            ans = str(int(ans) + rng.choice((-1, 1)))
-        a = [tokenizer.convert_tokens_to_ids(ch) for ch in ans] + [eos]  # char tokenizer
+        right, slip = r["answer"], corrupt(r)
+        a1 = slip if slip is not None and rng.random() < p_wrong else right
+        if a1 != right:
+            a2 = right if rng.random() < p_fix else a1
+        elif rng.random() < p_break:
+            a2 = slip if slip is not None else _off_by_one(right, rng)
+        else:
+            a2 = a1
+        a1_ids = ids(a1)
         prompt = _PROMPTS.setdefault(r["problem"], formatter.prompt_ids(r["problem"]))
-        out.append(Episode(i, prompt, a, formatter.instruction_ids(r["problem"], a), list(a)))
+        out.append(Episode(i, prompt, a1_ids, formatter.instruction_ids(r["problem"], a1_ids),
+                           ids(a2)))
     return out
 
 
@@ -73,9 +134,14 @@ def _warmup(model, episodes_fn, steps: int, batch: int, lr: float) -> float:
     return loss.item()
 
 
-def run_demo(run_dir: str = "runs/demo", *, warmup_steps: int = 600, stage1_steps: int = 30,
-             stage2_steps: int = 60, seed: int = 0, quiet: bool = False) -> dict:
-    """Run the demo; returns {"base" | "after Stage I" | "after Stage II": metrics}."""
+def run_demo(run_dir: str = "runs/demo", *, warmup_steps: int = 600, stage1_steps: int = 60,
+             stage2_steps: int = 60, seed: int = 0, quiet: bool = False,
+             p_fix: float = 0.25, p_break: float = 0.25, held_out: int = 50,
+             samples_per_prompt: int = 8, prompts_per_step: int = 16, lr: float = 1e-4,
+             max_tokens: int = 512, base: str | None = None) -> dict:
+    """Run the demo; returns {"base" | "after Stage I" | "after Stage II": metrics} on the
+    RL-train problems, plus the same keys prefixed "held-out " when held_out > 0.
+    `base`: an existing warmed-up model directory to start from (skips the warm-up)."""
     import transformers
 
     from score_fast.metrics import format_table
@@ -88,40 +154,66 @@ def run_demo(run_dir: str = "runs/demo", *, warmup_steps: int = 600, stage1_step
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     tok = demo_task.build_tokenizer()
-    model = transformers.LlamaForCausalLM(demo_task.tiny_model_config(tok, hidden=128))
-    rows = [{"problem": f"{a}{op}{b}", "answer": str(a + b if op == "+" else a - b)}
-            for a in range(10) for b in range(10) for op in "+-"]
-    data = os.path.join(run_dir, "problems.jsonl")
+    rows = demo_rows()
+    train_rows, test_rows = split_rows(rows, held_out)
+    data = os.path.join(run_dir, "problems.jsonl")  # RL-train problems only
     with open(data, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    fmt = Formatter(tok, demo_task.DEMO_INSTRUCTION)
-    rng = random.Random(seed)
-    say(f"warm-up: {warmup_steps} supervised steps on {len(rows)} problems ...")
-    loss = _warmup(model, lambda n: warmup_transcripts(rng.sample(rows, n), fmt, tok, rng),
-                   warmup_steps, 64, 3e-3)
-    base = os.path.join(run_dir, "base")
-    model.save_pretrained(base)
-    tok.save_pretrained(base)
-    say(f"warm-up done (loss {loss:.3f}, {time.perf_counter() - t0:.0f} s); base model in {base}")
+        f.writelines(json.dumps(r) + "\n" for r in train_rows)
+    if base is None:
+        model = transformers.LlamaForCausalLM(demo_task.tiny_model_config(tok, hidden=128))
+        fmt = Formatter(tok, demo_task.DEMO_INSTRUCTION)
+        rng = random.Random(seed)
+        say(f"warm-up: {warmup_steps} supervised steps on all {len(rows)} problems ...")
+        loss = _warmup(model, lambda n: warmup_transcripts(rng.sample(rows, n), fmt, tok, rng,
+                                                           p_fix=p_fix, p_break=p_break),
+                       warmup_steps, 64, 3e-3)
+        base = os.path.join(run_dir, "base")
+        model.save_pretrained(base)
+        tok.save_pretrained(base)
+        say(f"warm-up done (loss {loss:.3f}, {time.perf_counter() - t0:.0f} s); base model "
+            f"in {base}")
 
+    # Not the paper's values, chosen for this toy by measurement (seed 0, one warm-up):
+    # lr 1e-4 (2e-4 and 3e-4 gave a larger Delta after Stage I but Stage II then undid it;
+    # 2e-3 collapsed the earlier demo); 8 samples per prompt (the RLOO baseline; with 4 Stage II kept
+    # Delta +3.3 instead of +6.0). alpha, beta1, beta2 are the paper's defaults.
+    # max_tokens 512 (not 8192): on CPU the packed forward runs sdpa with a block-diagonal
+    # mask over the whole micro-batch, O(T^2); 128 episodes in one 3k-token pack made an RL
+    # step 2.3 s, in 512-token packs 0.8 s (same loss up to float rounding).
     config = Config(
         model=ModelConfig(path=base),
         data=DataConfig(train_file=data),
-        rollout=RolloutConfig(samples_per_prompt=4, max_new_tokens=4,
+        rollout=RolloutConfig(samples_per_prompt=samples_per_prompt, max_new_tokens=4,
                               instruction=demo_task.DEMO_INSTRUCTION),
         reward=RewardConfig(kind="custom", function="score_fast.demo_task:exact_reward"),
         stage1=Stage1Config(steps=stage1_steps),
         stage2=Stage2Config(steps=stage2_steps),
         train=TrainConfig(run_dir=os.path.join(run_dir, "score"), seed=seed,
-                          prompts_per_step=16, lr=1e-4, save_every=10**9, log_every=10))
+                          prompts_per_step=prompts_per_step, lr=lr, max_tokens=max_tokens,
+                          save_every=10**9, log_every=10))
     reward = make_reward_from(config)
     trainer = Trainer(config)
-    table = {"base": evaluate(trainer.policy, tok, config, rows, reward)}
+    table: dict = {}
+
+    def measure(phase: str) -> None:
+        table[phase] = evaluate(trainer.policy, tok, config, train_rows, reward)
+        if test_rows:
+            table["held-out " + phase] = evaluate(trainer.policy, tok, config, test_rows,
+                                                  reward)
+
+    measure("base")
     trainer.train(until=stage1_steps, progress=not quiet)
-    table["after Stage I"] = evaluate(trainer.policy, tok, config, rows, reward)
+    measure("after Stage I")
     trainer.train(progress=not quiet)
-    table["after Stage II"] = evaluate(trainer.policy, tok, config, rows, reward)
-    text = format_table(table)
+    measure("after Stage II")
+    phases = ("base", "after Stage I", "after Stage II")
+    text = (f"RL-train problems ({len(train_rows)}; RL trained on these, the warm-up saw all "
+            f"{len(rows)}):\n" + format_table({k: table[k] for k in phases}))
+    if test_rows:
+        text += (f"\n\nheld-out problems ({len(test_rows)}; never seen by RL, seen by the "
+                 f"warm-up):\n" + format_table({k: table["held-out " + k] for k in phases}))
+    text += ("\n\nGreedy attempts. Self-correction = Delta > 0 with Delta_i->c > Delta_c->i; "
+             "the base model\nwas warmed up to (mostly) copy its first attempt.")
     with open(os.path.join(run_dir, "table.md"), "w") as f:
         f.write(text + "\n")
     say(text)

@@ -10,8 +10,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("bench", ["bench/bench_packing.py", "bench/bench_losses.py",
-                                   "bench/bench_rewards.py", "bench/bench_lmhead.py"])
+BENCHES = ["bench/bench_packing.py", "bench/bench_losses.py", "bench/bench_lmhead.py",
+           "bench/bench_rewards.py", "bench/bench_step.py", "bench/bench_rollout.py"]
+
+
+@pytest.mark.parametrize("bench", BENCHES)
 def test_bench_runs_and_reports(bench, tmp_path):
     env = dict(os.environ, SCORE_FAST_BENCH_QUICK="1", SCORE_FAST_BENCH_DEVICE="cpu",
                OUT=str(tmp_path), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])

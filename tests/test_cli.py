@@ -1,6 +1,7 @@
 """The score-fast command: --help lists every field with its default, YAML + dotted
 overrides reach the config, the resolved config is saved, train and eval run."""
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -78,8 +79,41 @@ def test_demo_runs_end_to_end_small(tmp_path):
     from score_fast.demo import run_demo
     table = run_demo(str(tmp_path / "demo"), warmup_steps=3, stage1_steps=1, stage2_steps=1,
                      quiet=True)
-    assert list(table) == ["base", "after Stage I", "after Stage II"]
+    phases = ["base", "after Stage I", "after Stage II"]
+    assert list(table) == [p for phase in phases for p in (phase, "held-out " + phase)]
     assert all(0 <= m["acc_t1"] <= 1 and "edit_ratio" in m for m in table.values())
     run = tmp_path / "demo" / "score"
     assert (run / "config.yaml").exists() and (run / "checkpoint-2").is_dir()
-    assert "Acc@t1" in (tmp_path / "demo" / "table.md").read_text()
+    text = (tmp_path / "demo" / "table.md").read_text()
+    assert text.count("Acc@t1") == 2 and "held-out problems (50" in text
+    from score_fast.demo import demo_rows, split_rows
+    rl_rows = [json.loads(line) for line in open(tmp_path / "demo" / "problems.jsonl")]
+    assert rl_rows == split_rows(demo_rows(), 50)[0]  # RL's data file: RL-train rows only
+
+
+def test_demo_split_and_warmup_transcripts():
+    """RL trains on the RL-train split only; the held-out split is disjoint from it, the
+    same for every seed; in the warm-up transcripts a wrong attempt 1 is the row's slip
+    (demo.corrupt) and attempt 2 is fixed / broken at p_fix / p_break."""
+    import random
+
+    from score_fast import demo_task
+    from score_fast.demo import corrupt, demo_rows, split_rows, warmup_transcripts
+    from score_fast.rollout import Formatter
+    rows = demo_rows()
+    train, test = split_rows(rows, 50)
+    assert len(train) == 150 and len(test) == 50
+    assert not {r["problem"] for r in train} & {r["problem"] for r in test}
+    assert split_rows(rows, 50) == (train, test)
+    tok = demo_task.build_tokenizer()
+    fmt = Formatter(tok, demo_task.DEMO_INSTRUCTION)
+    eps = warmup_transcripts(rows * 20, fmt, tok, random.Random(0), p_fix=0.25, p_break=0.25)
+    dec = [(tok.decode(e.attempt1_ids, skip_special_tokens=True),
+            tok.decode(e.attempt2_ids, skip_special_tokens=True)) for e in eps]
+    right = [r["answer"] for r in rows * 20]
+    assert all(a1 == y or a1 == corrupt(r) for (a1, _), y, r in zip(dec, right, rows * 20))
+    wrong1 = [(a2 == y) for (a1, a2), y in zip(dec, right) if a1 != y]
+    right1 = [(a2 != y) for (a1, a2), y in zip(dec, right) if a1 == y]
+    assert 0.2 < sum(wrong1) / len(wrong1) < 0.3  # fixed at p_fix
+    assert 0.2 < sum(right1) / len(right1) < 0.3  # broken at p_break
+    assert 0.6 < len(right1) / len(dec) < 0.75  # attempt 1 right on ~68% of transcripts
