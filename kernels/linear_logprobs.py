@@ -95,7 +95,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import checks_enabled, interpreting, use_triton
-from .token_logprobs import _check_temperature, _round_to_bf16
+from .token_logprobs import _check_targets, _check_temperature, _round_to_bf16
 
 __all__ = ["linear_logprobs", "linear_logprobs_ref"]
 
@@ -784,13 +784,7 @@ def _check_inputs(hidden, weight, targets, bias):
                              f"{tuple(weight.shape)}, got {tuple(getattr(bias, 'shape', ()))}")
         if bias.dtype != weight.dtype:
             raise ValueError(f"bias dtype {bias.dtype} must equal weight dtype {weight.dtype}")
-    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point \
-            or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise ValueError(f"targets must be an integer tensor, "
-                         f"got {getattr(targets, 'dtype', type(targets).__name__)}")
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] "
-                         f"{tuple(hidden.shape[:-1])} (hidden shape {tuple(hidden.shape)})")
+    _check_targets(targets, "hidden", hidden)
     devs = {a.device for a in (hidden, weight, targets, bias) if a is not None}
     if len(devs) != 1:
         raise ValueError(f"hidden, weight, targets (and bias) must share a device, got {devs}")

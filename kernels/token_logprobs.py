@@ -230,6 +230,17 @@ def _check_float(name: str, a: torch.Tensor) -> None:
                          f"{tuple(a.shape)}")
 
 
+def _check_targets(targets, like_name: str, like: torch.Tensor) -> None:
+    """targets: an integer tensor shaped like `like` without its last dim."""
+    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point \
+            or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor, "
+                         f"got {getattr(targets, 'dtype', type(targets).__name__)}")
+    if tuple(targets.shape) != tuple(like.shape[:-1]):
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal {like_name}.shape[:-1] "
+                         f"{tuple(like.shape[:-1])} ({like_name} shape {tuple(like.shape)})")
+
+
 def _check_temperature(temperature) -> float:
     if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature)
             and temperature > 0):
@@ -246,13 +257,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *,
     p = softmax(logits / T), in the logits' dtype. Triton for CUDA tensors, a chunked
     PyTorch path for CPU tensors (SCORE_FAST_BACKEND overrides, see _dispatch)."""
     _check_float("logits", logits)
-    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point \
-            or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise ValueError(f"targets must be an integer tensor, "
-                         f"got {getattr(targets, 'dtype', type(targets).__name__)}")
-    if tuple(targets.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"targets shape {tuple(targets.shape)} must equal logits.shape[:-1] "
-                         f"{tuple(logits.shape[:-1])} (logits shape {tuple(logits.shape)})")
+    _check_targets(targets, "logits", logits)
     if targets.device != logits.device:
         raise ValueError(f"targets are on {targets.device} but logits on {logits.device}")
     inv_t = _check_temperature(temperature)
