@@ -4,6 +4,8 @@ model and the same rollouts, two ways:
   packed_fused  the trainer's own path (Trainer.loss_and_backward): episodes packed into
                 token-budget micro-batches, hidden states -> linear_logprobs (reference) and
                 linear_score_loss (policy): no [N, V] logits
+  packed_dense  the same, but with transformers' own sdpa packing (a dense [T, T]
+                block-diagonal mask; what score_fast.attention replaces)
   padded_torch  batches padded to their longest episode under the same token budget, full
                 logits, log_softmax + gather, score_loss_ref (plain PyTorch)
 
@@ -20,6 +22,7 @@ import torch
 import transformers
 
 from harness import QUICK, bench_device, run
+from score_fast.attention import use_varlen_attention
 from score_fast.config import Config
 from score_fast.kernels.score_loss import score_loss_ref
 from score_fast.rollout import Episode
@@ -107,10 +110,13 @@ def _padded_step(s):
         (loss * (u / n_live)).backward()
 
 
-@pytest.mark.parametrize("provider", ["packed_fused", "padded_torch"])
+@pytest.mark.parametrize("provider", ["packed_fused", "packed_dense", "padded_torch"])
 def test_step(benchmark, provider, setup):
     s = setup
-    if provider == "packed_fused":
+    for m in (s.policy, s.ref):  # the trainer's attention, or transformers' dense packing
+        if provider == "packed_dense" or not use_varlen_attention(m):
+            m.set_attn_implementation("sdpa")
+    if provider.startswith("packed"):
         def fn():
             s.policy.zero_grad(set_to_none=True)
             s.trainer.loss_and_backward(s.eps, s.adv, 2)

@@ -40,6 +40,7 @@ import torch
 import yaml
 
 import score_fast as sf
+from score_fast.attention import use_varlen_attention
 from score_fast.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_state
 from score_fast.config import Config
 from score_fast.rollout import Episode, Formatter, rollout
@@ -171,6 +172,9 @@ class Trainer:
         self.policy = (load_model(ckpt, "checkpoint") if ckpt else copy.deepcopy(self.ref)
                        ).to(self.device)
         self.ref.eval().requires_grad_(False)
+        # packed micro-batches: attention per sequence, never over the whole [T, T] row
+        for m in (self.ref, self.policy):
+            use_varlen_attention(m)
         if c.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.train.lr,
@@ -224,19 +228,24 @@ class Trainer:
         self.policy.train()
         for b, p, u in zip(batches, parts, units):
             ids, pos = b.input_ids.to(self.device), b.position_ids.to(self.device)
+            # sequence bounds for varlen attention (score_fast.attention); other
+            # implementations ignore them and read position_ids
+            seq = {"cu_seq_lens_q": b.cu_seqlens.to(self.device), "cu_seq_lens_k":
+                   b.cu_seqlens.to(self.device), "max_length_q": b.max_seqlen,
+                   "max_length_k": b.max_seqlen}
             targets, turn, episode = (p[k].to(self.device) for k in ("targets", "turn", "episode"))
             live = turn > 0
             with torch.no_grad():
                 with amp:
-                    rh = self.ref.model(input_ids=ids, position_ids=pos,
-                                        use_cache=False).last_hidden_state[0]
+                    rh = self.ref.model(input_ids=ids, position_ids=pos, use_cache=False,
+                                        **seq).last_hidden_state[0]
                 ref_logp = torch.zeros(turn.shape, dtype=torch.float32, device=self.device)
                 if live.any():  # only the scored rows need the reference
                     ref_logp[live] = sf.linear_logprobs(rh[live], ref_w.to(rh.dtype),
                                                         targets[live])
             with amp:
-                h = self.policy.model(input_ids=ids, position_ids=pos,
-                                      use_cache=False).last_hidden_state[0]
+                h = self.policy.model(input_ids=ids, position_ids=pos, use_cache=False,
+                                      **seq).last_hidden_state[0]
             loss, m = sf.linear_score_loss(h, lm_w.to(h.dtype), targets, ref_logp, turn,
                                            episode, adv, stage=stage, beta1=beta1,
                                            beta2=c.stage1.beta2, kl=c.train.kl,

@@ -1,0 +1,115 @@
+"""Varlen attention (score_fast.attention): a packed row gives each sequence exactly what it
+gets alone, forward and backward; everything else (KV-cache generation, padded batches)
+is sdpa's result unchanged."""
+import copy
+
+import pytest
+import torch
+import transformers
+
+from score_fast.attention import NAME, sequence_bounds, use_varlen_attention
+
+LENS = [5, 1, 17, 9, 2]
+
+
+def _model(kv_heads=2, **extra):
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=kv_heads, **extra)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float64)
+
+
+def _packed(lens):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 97, (1, sum(lens)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    return ids, pos, cu
+
+
+def test_sequence_bounds():
+    _, pos, cu = _packed(LENS)
+    assert sequence_bounds(pos).tolist() == cu.tolist()
+    assert sequence_bounds(torch.tensor([[0]])).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("pass_bounds", [True, False])
+def test_packed_matches_each_sequence_alone(kv_heads, pass_bounds):
+    alone = _model(kv_heads)
+    packed = copy.deepcopy(alone)
+    assert use_varlen_attention(packed) and packed.config._attn_implementation == NAME
+    assert alone.config._attn_implementation == "sdpa"
+    ids, pos, cu = _packed(LENS)
+    extra = {"cu_seq_lens_q": cu, "max_length_q": max(LENS)} if pass_bounds else {}
+    out = packed(input_ids=ids, position_ids=pos, use_cache=False, **extra).logits
+    ref = torch.cat([alone(input_ids=s, use_cache=False).logits for s in ids.split(LENS, 1)], 1)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    # gradients of every weight
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for (name, a), b in zip(packed.named_parameters(), alone.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_packed_control_sequences_would_leak():
+    """Without sequence bounds (one long causal row), the later sequences change: the test
+    above can fail."""
+    m = _model()
+    use_varlen_attention(m)
+    ids, pos, _ = _packed(LENS)
+    good = m(input_ids=ids, position_ids=pos, use_cache=False).logits
+    flat = m(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], use_cache=False).logits
+    assert (good[0, LENS[0]:] - flat[0, LENS[0]:]).abs().max() > 1e-3
+
+
+def test_generation_unchanged():
+    """KV-cache decoding with a padding mask falls through to sdpa: same tokens."""
+    a = _model()
+    b = copy.deepcopy(a)
+    use_varlen_attention(b)
+    x = torch.randint(3, 97, (3, 7))
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(a.generate(x, **kw), b.generate(x, **kw))
+
+
+def test_padded_batch_unchanged():
+    a = _model()
+    b = copy.deepcopy(a)
+    use_varlen_attention(b)
+    x = torch.randint(3, 97, (2, 9))
+    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4])
+    torch.testing.assert_close(b(input_ids=x, attention_mask=mask).logits,
+                               a(input_ids=x, attention_mask=mask).logits)
+
+
+def test_bad_bounds():
+    m = _model()
+    use_varlen_attention(m)
+    ids, pos, cu = _packed(LENS)
+    bad = cu.clone()
+    bad[-1] = 33
+    with pytest.raises(ValueError, match="ends at 33 but the packed row has 34"):
+        m(input_ids=ids, position_ids=pos, use_cache=False, cu_seq_lens_q=bad)
+
+
+def test_switched_off(monkeypatch):
+    m = _model()
+    monkeypatch.setenv("SCORE_FAST_ATTN", "sdpa")
+    assert not use_varlen_attention(m)
+    assert m.config._attn_implementation == "sdpa"
+
+
+def test_sliding_window_model_kept():
+    cfg = transformers.Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, use_sliding_window=True,
+                                   sliding_window=4, max_window_layers=0)
+    m = transformers.AutoModelForCausalLM.from_config(cfg)
+    assert not use_varlen_attention(m)
+    assert m.config._attn_implementation != NAME
