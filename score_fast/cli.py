@@ -2,13 +2,16 @@
 
     score-fast demo                                   # built-in demo: no files, no downloads
     score-fast train --config run.yaml [--stage2.alpha=5 --train.resume=true ...]
-    score-fast eval --checkpoint runs/x/checkpoint-400 --data test.jsonl
+    score-fast eval --checkpoint runs/x/checkpoint-400 --data test.jsonl [--kind math|code]
+        [--samples 8 --temperature 0.7]   # + self-consistency vs self-correction (Fig. 1 right)
+    score-fast ablate [--seeds 0 1 2] [--quick]       # the Table 4 ablations on the demo task
     score-fast train --help                           # every field with its default
 
 The configuration is score_fast.config (typed dataclasses) read by jsonargparse: a YAML file
 (--config) plus dotted overrides. The resolved config is saved as run_dir/config.yaml (and
 in every checkpoint); `eval` reads the run's reward, fields and instruction from the
-checkpoint's config.yaml (math defaults when there is none)."""
+checkpoint's config.yaml, unless the data file's fields do not fit them: then the format
+the fields fit (MATH, HumanEval, MBPP: score_fast.evaluation) decides."""
 from __future__ import annotations
 
 import logging
@@ -22,6 +25,8 @@ from score_fast.config import Config, EvalConfig, config_from_dict
 
 __all__ = ["main", "build_parser", "parse_config", "run_eval"]
 
+log = logging.getLogger("score_fast")
+
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="score-fast", description="SCoRe self-correction training")
@@ -30,16 +35,25 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--config", action=ActionConfigFile, help="YAML config file")
     train.add_class_arguments(Config, None)
     sub.add_subcommand("train", train, help="train from a YAML config and overrides")
-    ev = ArgumentParser(description="greedy two-attempt evaluation of a checkpoint")
+    ev = ArgumentParser(description="greedy two-attempt evaluation of a checkpoint "
+                                     "(MATH / HumanEval / MBPP files detected by their fields)")
     ev.add_class_arguments(EvalConfig, None)
     sub.add_subcommand("eval", ev, help="evaluate a checkpoint on a data file")
     demo = ArgumentParser(description="the built-in arithmetic demo (tiny Llama, CPU)")
     demo.add_argument("--run_dir", type=str, default="runs/demo", help="where the demo writes")
     sub.add_subcommand("demo", demo, help="run the built-in demo end to end")
+    ab = ArgumentParser(description="the paper's ablations (Table 4) on the demo task, "
+                                    "several seeds (score_fast.ablate)")
+    ab.add_argument("--out", type=str, default="runs/ablate", help="where results go")
+    ab.add_argument("--seeds", type=list[int], default=[0, 1, 2], help="one run per seed")
+    ab.add_argument("--quick", type=bool, default=False,
+                    help="smoke run: short warm-up, 2 + 2 RL steps")
+    ab.add_argument("--workers", type=int, default=2, help="parallel worker processes")
+    sub.add_subcommand("ablate", ab, help="ablation table + plot on the demo task")
     return parser
 
 
-def parse_config(argv) -> Config | EvalConfig | str:
+def parse_config(argv) -> Config | EvalConfig | dict | str:
     """The dataclass config of a `train` or `eval` command line (the demo's run_dir)."""
     args = build_parser().parse_args(list(argv))
     ns = args[args.command].as_dict()
@@ -49,6 +63,8 @@ def parse_config(argv) -> Config | EvalConfig | str:
         return config_from_dict(ns)
     if args.command == "eval":
         return EvalConfig(**ns)
+    if args.command == "ablate":
+        return ns
     return ns["run_dir"]
 
 
@@ -61,6 +77,10 @@ def main(argv=None) -> int:
         Trainer(config).train()
     elif isinstance(config, EvalConfig):
         run_eval(config)
+    elif isinstance(config, dict):
+        from score_fast.ablate import run_ablation
+        run_ablation(config["out"], seeds=tuple(config["seeds"]), quick=config["quick"],
+                     workers=config["workers"])
     else:
         from score_fast.demo import run_demo
         run_demo(run_dir=config)
@@ -68,21 +88,44 @@ def main(argv=None) -> int:
 
 
 def run_eval(ec: EvalConfig) -> dict:
-    from score_fast.data import load_rows
-    from score_fast.metrics import format_table
-    from score_fast.trainer import evaluate, load_model, load_tokenizer, make_reward_from
-    model = load_model(ec.checkpoint, "--checkpoint")
-    saved = os.path.join(ec.checkpoint, "config.yaml")
-    config = Config()
-    if os.path.isfile(saved):
-        with open(saved) as f:
-            config = config_from_dict(yaml.safe_load(f) or {})
-    rows = load_rows(ec.data, config.required_fields(), limit=ec.limit)
-    tok = load_tokenizer(ec.checkpoint)
-    m = evaluate(model, tok, config, rows, make_reward_from(config), ec.max_new_tokens)
-    print(format_table({os.path.basename(os.path.normpath(ec.checkpoint)): m}))
-    return m
+    """Greedy two-attempt metrics of a checkpoint on a data file, over all problems and per
+    level / subject / type where the rows have them; with --samples K also the inference-time
+    scaling comparison (score_fast.evaluation). Prints the tables and returns {"kind",
+    "metrics": {"all": ..., "level=1": ...}, "scaling": ... or None}."""
+    import torch
 
+    from score_fast import evaluation as ev
+    from score_fast.metrics import format_table
+    from score_fast.trainer import load_model, load_tokenizer, make_reward_from
+    model = load_model(ec.checkpoint, "--checkpoint")
+    saved_path = os.path.join(ec.checkpoint, "config.yaml")
+    saved = None
+    if os.path.isfile(saved_path):
+        with open(saved_path) as f:
+            saved = config_from_dict(yaml.safe_load(f) or {})
+    task = ev.load_task(ec.data, saved, kind=ec.kind, limit=ec.limit)
+    if ec.samples:
+        ev.vote_key(task.kind)  # a reward that cannot vote fails before any generation
+    if saved is not None and task.kind != saved.reward.kind:
+        log.info("the checkpoint was trained with the %s reward; %s's fields are %s: "
+                 "evaluating with the %s reward", saved.reward.kind, ec.data, task.kind,
+                 task.kind)
+    tok = load_tokenizer(ec.checkpoint)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    name = os.path.basename(os.path.normpath(ec.checkpoint))
+    scaling = None
+    with make_reward_from(task.config) as reward:
+        metrics = ev.evaluate_greedy(model, tok, task, reward, ec.max_new_tokens)
+        print(f"{name} on {ec.data}: {task.kind}, {len(task.rows)} problems, both attempts "
+              f"greedy")
+        print(format_table(metrics, label=name, count=True, edit_ratio=True))
+        if ec.samples:
+            torch.manual_seed(ec.seed)
+            scaling = ev.inference_scaling(model, tok, task, reward, ec.samples,
+                                           ec.temperature, ec.max_new_tokens)
+            print()
+            print(ev.format_scaling(scaling))
+    return {"kind": task.kind, "metrics": metrics, "scaling": scaling}
 
 if __name__ == "__main__":
     sys.exit(main())

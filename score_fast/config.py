@@ -65,6 +65,10 @@ class Stage2Config:
     steps: int = 300  # steps of Stage II per round (not stated)
     alpha: float = 10.0  # shaping bonus alpha * (r2 - r1) on attempt 2
     beta1: float = 0.01  # KL weight on both attempts
+    # reinforce: the paper's Stage II. star: the Table 4 ablation "STaR instead of REINFORCE
+    # in Stage II": supervised fine-tuning on the step's own successful corrections
+    # (attempt 2 of the episodes with r1 = 0 and r2 = 1), no KL
+    method: str = "reinforce"
 
 
 @dataclass
@@ -80,6 +84,9 @@ class TrainConfig:
     kl: str = "k3"  # KL estimator: k1 | k2 | k3 (not stated)
     reduction: str = "token_mean"  # loss averaging (not stated)
     baseline: str = "rloo"  # rloo | mean | none
+    # the Table 4 ablation "without multi-turn training": REINFORCE + beta1 KL on attempt 1
+    # only, every step (attempt 2 is still sampled, for the metrics, but not trained)
+    single_turn: bool = False
     normalize: bool = False  # divide advantages by the group std (not stated)
     log_every: int = 1
     save_every: int = 50
@@ -117,9 +124,26 @@ class Config:
 @dataclass
 class EvalConfig:
     checkpoint: str = ""  # a checkpoint-N directory (or any HF model directory)
-    data: str = ""  # .jsonl / .json / .parquet with the run's problem and answer fields
+    data: str = ""  # .jsonl / .json / .parquet: MATH, HumanEval or MBPP rows, or the run's
+    # math | code; None: the checkpoint's reward kind if the data's fields fit it, else the
+    # kind the fields fit (score_fast.evaluation.detect_config)
+    kind: Optional[str] = None
     limit: Optional[int] = None
     max_new_tokens: Optional[int] = None  # None: the run's rollout.max_new_tokens
+    # K (even): also majority vote over K sampled first attempts vs over K/2 second attempts
+    # (each after its own first attempt): the paper's Figure 1 (right)
+    samples: Optional[int] = None
+    temperature: float = 0.7  # sampling temperature of --samples
+    seed: int = 0  # torch seed of --samples
+
+    def __post_init__(self):  # checked before the model loads
+        if self.kind not in (None, "math", "code"):
+            raise ValueError(f"eval kind must be math, code or unset (auto), got {self.kind!r}")
+        if self.samples is not None and (self.samples < 2 or self.samples % 2):
+            raise ValueError(f"--samples must be an even number >= 2 (K first attempts vs K/2 "
+                             f"attempts each corrected once), got {self.samples}")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
 
 
 def config_from_dict(d: dict) -> Config:

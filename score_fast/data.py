@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any, Iterator, Sequence
 
-__all__ = ["DataError", "load_rows", "SUFFIXES"]
+__all__ = ["DataError", "load_rows", "check_row", "SUFFIXES"]
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -66,7 +66,7 @@ def load_rows(path: str | os.PathLike[str], required: Sequence[str], *,
     for where, row in located:
         if len(rows) == limit:
             break
-        _check_row(row, where, name, required)
+        check_row(row, where, name, required)
         rows.append(row)
     if not rows:
         raise DataError(f"{name}: empty file (no rows)")
@@ -134,7 +134,9 @@ def _read_parquet(name: str) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{name}: cannot read as Parquet: {e}") from e
 
 
-def _check_row(row: Any, where: str, name: str, required: Sequence[str]) -> None:
+def check_row(row: Any, where: str, name: str, required: Sequence[str]) -> None:
+    """DataError unless `row` is an object holding each `required` field with a value that is
+    neither null nor blank; the message says `where` (e.g. "row 3") in file `name`."""
     if not isinstance(row, dict):
         raise DataError(f"{where} of {name} is {_kind(row)}, not an object")
     for field in required:

@@ -45,7 +45,8 @@ from score_fast.config import (Config, DataConfig, ModelConfig, RewardConfig, Ro
                                Stage1Config, Stage2Config, TrainConfig)
 from score_fast.rollout import Episode, Formatter
 
-__all__ = ["run_demo", "warmup_transcripts", "demo_rows", "split_rows", "corrupt"]
+__all__ = ["run_demo", "warm_up", "demo_config", "write_problems", "warmup_transcripts",
+           "demo_rows", "split_rows", "corrupt"]
 
 
 _PROMPTS: dict = {}
@@ -134,6 +135,58 @@ def _warmup(model, episodes_fn, steps: int, batch: int, lr: float) -> float:
     return loss.item()
 
 
+def warm_up(run_dir: str, rows: list[dict], *, seed: int = 0, steps: int = 600,
+            p_fix: float = 0.25, p_break: float = 0.25, say=print) -> str:
+    """The supervised warm-up (module doc, step 2) on `rows`; saves the model and tokenizer
+    to run_dir/base and returns that path."""
+    import transformers
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    tok = demo_task.build_tokenizer()
+    model = transformers.LlamaForCausalLM(demo_task.tiny_model_config(tok, hidden=128))
+    fmt = Formatter(tok, demo_task.DEMO_INSTRUCTION)
+    rng = random.Random(seed)
+    say(f"warm-up: {steps} supervised steps on all {len(rows)} problems ...")
+    loss = _warmup(model, lambda n: warmup_transcripts(rng.sample(rows, n), fmt, tok, rng,
+                                                       p_fix=p_fix, p_break=p_break),
+                   steps, 64, 3e-3)
+    base = os.path.join(run_dir, "base")
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    say(f"warm-up done (loss {loss:.3f}, {time.perf_counter() - t0:.0f} s); base model in {base}")
+    return base
+
+
+def demo_config(base: str, train_file: str, run_dir: str, *, seed: int = 0,
+                stage1_steps: int = 60, stage2_steps: int = 60, samples_per_prompt: int = 8,
+                prompts_per_step: int = 16, lr: float = 1e-4, max_tokens: int = 512) -> Config:
+    """The demo's run configuration (also the ablations' starting point)."""
+    # Not the paper's values, chosen for this toy by measurement (seed 0, one warm-up):
+    # lr 1e-4 (2e-4 and 3e-4 gave a larger Delta after Stage I but Stage II then undid it;
+    # 2e-3 collapsed the earlier demo); 8 samples per prompt (the RLOO baseline; with 4
+    # Stage II kept Delta +3.3 instead of +6.0). alpha, beta1, beta2 are the paper's.
+    return Config(
+        model=ModelConfig(path=base),
+        data=DataConfig(train_file=train_file),
+        rollout=RolloutConfig(samples_per_prompt=samples_per_prompt, max_new_tokens=4,
+                              instruction=demo_task.DEMO_INSTRUCTION),
+        reward=RewardConfig(kind="custom", function="score_fast.demo_task:exact_reward"),
+        stage1=Stage1Config(steps=stage1_steps),
+        stage2=Stage2Config(steps=stage2_steps),
+        train=TrainConfig(run_dir=run_dir, seed=seed, prompts_per_step=prompts_per_step,
+                          lr=lr, max_tokens=max_tokens, save_every=10**9, log_every=10))
+
+
+def write_problems(run_dir: str, held_out: int = 50) -> tuple[str, list[dict], list[dict]]:
+    """(path of the RL-train JSONL, RL-train rows, held-out rows)."""
+    train_rows, test_rows = split_rows(demo_rows(), held_out)
+    os.makedirs(run_dir, exist_ok=True)
+    data = os.path.join(run_dir, "problems.jsonl")  # RL-train problems only
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in train_rows)
+    return data, train_rows, test_rows
+
+
 def run_demo(run_dir: str = "runs/demo", *, warmup_steps: int = 600, stage1_steps: int = 60,
              stage2_steps: int = 60, seed: int = 0, quiet: bool = False,
              p_fix: float = 0.25, p_break: float = 0.25, held_out: int = 50,
@@ -142,55 +195,23 @@ def run_demo(run_dir: str = "runs/demo", *, warmup_steps: int = 600, stage1_step
     """Run the demo; returns {"base" | "after Stage I" | "after Stage II": metrics} on the
     RL-train problems, plus the same keys prefixed "held-out " when held_out > 0.
     `base`: an existing warmed-up model directory to start from (skips the warm-up)."""
-    import transformers
-
     from score_fast.metrics import format_table
     from score_fast.trainer import Trainer, evaluate, make_reward_from
     t0 = time.perf_counter()
     say = (lambda *a: None) if quiet else print
-    os.makedirs(run_dir, exist_ok=True)
     # The model's matrices are ~64 x 128: a second intra-op thread only adds sync, and on a
     # shared 2-core machine it made a warm-up step 11x slower (1.7 s vs 0.15 s, measured).
     torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    tok = demo_task.build_tokenizer()
     rows = demo_rows()
-    train_rows, test_rows = split_rows(rows, held_out)
-    data = os.path.join(run_dir, "problems.jsonl")  # RL-train problems only
-    with open(data, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in train_rows)
+    data, train_rows, test_rows = write_problems(run_dir, held_out)
     if base is None:
-        model = transformers.LlamaForCausalLM(demo_task.tiny_model_config(tok, hidden=128))
-        fmt = Formatter(tok, demo_task.DEMO_INSTRUCTION)
-        rng = random.Random(seed)
-        say(f"warm-up: {warmup_steps} supervised steps on all {len(rows)} problems ...")
-        loss = _warmup(model, lambda n: warmup_transcripts(rng.sample(rows, n), fmt, tok, rng,
-                                                           p_fix=p_fix, p_break=p_break),
-                       warmup_steps, 64, 3e-3)
-        base = os.path.join(run_dir, "base")
-        model.save_pretrained(base)
-        tok.save_pretrained(base)
-        say(f"warm-up done (loss {loss:.3f}, {time.perf_counter() - t0:.0f} s); base model "
-            f"in {base}")
-
-    # Not the paper's values, chosen for this toy by measurement (seed 0, one warm-up):
-    # lr 1e-4 (2e-4 and 3e-4 gave a larger Delta after Stage I but Stage II then undid it;
-    # 2e-3 collapsed the earlier demo); 8 samples per prompt (the RLOO baseline; with 4 Stage II kept
-    # Delta +3.3 instead of +6.0). alpha, beta1, beta2 are the paper's defaults.
-    # max_tokens 512 (not 8192): on CPU the packed forward runs sdpa with a block-diagonal
-    # mask over the whole micro-batch, O(T^2); 128 episodes in one 3k-token pack made an RL
-    # step 2.3 s, in 512-token packs 0.8 s (same loss up to float rounding).
-    config = Config(
-        model=ModelConfig(path=base),
-        data=DataConfig(train_file=data),
-        rollout=RolloutConfig(samples_per_prompt=samples_per_prompt, max_new_tokens=4,
-                              instruction=demo_task.DEMO_INSTRUCTION),
-        reward=RewardConfig(kind="custom", function="score_fast.demo_task:exact_reward"),
-        stage1=Stage1Config(steps=stage1_steps),
-        stage2=Stage2Config(steps=stage2_steps),
-        train=TrainConfig(run_dir=os.path.join(run_dir, "score"), seed=seed,
-                          prompts_per_step=prompts_per_step, lr=lr, max_tokens=max_tokens,
-                          save_every=10**9, log_every=10))
+        base = warm_up(run_dir, rows, seed=seed, steps=warmup_steps, p_fix=p_fix,
+                       p_break=p_break, say=say)
+    config = demo_config(base, data, os.path.join(run_dir, "score"), seed=seed,
+                         stage1_steps=stage1_steps, stage2_steps=stage2_steps,
+                         samples_per_prompt=samples_per_prompt,
+                         prompts_per_step=prompts_per_step, lr=lr, max_tokens=max_tokens)
+    tok = demo_task.build_tokenizer()
     reward = make_reward_from(config)
     trainer = Trainer(config)
     table: dict = {}

@@ -131,21 +131,30 @@ def edit_distance(a: str, b: str) -> int:
     return dist
 
 
-def format_table(rows: Mapping[str, Mapping[str, float]]) -> str:
+def format_table(rows: Mapping[str, Mapping[str, float]], *, label: str = "model",
+                 count: bool = False, edit_ratio: bool = False) -> str:
     """A markdown table, one row per named model (e.g. "base", "after Stage I", "after
     Stage II"), columns Acc@t1, Acc@t2, Delta, Delta_i->c, Delta_c->i in percent with one
     decimal, as in the paper's tables (Delta -11.2, no "+" on positive values). `rows` maps
-    a name to a self_correction_metrics() result; other keys (edit_ratio) are ignored."""
+    a name to a self_correction_metrics() result. `label` heads the name column; `count`
+    adds an "n" column (each row's "n": its number of problems) after the names, and
+    `edit_ratio` an "edit ratio" column last (a fraction with three decimals, as defined
+    above). Other keys are ignored."""
     if not rows:
         raise ValueError("rows is empty: no models to tabulate")
-    lines = ["| model | " + " | ".join(h for _, h in COLUMNS) + " |",
-             "|---|" + "---|" * len(COLUMNS)]
+    need = [k for k, _ in COLUMNS] + ["n"] * count + ["edit_ratio"] * edit_ratio
+    heads = ["n"] * count + [h for _, h in COLUMNS] + ["edit ratio"] * edit_ratio
+    lines = [f"| {label} | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
     for name, metrics in rows.items():
-        missing = [k for k, _ in COLUMNS if k not in metrics]
+        missing = [k for k in need if k not in metrics]
         if missing:
             raise ValueError(f"rows[{name!r}] lacks {', '.join(missing)}")
         # + 0.0 turns a rounded -0.0 into 0.0, so a zero never prints as "-0.0".
         cells = [f"{round(100 * float(metrics[k]), 1) + 0.0:.1f}" for k, _ in COLUMNS]
-        label = str(name).replace("|", "\\|")  # a bare "|" would split the row
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if count:
+            cells.insert(0, str(int(metrics["n"])))
+        if edit_ratio:
+            cells.append(f"{float(metrics['edit_ratio']):.3f}")
+        name = str(name).replace("|", "\\|")  # a bare "|" would split the row
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -45,8 +45,8 @@ from score_fast.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from score_fast.config import Config
 from score_fast.rollout import Episode, Formatter, rollout
 
-__all__ = ["Trainer", "NonFiniteLossError", "RewardError", "build_step_tensors",
-           "score_episodes", "evaluate", "load_model", "stage_at"]
+__all__ = ["Trainer", "NonFiniteLossError", "RewardError", "Objective", "plan_objective",
+           "build_step_tensors", "score_episodes", "evaluate", "load_model", "stage_at"]
 
 log = logging.getLogger("score_fast")
 
@@ -82,8 +82,45 @@ def stage_at(config: Config, step: int) -> int:
     return 1 if step % (n1 + config.stage2.steps) < n1 else 2
 
 
-def build_step_tensors(batch) -> dict[str, torch.Tensor]:
-    """targets, turn, episode (each [T]) of one packed micro-batch; see the module doc."""
+@dataclasses.dataclass
+class Objective:
+    """What one step trains: advantages [E, 2] (attempt 1, attempt 2), which (episode,
+    attempt) pairs are trained at all ([E, 2] bool; the others' tokens get turn 0), and
+    the loss's stage and KL weights (stage 1: beta2 KL and no policy gradient on attempt
+    1; stage 2: policy gradient + beta1 KL on both attempts)."""
+    adv: torch.Tensor
+    train: torch.Tensor
+    stage: int
+    beta1: float
+    beta2: float
+
+
+def plan_objective(config: Config, stage: int, r1: torch.Tensor, r2: torch.Tensor,
+                   group: torch.Tensor) -> Objective:
+    """The step's objective, the paper's (Stage I / Stage II) or one of the Table 4
+    ablations the config selects (train.single_turn, stage2.method = star)."""
+    c = config
+    E = len(r1)
+    both = torch.ones(E, 2, dtype=torch.bool)
+    if c.train.single_turn:  # REINFORCE on attempt 1 with its own reward, every step
+        adv = sf.score_advantages(r1, r1, group, stage=2, alpha=0.0, baseline=c.train.baseline,
+                                  normalize=c.train.normalize)
+        return Objective(adv, both & torch.tensor([True, False]), 2, c.stage2.beta1, 0.0)
+    if stage == 2 and c.stage2.method == "star":  # SFT on own wrong -> right corrections
+        fixed = (r1 <= 0) & (r2 > 0)
+        adv = torch.zeros(E, 2)
+        adv[:, 1] = 1.0  # REINFORCE with advantage 1 and no KL = the NLL gradient
+        train = torch.stack([torch.zeros_like(fixed), fixed], 1)
+        return Objective(adv, train, 2, 0.0, 0.0)
+    adv = sf.score_advantages(r1, r2, group, stage=stage, alpha=c.stage2.alpha,
+                              baseline=c.train.baseline, normalize=c.train.normalize)
+    beta1 = c.stage1.beta1 if stage == 1 else c.stage2.beta1
+    return Objective(adv, both, stage, beta1, c.stage1.beta2)
+
+
+def build_step_tensors(batch, train: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """targets, turn, episode (each [T]) of one packed micro-batch; see the module doc.
+    train: optional [E, 2] bool (Objective.train); untrained attempts' rows get turn 0."""
     ids = batch.input_ids[0]
     seg = batch.segment_ids[0]
     lengths = batch.cu_seqlens.diff().long()
@@ -93,6 +130,9 @@ def build_step_tensors(batch) -> dict[str, torch.Tensor]:
     targets[last] = 0  # no next token: the row gets turn 0 and is never scored
     turn[last] = 0
     episode = torch.repeat_interleave(batch.seq_index, lengths)
+    if train is not None:
+        keep = torch.cat([torch.zeros(len(train), 1, dtype=torch.bool), train], 1)
+        turn = torch.where(keep[episode, turn.long()], turn, torch.zeros_like(turn))
     return {"targets": targets, "turn": turn, "episode": episode}
 
 
@@ -205,16 +245,15 @@ class Trainer:
             row_names=[f"row {i + 1} of {c.data.train_file}" for i in idx])
         return episodes, [rows[e.prompt_index] for e in episodes], timing
 
-    def loss_and_backward(self, episodes: list[Episode], adv: torch.Tensor, stage: int
-                          ) -> dict:
+    def loss_and_backward(self, episodes: list[Episode], objective: Objective) -> dict:
         """Packed forward/backward over all episodes (gradients accumulate in .grad)."""
         c = self.config
-        beta1 = c.stage1.beta1 if stage == 1 else c.stage2.beta1
+        o = objective
         seqs = [e.ids for e in episodes]
         # an episode longer than the budget gets a micro-batch of its own
         budget = max(c.train.max_tokens, max(len(s) for s in seqs))
         batches = sf.pack(seqs, budget, segments=[e.labels for e in episodes])
-        parts = [build_step_tensors(b) for b in batches]
+        parts = [build_step_tensors(b, o.train) for b in batches]
         per_token = c.train.reduction == "token_mean"
         units = [int((p["turn"] > 0).sum()) if per_token else
                  len(torch.unique(p["episode"][p["turn"] > 0])) for p in parts]
@@ -223,7 +262,7 @@ class Trainer:
         ref_w = self.ref.get_output_embeddings().weight
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.model.bf16
                              and self.device.type == "cuda")
-        adv = adv.to(self.device)
+        adv = o.adv.to(self.device)
         out = {"loss": 0.0, "kl_sum1": 0.0, "kl_sum2": 0.0, "n1": 0, "n2": 0, "tokens": 0}
         self.policy.train()
         for b, p, u in zip(batches, parts, units):
@@ -235,24 +274,27 @@ class Trainer:
                    "max_length_k": b.max_seqlen}
             targets, turn, episode = (p[k].to(self.device) for k in ("targets", "turn", "episode"))
             live = turn > 0
+            if not live.any():  # nothing trained here (e.g. STaR without a correction)
+                out["tokens"] += b.num_tokens
+                continue
             with torch.no_grad():
                 with amp:
                     rh = self.ref.model(input_ids=ids, position_ids=pos, use_cache=False,
                                         **seq).last_hidden_state[0]
                 ref_logp = torch.zeros(turn.shape, dtype=torch.float32, device=self.device)
-                if live.any():  # only the scored rows need the reference
-                    ref_logp[live] = sf.linear_logprobs(rh[live], ref_w.to(rh.dtype),
-                                                        targets[live])
+                # only the scored rows need the reference
+                ref_logp[live] = sf.linear_logprobs(rh[live], ref_w.to(rh.dtype),
+                                                    targets[live])
             with amp:
                 h = self.policy.model(input_ids=ids, position_ids=pos, use_cache=False,
                                       **seq).last_hidden_state[0]
             loss, m = sf.linear_score_loss(h, lm_w.to(h.dtype), targets, ref_logp, turn,
-                                           episode, adv, stage=stage, beta1=beta1,
-                                           beta2=c.stage1.beta2, kl=c.train.kl,
+                                           episode, adv, stage=o.stage, beta1=o.beta1,
+                                           beta2=o.beta2, kl=c.train.kl,
                                            reduction=c.train.reduction)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {self.step + 1} (stage {stage}, "
+                    f"loss is {loss.item()} at step {self.step + 1} (stage {o.stage}, "
                     f"micro-batch of {b.num_tokens} tokens); stopping before the optimizer "
                     f"step, no checkpoint written. Lower train.lr or check the model.")
             (loss * (u / total)).backward()
@@ -276,11 +318,10 @@ class Trainer:
             log.warning("reward error (scored 0): %s", err)
         r1, r2 = torch.tensor(s1), torch.tensor(s2)
         group = torch.tensor([e.prompt_index for e in episodes])
-        adv = sf.score_advantages(r1, r2, group, stage=stage, alpha=c.stage2.alpha,
-                                  baseline=c.train.baseline, normalize=c.train.normalize)
+        objective = plan_objective(c, stage, r1, r2, group)
         t1 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.loss_and_backward(episodes, adv, stage)
+        out = self.loss_and_backward(episodes, objective)
         norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.train.max_grad_norm)
         if not torch.isfinite(norm):
             raise NonFiniteLossError(f"gradient norm is {norm.item()} at step {self.step + 1} "

@@ -57,7 +57,7 @@ def test_train_then_eval(tmp_path, capsys):
     assert main(["train", "--config", str(cfg), f"--train.run_dir={run_dir}",
                  "--stage2.steps=1", "--stage2.alpha=5"]) == 0
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["stage2"] == {"steps": 1, "alpha": 5.0, "beta1": 0.01}
+    assert saved["stage2"] == {"steps": 1, "alpha": 5.0, "beta1": 0.01, "method": "reinforce"}
     assert saved["train"]["run_dir"] == str(run_dir)
     assert sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint")) == [
         "checkpoint-2", "checkpoint-3"]

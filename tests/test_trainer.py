@@ -12,7 +12,8 @@ from score_fast import demo_task
 from score_fast.config import (Config, DataConfig, ModelConfig, RewardConfig, RolloutConfig,
                                Stage1Config, Stage2Config, TrainConfig)
 from score_fast.rollout import Episode
-from score_fast.trainer import (NonFiniteLossError, RewardError, Trainer, build_step_tensors,
+from score_fast.trainer import (NonFiniteLossError, Objective, RewardError, Trainer,
+                                build_step_tensors,
                                 score_episodes, stage_at)
 
 def make_run(tmp_path, n_rows=12, **train):
@@ -72,8 +73,31 @@ def _episodes(tok):
     return out
 
 
-def _hand_loss(policy, ref, episodes, adv, stage, beta1, beta2):
-    """The SCoRe objective written out token by token from full logits."""
+# Rewards of the three episodes of _episodes (groups 0, 1, 0) and, worked out by hand, what
+# each variant trains: {(episode, attempt): (advantage or None for no policy gradient,
+# KL weight)}; attempts missing from a variant's table are not trained at all. Group 1 has
+# one episode, so its RLOO advantage is 0. Group 0 is episodes 0 and 2:
+#   r1 = (1, 0): attempt-1 advantages (+1, -1)
+#   Stage I reward on attempt 2 is r2 = (0, 1): (-1, +1)
+#   Stage II attempt-2 reward r2 + 10 (r2 - r1) = (-10, 11): (-21, +21); alpha 0: (-1, +1)
+R1, R2 = [1.0, 0.0, 0.0], [0.0, 1.0, 1.0]
+B1, B2 = 0.01, 0.1
+VARIANTS = {
+    "stage1": ({}, 1, {(0, 1): (None, B2), (1, 1): (None, B2), (2, 1): (None, B2),
+                       (0, 2): (-1, B1), (1, 2): (0, B1), (2, 2): (1, B1)}),
+    "stage2": ({}, 2, {(0, 1): (1, B1), (1, 1): (0, B1), (2, 1): (-1, B1),
+                       (0, 2): (-21, B1), (1, 2): (0, B1), (2, 2): (21, B1)}),
+    "stage2_alpha0": ({"alpha": 0.0}, 2, {(0, 1): (1, B1), (1, 1): (0, B1), (2, 1): (-1, B1),
+                                          (0, 2): (-1, B1), (1, 2): (0, B1), (2, 2): (1, B1)}),
+    "single_turn": ({"single_turn": True}, 1, {(0, 1): (1, B1), (1, 1): (0, B1),
+                                               (2, 1): (-1, B1)}),
+    # STaR in Stage II: SFT (advantage 1, no KL) on attempt 2 of the wrong -> right episodes
+    "star": ({"method": "star"}, 2, {(1, 2): (1, 0.0), (2, 2): (1, 0.0)}),
+}
+
+
+def _hand_loss(policy, ref, episodes, table):
+    """The objective written out token by token from full logits (token_mean, k3 KL)."""
     terms = []
     for e_idx, ep in enumerate(episodes):
         ids = torch.tensor([ep.ids])
@@ -84,46 +108,58 @@ def _hand_loss(policy, ref, episodes, adv, stage, beta1, beta2):
             rl = torch.log_softmax(ref(input_ids=ids).logits[0, :-1].double(), -1)
             rl = rl.gather(1, tgt[:, None])[:, 0]
         for t in range(len(tgt)):
-            k = int(lab[t])
-            if k == 0:
+            if (e_idx, int(lab[t])) not in table:
                 continue
+            adv, beta = table[e_idx, int(lab[t])]
             d = rl[t] - logp[t]
             kl = torch.exp(d) - d - 1  # k3
-            if stage == 1 and k == 1:
-                terms.append(beta2 * kl)  # attempt 1 in Stage I: KL only, no policy gradient
-            else:
-                beta = beta1
-                terms.append(-adv[e_idx, k - 1].double() * logp[t] + beta * kl)
-    return torch.stack(terms).mean()  # token_mean
+            terms.append((0.0 if adv is None else -adv * logp[t]) + beta * kl)
+    return torch.stack(terms).mean()
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_stage_objective_matches_hand_computed(tmp_path, stage):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_objective_matches_hand_computed(tmp_path, variant):
+    """Which tokens get which advantage and KL weight, for the paper's two stages and the
+    Table 4 ablations, against the loss and gradients written out by hand."""
+    from score_fast.trainer import plan_objective
+    opts, stage, table = VARIANTS[variant]
     tr = Trainer(make_run(tmp_path, max_tokens=40))  # 3 episodes of ~25 tokens: 3 micro-batches
+    c = tr.config
+    c.stage2.alpha = opts.get("alpha", 10.0)
+    c.stage2.method = opts.get("method", "reinforce")
+    c.train.single_turn = opts.get("single_turn", False)
     with torch.no_grad():  # move the policy off the reference so that the KL is not 0
         for p in tr.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     eps = _episodes(tr.tokenizer)
-    r1, r2 = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 1.0])
-    adv = sf.score_advantages(r1, r2, torch.tensor([0, 1, 0]), stage=stage, alpha=10.0)
+    obj = plan_objective(c, stage, torch.tensor(R1), torch.tensor(R2), torch.tensor([0, 1, 0]))
     tr.optimizer.zero_grad()
-    out = tr.loss_and_backward(eps, adv, stage)
+    out = tr.loss_and_backward(eps, obj)
     got = {n: p.grad.clone() for n, p in tr.policy.named_parameters()}
-    c = tr.config
-    beta1 = c.stage1.beta1 if stage == 1 else c.stage2.beta1
     tr.optimizer.zero_grad()
-    want = _hand_loss(tr.policy, tr.ref, eps, adv, stage, beta1, c.stage1.beta2)
+    want = _hand_loss(tr.policy, tr.ref, eps, table)
     want.backward()
     # fp32 k3 = exp(d) - d - 1 cancels at |d| ~ 1e-2 (3-4 of 7 digits lost), the hand
     # version runs in fp64: 2e-4 relative covers that and still catches a wrong beta or sign
     assert out["loss"] == pytest.approx(want.item(), rel=2e-4)
-    assert out["n1"] == sum(len(e.attempt1_ids) for e in eps)
-    assert out["n2"] == sum(len(e.attempt2_ids) for e in eps)
+    trained = {k for (_, k) in table}
+    assert out["n1"] == (sum(len(e.attempt1_ids) for e in eps) if 1 in trained else 0)
     for n, p in tr.policy.named_parameters():
         err = (got[n] - p.grad).abs().max().item()
         assert err <= 2e-4 * p.grad.abs().max().item() + 1e-8, f"{n}: max grad err {err:.2e}"
-    if stage == 1:  # Stage I: r1 plays no part, attempt-1 advantage is 0
-        assert torch.all(adv[:, 0] == 0)
+
+
+def test_star_step_without_corrections_trains_nothing(tmp_path):
+    from score_fast.trainer import plan_objective
+    tr = Trainer(make_run(tmp_path, max_tokens=40))
+    tr.config.stage2.method = "star"
+    r1, r2 = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 0.0])
+    obj = plan_objective(tr.config, 2, r1, r2, torch.tensor([0, 1, 0]))
+    assert not obj.train.any()
+    tr.optimizer.zero_grad(set_to_none=True)
+    out = tr.loss_and_backward(_episodes(tr.tokenizer), obj)
+    assert out["n1"] == out["n2"] == 0 and out["loss"] == 0.0
+    assert all(p.grad is None for p in tr.policy.parameters())
 
 
 def test_micro_batching_does_not_change_gradients(tmp_path):
@@ -133,7 +169,8 @@ def test_micro_batching_does_not_change_gradients(tmp_path):
         eps = _episodes(tr.tokenizer)
         adv = torch.tensor([[0.5, -1.0], [0.0, 2.0], [-0.5, 1.0]])
         tr.optimizer.zero_grad()
-        tr.loss_and_backward(eps, adv, 2)
+        every = torch.ones(3, 2, dtype=torch.bool)
+        tr.loss_and_backward(eps, Objective(adv, every, 2, 0.01, 0.1))
         grads.append(torch.cat([p.grad.flatten() for p in tr.policy.parameters()]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7), (
         (grads[0] - grads[1]).abs().max())

@@ -38,7 +38,8 @@ class MathRewardConfig:
 
 # "final answer is $a$ (and|or|, $b$)*", else the rest of the sentence
 _FINAL = re.compile(r"\s*(\$[^$]*\$(?:\s*(?:,|and|or)\s*\$[^$]*\$)*|.+?(?=\.\s|\.?$))", re.M)
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# "\boxed{" / "\fbox{" (group 1: the brace), or MATH's rare "\boxed 5" (no brace)
+_BOXED = re.compile(r"\\(?:boxed|fbox)\b\s*(\{)?")
 _HOPE = re.compile(r"I hope it is correct", re.I)
 _FINAL_IS = re.compile(r"final answer is", re.I)
 _DOLLAR = re.compile(r"(?<!\\)\$")  # math delimiters, not an escaped \$ (currency)
@@ -54,6 +55,33 @@ def _last(pattern: re.Pattern, text: str, end: int) -> int:
     return -1 if m is None else (m.start() if pattern is _HOPE else m.end())
 
 
+def last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} or \\fbox{...} in `text`, braces balanced
+    (\\boxed{\\frac{1}{2}} -> \\frac{1}{2}); a backslash-escaped brace (\\{ \\}) is content,
+    not nesting, so \\boxed{\\left\\{1\\right.} closes where LaTeX closes it. MATH's brace-less
+    "\\boxed 5$" gives the text up to the next $ or line end. None when there is no box or
+    the last one is never closed (an earlier box is not used: the last one is the answer)."""
+    m = None
+    for m in _BOXED.finditer(text):
+        pass
+    if m is None:
+        return None
+    if m.group(1) is None:  # "\boxed 5": no brace
+        rest = text[m.end():]
+        return re.split(r"[$\n]", rest, maxsplit=1)[0].strip() or None
+    depth, i = 1, m.end()
+    while i < len(text):
+        c = text[i]
+        if c == "\\":  # skip the escaped character: \{ and \} do not nest
+            i += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if depth == 0:
+            return text[m.end():i]
+        i += 1
+    return None
+
+
 def extract_answer(response: str) -> str | None:
     """The final answer in `response`, without $ delimiters, or None when there is none."""
     # Last phrase positions, not a lazy regex from phrase to phrase: that is O(n^2) on a
@@ -62,14 +90,8 @@ def extract_answer(response: str) -> str | None:
     final = _last(_FINAL_IS, response, len(response) if hope < 0 else hope)
     found = [response[final:hope]] if final >= 0 and hope >= 0 else []
     if not found:
-        starts = [m.end() for m in _BOXED.finditer(response)]
-        if starts:  # the last \boxed{ ... } with balanced braces
-            depth, start = 1, starts[-1]
-            for i in range(start, len(response)):
-                depth += {"{": 1, "}": -1}.get(response[i], 0)
-                if depth == 0:
-                    found = [response[start:i]]
-                    break
+        boxed = last_boxed(response)
+        found = [] if boxed is None else [boxed]
     if not found and final >= 0:
         found = [_FINAL.match(response, final).group(1)]
     if not found:
