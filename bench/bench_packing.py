@@ -8,7 +8,9 @@ pack: the whole pack() of token ids (ids, positions, cu_seqlens) at 10k / 100k s
       1M sequences would hold 2.1e9 int64 tokens (16 GB) and does not fit this 24 GB machine.
 Padded batching fills each batch in input order while (count + 1) * longest <= 16,384 and
 pads to the longest; its `fill` is real tokens / padded tokens. Packing's `fill` is real
-tokens / bin capacity (bins * 16,384)."""
+tokens / bin capacity (bins * 16,384).
+partition: balanced_partition of 100k sequences into 8 data-parallel parts (Karmarkar-Karp),
+      plain and equal_count; `spread` is the largest minus the smallest part's tokens."""
 
 import numpy as np
 import pytest
@@ -24,6 +26,8 @@ GPU_RUN = bench_device() == "cuda"
 PLAN_SIZES = [2_000] if QUICK else [10_000, 100_000] + ([] if GPU_RUN else [1_000_000])
 PACK_SIZES = [2_000] if QUICK else [10_000] + ([] if GPU_RUN else [100_000])
 PROVIDERS = ["cpp", "python", "padded"]
+PARTITION_SIZES = [2_000] if QUICK else [100_000]
+PARTS = 8
 
 
 def _lengths(n: int) -> np.ndarray:
@@ -95,3 +99,16 @@ def test_pack(benchmark, provider, n, monkeypatch):
         baseline="python", rounds=3, bytes_moved=3 * flat.nbytes,
         fill=round(_fill(provider, lengths, n_batches), 5), batches=n_batches,
         tokens=int(lengths.sum()))
+
+
+@pytest.mark.parametrize("equal_count", [False, True], ids=["plain", "equal_count"])
+@pytest.mark.parametrize("n", PARTITION_SIZES)
+@pytest.mark.parametrize("provider", ["cpp", "python"])
+def test_partition(benchmark, provider, n, equal_count, monkeypatch):
+    _select(provider, monkeypatch)
+    lengths = _lengths(n)
+    fn = lambda: packing.balanced_partition(lengths, PARTS, equal_count=equal_count)  # noqa: E731
+    sums = [int(lengths[p].sum()) for p in fn()]
+    run(benchmark, fn, device="cpu", provider=provider,
+        shape=f"n={n},parts={PARTS}" + (",equal_count" if equal_count else ""), dtype="int64",
+        baseline="python", rounds=3, bytes_moved=lengths.nbytes, spread=max(sums) - min(sums))

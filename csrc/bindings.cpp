@@ -73,6 +73,30 @@ static py::tuple pack(const I64& ids, const I64& seq_offsets, const py::object& 
                         cu_seqlens, token_offsets, max_seqlen);
 }
 
+static py::tuple balanced_partition(const I64& lengths, const py::object& groups, int64_t n_groups,
+                                    int64_t parts, bool equal_count) {
+  CHECK_1D(lengths, "lengths");
+  const int64_t n = lengths.shape(0);
+  const bool has_groups = !groups.is_none();
+  I64 g;  // an empty array, not null: test has_groups, never `g` itself
+  if (has_groups) {
+    g = I64::ensure(groups);
+    if (!g) throw std::invalid_argument("groups must be an integer array");
+    CHECK_1D(g, "groups");
+    CHECK_LEN(g, "groups", n);
+  }
+  I64 order(n);
+  std::vector<int64_t> offsets;
+  {
+    py::gil_scoped_release nogil;
+    offsets = score_fast::balanced_partition(lengths.data(), n, has_groups ? g.data() : nullptr,
+                                             n_groups, parts, equal_count, order.mutable_data());
+  }
+  I64 part_offsets(static_cast<py::ssize_t>(offsets.size()));
+  std::copy(offsets.begin(), offsets.end(), part_offsets.mutable_data());
+  return py::make_tuple(order, part_offsets);
+}
+
 // Splits values (any dtype, first axis = packed tokens) at cu_seqlens into views that keep
 // `values` alive: no copy.
 static py::list unpack(const py::array& values, const py::array_t<int64_t, py::array::forcecast>& cu) {
@@ -97,11 +121,15 @@ static py::list unpack(const py::array& values, const py::array_t<int64_t, py::a
 }
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "score_fast native packing (first-fit-decreasing bins, pack, unpack)";
+  m.doc() = "score_fast native packing (first-fit-decreasing bins, pack, unpack, balanced k-way "
+            "partition)";
   m.def("plan_bins", &plan_bins, py::arg("lengths"), py::arg("max_tokens"),
         "-> (order int64[n], bin_offsets int64[n_bins+1])");
   m.def("pack", &pack, py::arg("ids"), py::arg("seq_offsets"), py::arg("segments"),
         py::arg("order"), py::arg("bin_offsets"),
         "-> (input_ids, position_ids, segment_ids|None, cu_seqlens, token_offsets, max_seqlen)");
   m.def("unpack", &unpack, py::arg("values"), py::arg("cu_seqlens"));
+  m.def("balanced_partition", &balanced_partition, py::arg("lengths"), py::arg("groups"),
+        py::arg("n_groups"), py::arg("parts"), py::arg("equal_count"),
+        "-> (order int64[n], part_offsets int64[parts+1]); groups: None or dense ids");
 }

@@ -4,7 +4,7 @@ The fused losses load lazily on first use (importing triton takes ~1 s, and `imp
 score_fast` for packing alone should not pay it)."""
 import importlib
 
-from score_fast.packing import PackedBatch, pack, plan_bins
+from score_fast.packing import PackedBatch, balanced_partition, pack, plan_bins
 
 __version__ = "0.1.0"
 
@@ -17,7 +17,7 @@ _LAZY = {  # public name -> module under score_fast.kernels
     "linear_logprobs": "linear_logprobs",
     "linear_score_loss": "linear_score_loss",
 }
-__all__ = ["PackedBatch", "pack", "plan_bins", *_LAZY]
+__all__ = ["PackedBatch", "balanced_partition", "pack", "plan_bins", *_LAZY]
 
 
 def __getattr__(name):

@@ -10,6 +10,9 @@ The work runs in the C++ extension score_fast._C when it is built; a pure-Python
 every function gives identical results and is used when it is not.
 SCORE_FAST_PACKING=python|cpp forces one (cpp raises if the extension is missing).
 
+balanced_partition splits sequences (or whole groups of them) across data-parallel ranks
+with near-equal token counts, optionally with the same number on every rank.
+
     from score_fast.packing import pack
     batches = pack([[1, 2, 3], [4, 5]], max_tokens=8, segments=[[0, 1, 1], [0, 2]])
     batches[0].input_ids      # tensor([[1, 2, 3, 4, 5]])
@@ -19,6 +22,7 @@ SCORE_FAST_PACKING=python|cpp forces one (cpp raises if the extension is missing
 from __future__ import annotations
 
 import functools
+import heapq
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -26,9 +30,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["PackedBatch", "plan_bins", "pack", "backend"]
+__all__ = ["PackedBatch", "plan_bins", "pack", "balanced_partition", "backend"]
 
 _INT32_MAX = 2**31 - 1  # cu_seqlens are int32 (flash-attn's varlen API)
+_INT64_MAX = 2**63 - 1
 
 
 @functools.cache
@@ -139,6 +144,67 @@ def pack(sequences: Sequence, max_tokens: int, segments: Sequence | None = None
     return batches
 
 
+def balanced_partition(lengths, parts: int, groups=None, equal_count: bool = False
+                       ) -> list[list[int]]:
+    """Split item indices into `parts` lists (one per data-parallel rank) with near-equal
+    token sums: Karmarkar-Karp largest differencing for k-way partitioning.
+
+    `groups` (optional, one integer label per item) keeps all items with the same label in
+    one part (an RLOO group on one rank): the groups are partitioned by their token totals
+    and expanded. `equal_count=True` gives every part the same number of items (groups)
+    and needs that number to divide by `parts`.
+
+    Method: every unit (item, or group) starts as a state of `parts` slots, one holding the
+    unit and the rest empty; with equal_count, the units sorted by (weight, index)
+    ascending are cut into runs of `parts` and each run is one state, a unit per slot.
+    Until one state is left, the two states of largest spread (heaviest minus lightest
+    slot) merge, slot i of the first with slot parts-1-i of the second (heaviest with
+    lightest), and the merged slots are re-sorted. The largest part sum exceeds the mean by
+    at most the largest unit: a merge never widens the spread past its inputs'.
+
+    Tie-breaks (the C++ and Python paths agree exactly):
+      - groups are numbered by label ascending; units with equal weight by index;
+      - states with equal spread: the one created first (initial states by index, or by
+        run with equal_count; merged states after all initial ones, in merge order);
+      - slots within a state: sum descending, then unit count descending (empty slots
+        last), remaining ties keep their order (stable sort);
+      - the returned parts: token sum descending, ties by smallest item index.
+
+    Returns `parts` lists of item indices, ascending within each; every part is non-empty.
+    O(units * (parts * log parts + log units)) time, O(units + parts * live states) memory.
+
+        balanced_partition([5, 4, 3, 3, 2, 1], 2)   # [[0, 3, 5], [1, 2, 4]]: 9 and 9 tokens
+    """
+    if isinstance(parts, bool) or not isinstance(parts, (int, np.integer)):
+        raise ValueError(f"parts must be an integer, got {parts!r}")
+    parts = int(parts)
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    lengths = _check_lengths(lengths, _INT64_MAX)
+    n = len(lengths)
+    dense, n_groups = None, n
+    if groups is not None:
+        g = groups.cpu().numpy() if isinstance(groups, torch.Tensor) else np.asarray(groups)
+        if g.ndim != 1 or (g.dtype.kind not in "iu" and g.size):
+            raise ValueError(f"groups must be a 1-D integer array, got dtype {g.dtype} and "
+                             f"shape {g.shape}")
+        if len(g) != n:
+            raise ValueError(f"groups has {len(g)} entries but lengths has {n}")
+        labels, dense = np.unique(g, return_inverse=True)
+        dense = dense.reshape(-1).astype(np.int64, copy=False)
+        n_groups = len(labels)
+    unit = "groups" if groups is not None else "items"
+    if parts > n_groups:
+        raise ValueError(f"parts = {parts} > {n_groups} {unit}: every part needs at least one")
+    if equal_count and n_groups % parts:
+        raise ValueError(f"equal_count: {n_groups} {unit} do not divide evenly into "
+                         f"{parts} parts")
+    run = _load_native().balanced_partition if backend() == "cpp" else _py_balanced_partition
+    order, offsets = run(lengths, dense, n_groups, parts, bool(equal_count))
+    cuts = offsets.tolist()
+    return [order[a:b].tolist() for a, b in zip(cuts[:-1], cuts[1:])]
+
+
 # ---------------------------------------------------------------- input checks (shared)
 def _check_budget(max_tokens) -> int:
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)):
@@ -223,6 +289,80 @@ def _py_plan_bins(lengths: np.ndarray, max_tokens: int) -> tuple[np.ndarray, np.
     bin_offsets = np.zeros(n_bins + 1, np.int64)
     np.cumsum(np.bincount(bins, minlength=n_bins), out=bin_offsets[1:])
     return order, bin_offsets
+
+
+def _py_balanced_partition(lengths: np.ndarray, groups: np.ndarray | None, n_groups: int,
+                           parts: int, equal_count: bool) -> tuple[np.ndarray, np.ndarray]:
+    # Inputs are validated by balanced_partition. A slot is (sum, unit count, head, tail)
+    # of a linked list of units through `nxt`; a heap entry is (-spread, id, slots), slots
+    # None for a singleton state (unit = id) not yet materialised.
+    k, n = parts, len(lengths)
+    if groups is None:
+        weight, m = lengths.tolist(), n
+    else:
+        m = n_groups
+        weight = np.zeros(m, np.int64)
+        np.add.at(weight, groups, lengths)
+        weight = weight.tolist()
+    nxt = [-1] * m
+    rest = [(0, 0, -1, -1)] * (k - 1)
+    heavier_first = lambda s: (-s[0], -s[1])  # noqa: E731  list.sort is stable
+    if equal_count:
+        ranked = sorted(range(m), key=weight.__getitem__)  # ties: lower index first
+        heap = []
+        for c in range(m // k):
+            slots = [(weight[u], 1, u, u) for u in ranked[c * k:(c + 1) * k]]
+            slots.sort(key=heavier_first)
+            heap.append((slots[-1][0] - slots[0][0], c, slots))
+        next_id = m // k
+    else:
+        heap = [(-weight[u] if k > 1 else 0, u, None) for u in range(m)]
+        next_id = m
+    heapq.heapify(heap)  # (-spread, id) are unique: the pop order is fixed
+    pop, push = heapq.heappop, heapq.heappush
+    while len(heap) > 1:
+        _, ida, a = pop(heap)
+        _, idb, b = pop(heap)
+        if a is None:
+            a = [(weight[ida], 1, ida, ida)] + rest
+        if b is None:
+            b = [(weight[idb], 1, idb, idb)] + rest
+        merged = []
+        for x, y in zip(a, reversed(b)):
+            if x[2] < 0:
+                merged.append((x[0] + y[0], x[1] + y[1], y[2], y[3]))
+            elif y[2] < 0:
+                merged.append((x[0] + y[0], x[1] + y[1], x[2], x[3]))
+            else:
+                nxt[x[3]] = y[2]
+                merged.append((x[0] + y[0], x[1] + y[1], x[2], y[3]))
+        merged.sort(key=heavier_first)
+        push(heap, (merged[-1][0] - merged[0][0], next_id, merged))
+        next_id += 1
+    _, last, final = heap[0]
+    if final is None:
+        final = [(weight[last], 1, last, last)] + rest
+    part_of_unit = [0] * m
+    for i, s in enumerate(final):
+        u = s[2]
+        while u >= 0:
+            part_of_unit[u] = i
+            u = nxt[u]
+    part = np.asarray(part_of_unit, np.int64)
+    if groups is not None:
+        part = part[groups]
+    sums = np.zeros(k, np.int64)
+    np.add.at(sums, part, lengths)
+    first = np.full(k, n, np.int64)
+    np.minimum.at(first, part, np.arange(n, dtype=np.int64))
+    rank = np.lexsort((first, -sums))  # token sum descending, then first item
+    new_of = np.empty(k, np.int64)
+    new_of[rank] = np.arange(k)
+    part = new_of[part]
+    order = np.argsort(part, kind="stable").astype(np.int64)
+    offsets = np.zeros(k + 1, np.int64)
+    np.cumsum(np.bincount(part, minlength=k), out=offsets[1:])
+    return order, offsets
 
 
 def _py_pack(ids, seq_offsets, segments, order, bin_offsets):
