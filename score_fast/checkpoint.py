@@ -2,6 +2,12 @@
 AutoModelForCausalLM.from_pretrained), the tokenizer, the resolved config.yaml, and
 trainer_state.pt (optimizer, step, RNG states of torch / python / numpy).
 
+Written by several ranks (FSDP2, score_fast.distributed): the full model is gathered and
+rank 0 writes it (still one from_pretrained-loadable model); the AdamW state stays sharded,
+written by every rank through torch.distributed.checkpoint into optimizer/ (DCP reshards on
+load, so any number of ranks, one included, can resume it); each rank's RNG state goes to
+rng-<rank>.pt.
+
 Atomic: everything is written into run_dir/.tmp-checkpoint-N, then os.replace renames the
 directory into place; a crash mid-write leaves only a .tmp- directory, which
 latest_checkpoint ignores (and the next save of that step removes)."""
@@ -16,6 +22,8 @@ import numpy as np
 import torch
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "load_state", "rng_state", "set_rng_state"]
+
+OPTIM_DIR = "optimizer"
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.pt"
@@ -38,28 +46,56 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state: dict,
-                    config_yaml: str | None = None) -> str:
+                    config_yaml: str | None = None, dist=None) -> str:
     """Write checkpoint-`step` atomically; returns its path. `state` is extra trainer state
-    (step, stage, ...); the RNG states are added here."""
+    (step, stage, ...); the RNG states are added here. dist: a score_fast.distributed.Dist
+    (every rank calls this together) or None for one process."""
+    from score_fast import distributed
+    main = dist is None or dist.main
     final = os.path.join(run_dir, f"checkpoint-{step}")
     tmp = os.path.join(run_dir, f".tmp-checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if config_yaml is not None:
-        with open(os.path.join(tmp, "config.yaml"), "w") as f:
-            f.write(config_yaml)
-    torch.save({**state, "step": step, "optimizer": optimizer.state_dict(),
-                "rng": rng_state()}, os.path.join(tmp, STATE_FILE))
-    if os.path.exists(final):  # re-saving a step (e.g. after a resume): drop the old one
-        old = os.path.join(run_dir, f".old-checkpoint-{step}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    sharded = dist is not None and dist.enabled
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        distributed.barrier(dist)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                    cpu_offload=True))
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
+                 checkpoint_id=os.path.join(tmp, OPTIM_DIR))
+        torch.save(rng_state(), os.path.join(tmp, f"rng-{dist.rank}.pt"))
+    if main:
+        if sharded:
+            model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+            extra = {"optimizer_dcp": OPTIM_DIR, "world_size": dist.world}
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            extra = {"optimizer": optimizer.state_dict()}
+        tokenizer.save_pretrained(tmp)
+        if config_yaml is not None:
+            with open(os.path.join(tmp, "config.yaml"), "w") as f:
+                f.write(config_yaml)
+    if sharded:
+        distributed.barrier(dist)  # every rank's shards are on disk before the rename
+    if main:
+        # trainer_state.pt last: latest_checkpoint only takes directories that have it
+        torch.save({**state, "step": step, **extra, "rng": rng_state()},
+                   os.path.join(tmp, STATE_FILE))
+        if os.path.exists(final):  # re-saving a step (e.g. after a resume): drop the old one
+            old = os.path.join(run_dir, f".old-checkpoint-{step}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    if sharded:
+        distributed.barrier(dist)
     return final
 
 
@@ -73,7 +109,28 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return os.path.join(run_dir, max(found)[1]) if found else None
 
 
-def load_state(path: str) -> dict:
-    """trainer_state.pt of a checkpoint (optimizer state, step, rng, ...)."""
+def load_state(path: str, model=None, optimizer=None, dist=None) -> dict:
+    """trainer_state.pt of a checkpoint (step, rng, ...). With `optimizer` (and `model`,
+    the policy it optimizes) also loads the optimizer state into it: from the file when one
+    process wrote it, through DCP (any number of ranks) when several did. The returned
+    "rng" is this rank's own state when the checkpoint has one."""
     # weights_only=False: the state holds python's RNG tuple and numpy arrays (our own file)
-    return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    sharded = dist is not None and dist.enabled
+    if optimizer is not None:
+        if "optimizer_dcp" in state:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                                 set_optimizer_state_dict)
+            target = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+            dcp.load(target, checkpoint_id=os.path.join(path, state["optimizer_dcp"]))
+            set_optimizer_state_dict(model, optimizer, target["optimizer"])
+        elif sharded:
+            raise ValueError(f"{path} was written by one process (its optimizer state is one "
+                             f"file); resume it with one process, not {dist.world} ranks")
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+    rank_file = os.path.join(path, f"rng-{dist.rank if dist is not None else 0}.pt")
+    if os.path.isfile(rank_file):
+        state["rng"] = torch.load(rank_file, map_location="cpu", weights_only=False)
+    return state

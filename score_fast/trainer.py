@@ -34,12 +34,14 @@ import logging
 import math
 import os
 import time
+import types
 
 import numpy as np
 import torch
 import yaml
 
 import score_fast as sf
+from score_fast import distributed
 from score_fast.attention import use_varlen_attention
 from score_fast.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_state
 from score_fast.config import Config
@@ -116,6 +118,26 @@ def plan_objective(config: Config, stage: int, r1: torch.Tensor, r2: torch.Tenso
                               baseline=c.train.baseline, normalize=c.train.normalize)
     beta1 = c.stage1.beta1 if stage == 1 else c.stage2.beta1
     return Objective(adv, both, stage, beta1, c.stage1.beta2)
+
+
+def _policy_loss(self, ids, pos, seq, targets, ref_logp, turn, episode, adv, **loss_kw):
+    """Bound to the policy as `score_fast_loss` (and registered with FSDP as a forward, so
+    the sharded LM head is gathered for it): last hidden states -> linear_score_loss on the
+    LM head weight, never the [T, V] logits."""
+    h = self.model(input_ids=ids, position_ids=pos, use_cache=False, **seq).last_hidden_state[0]
+    w = self.get_output_embeddings().weight
+    return sf.linear_score_loss(h, w.to(h.dtype), targets, ref_logp, turn, episode, adv,
+                                **loss_kw)
+
+
+def _ref_logprobs(self, ids, pos, seq, targets, live):
+    """Bound to the reference as `score_fast_logprobs`: fp32 log-probs of the targets at
+    the `live` rows (the only ones a KL applies to), 0 elsewhere."""
+    h = self.model(input_ids=ids, position_ids=pos, use_cache=False, **seq).last_hidden_state[0]
+    w = self.get_output_embeddings().weight
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
+    out[live] = sf.linear_logprobs(h[live], w.to(h.dtype), targets[live]).float()
+    return out
 
 
 def build_step_tensors(batch, train: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -197,24 +219,38 @@ class Trainer:
     def __init__(self, config: Config):
         from score_fast.data import load_rows
         self.config = c = config
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        torch.manual_seed(c.train.seed)
+        self.dist = d = distributed.setup()
+        self.device = d.device
+        if c.train.prompts_per_step % d.world:
+            raise ValueError(f"train.prompts_per_step={c.train.prompts_per_step} does not "
+                             f"divide over {d.world} ranks: each rank samples whole prompt "
+                             f"groups, so it must be a multiple of the world size")
+        torch.manual_seed(c.train.seed + d.rank)  # ranks sample different rollouts
         self.rows = load_rows(c.data.train_file, c.required_fields(), limit=c.data.limit)
+        if len(self.rows) < c.train.prompts_per_step and d.enabled:
+            raise ValueError(f"{c.data.train_file} has {len(self.rows)} rows, fewer than "
+                             f"train.prompts_per_step={c.train.prompts_per_step}")
         self.reward = make_reward_from(c)
         self.run_dir = c.train.run_dir
-        os.makedirs(self.run_dir, exist_ok=True)
         self.config_yaml = yaml.safe_dump(dataclasses.asdict(c), sort_keys=False)
-        with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-            f.write(self.config_yaml)
+        if d.main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(self.config_yaml)
         ckpt = latest_checkpoint(self.run_dir) if c.train.resume else None
-        self.ref = load_model(c.model.path).to(self.device)
+        self.ref = load_model(c.model.path)
         self.tokenizer = load_tokenizer(c.model.path)
-        self.policy = (load_model(ckpt, "checkpoint") if ckpt else copy.deepcopy(self.ref)
-                       ).to(self.device)
+        self.policy = load_model(ckpt, "checkpoint") if ckpt else copy.deepcopy(self.ref)
         self.ref.eval().requires_grad_(False)
-        # packed micro-batches: attention per sequence, never over the whole [T, T] row
         for m in (self.ref, self.policy):
+            # packed micro-batches: attention per sequence, never over the whole [T, T] row
             use_varlen_attention(m)
+            m.score_fast_loss = types.MethodType(_policy_loss, m)
+            m.score_fast_logprobs = types.MethodType(_ref_logprobs, m)
+            distributed.shard(m, d, bf16=c.model.bf16)
+            m.to(self.device)
+            distributed.register_method(m, "score_fast_loss", d)
+            distributed.register_method(m, "score_fast_logprobs", d)
         if c.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.train.lr,
@@ -223,92 +259,119 @@ class Trainer:
         self.step = 0
         self.total_steps = c.train.rounds * (c.stage1.steps + c.stage2.steps)
         if ckpt:
-            state = load_state(ckpt)
-            self.optimizer.load_state_dict(state["optimizer"])
+            state = load_state(ckpt, self.policy, self.optimizer, d)
             self.step = state["step"]
             set_rng_state(state["rng"])
             log.info("resumed from %s at step %d", ckpt, self.step)
 
     # ------------------------------------------------------------------ one step
     def rollouts(self, step: int) -> tuple[list[Episode], list[dict], dict]:
-        c = self.config
+        """This rank's episodes: its share of the step's prompts (all samples of a prompt
+        stay on one rank, so the RLOO groups are whole)."""
+        c, d = self.config, self.dist
         pick = np.random.default_rng([c.train.seed, step])  # stateless: same on resume
         n = min(c.train.prompts_per_step, len(self.rows))
-        idx = pick.choice(len(self.rows), size=n, replace=False).tolist()
+        idx = pick.choice(len(self.rows), size=n, replace=False).tolist()[d.rank::d.world]
         rows = [self.rows[i] for i in idx]
         self.policy.eval()
-        episodes, timing = rollout(
-            self.policy, self.tokenizer, self.formatter,
-            [str(r[c.problem_field()]) for r in rows], samples=c.rollout.samples_per_prompt,
-            max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
-            batch_size=c.rollout.gen_batch_size, max_prompt_tokens=c.data.max_prompt_tokens,
-            row_names=[f"row {i + 1} of {c.data.train_file}" for i in idx])
+        with distributed.generation(self.policy, d):
+            episodes, timing = rollout(
+                self.policy, self.tokenizer, self.formatter,
+                [str(r[c.problem_field()]) for r in rows],
+                samples=c.rollout.samples_per_prompt, max_new_tokens=c.rollout.max_new_tokens,
+                temperature=c.rollout.temperature, batch_size=c.rollout.gen_batch_size,
+                max_prompt_tokens=c.data.max_prompt_tokens,
+                row_names=[f"row {i + 1} of {c.data.train_file}" for i in idx])
         return episodes, [rows[e.prompt_index] for e in episodes], timing
 
     def loss_and_backward(self, episodes: list[Episode], objective: Objective) -> dict:
-        """Packed forward/backward over all episodes (gradients accumulate in .grad)."""
-        c = self.config
-        o = objective
-        seqs = [e.ids for e in episodes]
+        """Packed forward/backward over the step's episodes (the same global list on every
+        rank; gradients accumulate in .grad). With several ranks each trains on its
+        balanced share (by token count) and the loss is normalised over all ranks."""
+        c, d, o = self.config, self.dist, objective
+        mine = (sf.balanced_partition([len(e.ids) for e in episodes], d.world)[d.rank]
+                if d.enabled else list(range(len(episodes))))
+        seqs = [episodes[i].ids for i in mine]
         # an episode longer than the budget gets a micro-batch of its own
         budget = max(c.train.max_tokens, max(len(s) for s in seqs))
-        batches = sf.pack(seqs, budget, segments=[e.labels for e in episodes])
-        parts = [build_step_tensors(b, o.train) for b in batches]
+        batches = sf.pack(seqs, budget, segments=[episodes[i].labels for i in mine])
+        if d.enabled:
+            # FSDP's all-gathers and reduce-scatters are collectives: every rank runs the
+            # same number of micro-batches, short ranks add empty ones (loss 0)
+            n = max(distributed.gather_objects(len(batches), d))
+            pad = self.tokenizer.pad_token_id or 0
+            batches += sf.pack([[pad, pad]], budget, segments=[[0, 0]]) * (n - len(batches))
+        train = o.train[mine]
+        parts = [build_step_tensors(b, train) for b in batches]
         per_token = c.train.reduction == "token_mean"
         units = [int((p["turn"] > 0).sum()) if per_token else
                  len(torch.unique(p["episode"][p["turn"] > 0])) for p in parts]
-        total = max(sum(units), 1)
-        lm_w = self.policy.get_output_embeddings().weight
-        ref_w = self.ref.get_output_embeddings().weight
+        total = max(distributed.all_reduce_sum({"u": sum(units)}, d)["u"], 1)
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.model.bf16
                              and self.device.type == "cuda")
-        adv = o.adv.to(self.device)
-        out = {"loss": 0.0, "kl_sum1": 0.0, "kl_sum2": 0.0, "n1": 0, "n2": 0, "tokens": 0}
+        adv = o.adv[mine].to(self.device)
+        out = {"loss": 0.0, "kl_sum1": 0.0, "kl_sum2": 0.0, "n1": 0, "n2": 0, "tokens": 0,
+               "nonfinite": 0}
         self.policy.train()
         for b, p, u in zip(batches, parts, units):
             ids, pos = b.input_ids.to(self.device), b.position_ids.to(self.device)
             # sequence bounds for varlen attention (score_fast.attention); other
             # implementations ignore them and read position_ids
-            seq = {"cu_seq_lens_q": b.cu_seqlens.to(self.device), "cu_seq_lens_k":
-                   b.cu_seqlens.to(self.device), "max_length_q": b.max_seqlen,
+            cu = b.cu_seqlens.to(self.device)
+            seq = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": b.max_seqlen,
                    "max_length_k": b.max_seqlen}
             targets, turn, episode = (p[k].to(self.device) for k in ("targets", "turn", "episode"))
             live = turn > 0
-            if not live.any():  # nothing trained here (e.g. STaR without a correction)
-                out["tokens"] += b.num_tokens
+            out["tokens"] += b.num_tokens
+            if not live.any() and not d.enabled:  # nothing trained (e.g. STaR, no correction)
                 continue
-            with torch.no_grad():
-                with amp:
-                    rh = self.ref.model(input_ids=ids, position_ids=pos, use_cache=False,
-                                        **seq).last_hidden_state[0]
-                ref_logp = torch.zeros(turn.shape, dtype=torch.float32, device=self.device)
-                # only the scored rows need the reference
-                ref_logp[live] = sf.linear_logprobs(rh[live], ref_w.to(rh.dtype),
-                                                    targets[live])
+            with torch.no_grad(), amp:
+                ref_logp = self.ref.score_fast_logprobs(ids, pos, seq, targets, live)
             with amp:
-                h = self.policy.model(input_ids=ids, position_ids=pos, use_cache=False,
-                                      **seq).last_hidden_state[0]
-            loss, m = sf.linear_score_loss(h, lm_w.to(h.dtype), targets, ref_logp, turn,
-                                           episode, adv, stage=o.stage, beta1=o.beta1,
-                                           beta2=o.beta2, kl=c.train.kl,
-                                           reduction=c.train.reduction)
+                loss, m = self.policy.score_fast_loss(
+                    ids, pos, seq, targets, ref_logp, turn, episode, adv, stage=o.stage,
+                    beta1=o.beta1, beta2=o.beta2, kl=c.train.kl, reduction=c.train.reduction)
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {self.step + 1} (stage {o.stage}, "
-                    f"micro-batch of {b.num_tokens} tokens); stopping before the optimizer "
-                    f"step, no checkpoint written. Lower train.lr or check the model.")
-            (loss * (u / total)).backward()
+                out["nonfinite"] += 1
+                if not d.enabled:  # several ranks: all of them stop together, below
+                    self._nonfinite(f"loss is {loss.item()}", o.stage, b.num_tokens)
+            # FSDP averages gradients over ranks: x world makes it the sum over micro-batches
+            (loss * (u * d.world / total)).backward()
             n1, n2 = int((turn == 1).sum()), int((turn == 2).sum())
             out["loss"] += loss.item() * u / total
             out["kl_sum1"] += m["kl_t1"].item() * n1
             out["kl_sum2"] += m["kl_t2"].item() * n2
             out["n1"] += n1
             out["n2"] += n2
-            out["tokens"] += b.num_tokens
+        out = distributed.all_reduce_sum(out, d)
+        if out["nonfinite"]:
+            self._nonfinite(f"loss is not finite on {int(out['nonfinite'])} micro-batches",
+                            o.stage)
         return out
 
+    def _nonfinite(self, what: str, stage: int, tokens: int | None = None):
+        where = f", micro-batch of {tokens} tokens" if tokens else ""
+        raise NonFiniteLossError(f"{what} at step {self.step + 1} (stage {stage}{where}); "
+                                 f"stopping before the optimizer step, no checkpoint written. "
+                                 f"Lower train.lr or check the model.")
+
+    def optimize(self, episodes: list[Episode], objective: Objective) -> tuple[dict, float]:
+        """One optimizer step on the step's (global) episodes: zero, packed backward, clip,
+        AdamW. Returns the loss statistics and the gradient norm before clipping."""
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.loss_and_backward(episodes, objective)
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
+                                              self.config.train.max_grad_norm)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not math.isfinite(norm):
+            raise NonFiniteLossError(f"gradient norm is {norm} at step {self.step + 1} "
+                                     f"(stage {objective.stage}); no optimizer step, "
+                                     f"no checkpoint")
+        self.optimizer.step()
+        return out, norm
+
     def train_step(self) -> dict:
-        c = self.config
+        c, d = self.config, self.dist
         stage = stage_at(c, self.step)
         t0 = time.perf_counter()
         episodes, rows, timing = self.rollouts(self.step)
@@ -318,27 +381,31 @@ class Trainer:
             log.warning("reward error (scored 0): %s", err)
         r1, r2 = torch.tensor(s1), torch.tensor(s2)
         group = torch.tensor([e.prompt_index for e in episodes])
-        objective = plan_objective(c, stage, r1, r2, group)
+        objective = plan_objective(c, stage, r1, r2, group)  # groups are whole on each rank
+        if d.enabled:  # every rank gets the whole step: episodes, scores, advantages
+            parts = distributed.gather_objects(
+                (episodes, s1, s2, objective.adv, objective.train, timing, e1 + e2), d)
+            episodes = [e for p in parts for e in p[0]]
+            s1, s2 = [x for p in parts for x in p[1]], [x for p in parts for x in p[2]]
+            objective.adv = torch.cat([p[3] for p in parts])
+            objective.train = torch.cat([p[4] for p in parts])
+            timing = {"gen_tokens": sum(p[5]["gen_tokens"] for p in parts),
+                      "gen_seconds": max(p[5]["gen_seconds"] for p in parts)}
+            e1, e2 = sum(p[6] for p in parts), 0
         t1 = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        out = self.loss_and_backward(episodes, objective)
-        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.train.max_grad_norm)
-        if not torch.isfinite(norm):
-            raise NonFiniteLossError(f"gradient norm is {norm.item()} at step {self.step + 1} "
-                                     f"(stage {stage}); no optimizer step, no checkpoint")
-        self.optimizer.step()
+        out, norm = self.optimize(episodes, objective)
         train_s = time.perf_counter() - t1
         self.step += 1
         from score_fast.metrics import self_correction_metrics
         sc = self_correction_metrics([s > 0 for s in s1], [s > 0 for s in s2],
                                      [e.text1 for e in episodes], [e.text2 for e in episodes])
         return {"step": self.step, "stage": stage, "loss": out["loss"],
-                "reward_t1": float(r1.mean()), "reward_t2": float(r2.mean()), **sc,
+                "reward_t1": float(np.mean(s1)), "reward_t2": float(np.mean(s2)), **sc,
                 "kl_t1": out["kl_sum1"] / max(out["n1"], 1),
                 "kl_t2": out["kl_sum2"] / max(out["n2"], 1),
                 "len_t1": float(np.mean([len(e.attempt1_ids) for e in episodes])),
                 "len_t2": float(np.mean([len(e.attempt2_ids) for e in episodes])),
-                "grad_norm": float(norm), "reward_errors": e1 + e2,
+                "grad_norm": norm, "reward_errors": e1 + e2,
                 "gen_tok_s": timing["gen_tokens"] / max(timing["gen_seconds"], 1e-9),
                 "train_tok_s": out["tokens"] / max(train_s, 1e-9),
                 "step_s": time.perf_counter() - t0}
@@ -347,29 +414,33 @@ class Trainer:
     def save(self) -> str:
         return save_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer,
                                self.optimizer, {"stage": stage_at(self.config, self.step - 1)},
-                               self.config_yaml)
+                               self.config_yaml, dist=self.dist)
 
     def train(self, until: int | None = None, progress: bool = True) -> list[dict]:
         """Steps until `until` (default: the end of the schedule); checkpoints every
         save_every steps and at the end. Returns the logged metrics of this call."""
         from tqdm.auto import tqdm
-        c = self.config
+        c, main = self.config, self.dist.main  # only rank 0 prints and writes logs
         end = min(self.total_steps, until if until is not None else self.total_steps)
         history = []
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not progress,
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (progress and main),
                    desc="score", dynamic_ncols=True)
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as jf:
+        jf = open(os.path.join(self.run_dir, "metrics.jsonl"), "a") if main else None
+        try:
             while self.step < end:
                 m = self.train_step()
                 history.append(m)
                 bar.update(1)
-                if self.step % c.train.log_every == 0 or self.step == end:
+                if main and (self.step % c.train.log_every == 0 or self.step == end):
                     jf.write(json.dumps(m) + "\n")
                     jf.flush()
                     (bar.write if progress else log.info)(format_line(m))
                 if self.step % c.train.save_every == 0 or self.step == end:
                     self.save()
-        bar.close()
+        finally:
+            bar.close()
+            if jf:
+                jf.close()
         return history
 
 
