@@ -41,6 +41,7 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("eval", ev, help="evaluate a checkpoint on a data file")
     demo = ArgumentParser(description="the built-in arithmetic demo (tiny Llama, CPU)")
     demo.add_argument("--run_dir", type=str, default="runs/demo", help="where the demo writes")
+    demo.add_argument("--seed", type=int, default=0, help="warm-up, sampling and RL seed")
     sub.add_subcommand("demo", demo, help="run the built-in demo end to end")
     ab = ArgumentParser(description="the paper's ablations (Table 4) on the demo task, "
                                     "several seeds (score_fast.ablate)")
@@ -53,8 +54,9 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def parse_config(argv) -> Config | EvalConfig | dict | str:
-    """The dataclass config of a `train` or `eval` command line (the demo's run_dir)."""
+def parse_config(argv) -> Config | EvalConfig | dict:
+    """The dataclass config of a `train` or `eval` command line; for `demo` and `ablate`
+    their options as a dict with "command"."""
     args = build_parser().parse_args(list(argv))
     ns = args[args.command].as_dict()
     ns.pop("config", None)
@@ -63,9 +65,7 @@ def parse_config(argv) -> Config | EvalConfig | dict | str:
         return config_from_dict(ns)
     if args.command == "eval":
         return EvalConfig(**ns)
-    if args.command == "ablate":
-        return ns
-    return ns["run_dir"]
+    return {"command": args.command, **ns}
 
 
 def main(argv=None) -> int:
@@ -77,13 +77,13 @@ def main(argv=None) -> int:
         Trainer(config).train()
     elif isinstance(config, EvalConfig):
         run_eval(config)
-    elif isinstance(config, dict):
+    elif config["command"] == "ablate":
         from score_fast.ablate import run_ablation
         run_ablation(config["out"], seeds=tuple(config["seeds"]), quick=config["quick"],
                      workers=config["workers"])
     else:
         from score_fast.demo import run_demo
-        run_demo(run_dir=config)
+        run_demo(run_dir=config["run_dir"], seed=config["seed"])
     return 0
 
 
