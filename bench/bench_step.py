@@ -26,7 +26,8 @@ from score_fast.attention import use_varlen_attention
 from score_fast.config import Config
 from score_fast.kernels.score_loss import score_loss_ref
 from score_fast.rollout import Episode
-from score_fast.trainer import Objective, Trainer
+from score_fast.distributed import Dist
+from score_fast.trainer import Objective, Trainer, prepare_model
 
 DEVICE = bench_device()
 if DEVICE == "cuda":
@@ -65,8 +66,11 @@ def setup():
     config.train.max_tokens = BUDGET
     config.model.bf16 = DEVICE == "cuda"
     trainer = Trainer.__new__(Trainer)  # the trainer's step without its data and reward
-    trainer.config, trainer.policy, trainer.ref = config, policy, ref
-    trainer.device = torch.device(DEVICE)
+    dist = Dist(device=torch.device(DEVICE))
+    for m in (policy, ref):
+        prepare_model(m, dist, bf16=config.model.bf16)
+    trainer.config, trainer.policy, trainer.ref, trainer.dist = config, policy, ref, dist
+    trainer.device, trainer.tokenizer, trainer.step = dist.device, None, 0
     eps, adv = _episodes(MODEL.vocab_size)
     return types.SimpleNamespace(trainer=trainer, policy=policy, ref=ref, eps=eps, adv=adv)
 

@@ -48,6 +48,7 @@ from score_fast.config import Config
 from score_fast.rollout import Episode, Formatter, rollout
 
 __all__ = ["Trainer", "NonFiniteLossError", "RewardError", "Objective", "plan_objective",
+           "prepare_model",
            "build_step_tensors", "score_episodes", "evaluate", "load_model", "stage_at"]
 
 log = logging.getLogger("score_fast")
@@ -138,6 +139,22 @@ def _ref_logprobs(self, ids, pos, seq, targets, live):
     out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
     out[live] = sf.linear_logprobs(h[live], w.to(h.dtype), targets[live]).float()
     return out
+
+
+def prepare_model(model, d: distributed.Dist | None = None, bf16: bool = False):
+    """Ready a HF causal LM for the training step: varlen attention for packed rows (never
+    the whole [T, T] row), the fused-loss entry points `score_fast_loss` (policy) and
+    `score_fast_logprobs` (reference) bound to it, FSDP2 sharding when `d` has several
+    ranks, and the move to d's device."""
+    d = d or distributed.Dist()
+    use_varlen_attention(model)
+    model.score_fast_loss = types.MethodType(_policy_loss, model)
+    model.score_fast_logprobs = types.MethodType(_ref_logprobs, model)
+    distributed.shard(model, d, bf16=bf16)
+    model.to(d.device)
+    distributed.register_method(model, "score_fast_loss", d)
+    distributed.register_method(model, "score_fast_logprobs", d)
+    return model
 
 
 def build_step_tensors(batch, train: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -243,14 +260,7 @@ class Trainer:
         self.policy = load_model(ckpt, "checkpoint") if ckpt else copy.deepcopy(self.ref)
         self.ref.eval().requires_grad_(False)
         for m in (self.ref, self.policy):
-            # packed micro-batches: attention per sequence, never over the whole [T, T] row
-            use_varlen_attention(m)
-            m.score_fast_loss = types.MethodType(_policy_loss, m)
-            m.score_fast_logprobs = types.MethodType(_ref_logprobs, m)
-            distributed.shard(m, d, bf16=c.model.bf16)
-            m.to(self.device)
-            distributed.register_method(m, "score_fast_loss", d)
-            distributed.register_method(m, "score_fast_logprobs", d)
+            prepare_model(m, d, bf16=c.model.bf16)
         if c.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.train.lr,
