@@ -27,6 +27,7 @@ One step (prompts_per_step prompts x samples_per_prompt episodes):
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import json
@@ -175,18 +176,29 @@ def build_step_tensors(batch, train: torch.Tensor | None = None) -> dict[str, to
     return {"targets": targets, "turn": turn, "episode": episode}
 
 
-def score_episodes(reward, texts: list[str], rows: list[dict], name: str = "reward"
+def score_episodes(reward, texts: list[str], rows: list[dict], name: str = "reward",
+                   failures: collections.Counter | None = None
                    ) -> tuple[list[float], int, list[str]]:
     """Scores for texts[i] against rows[i]. If the batch raises, each sample is scored alone
     and a sample that raises scores 0 (counted, its error returned). If every sample
-    raises, or none does alone, the reward itself is broken: RewardError."""
+    raises, or none does alone, the reward itself is broken: RewardError.
+    failures: a Counter that gets why each zero was given (RewardResult.reasons:
+    "wrong_answer", "timeout", ...; "exception" for a sample whose scoring raised)."""
+    def one_batch(t, r):
+        if hasattr(reward, "evaluate"):
+            res = reward.evaluate(t, r)
+            if failures is not None:
+                failures.update(res.failures())
+            return list(res.scores)
+        return list(reward.score(t, r))
+
     try:
-        return list(reward.score(texts, rows)), 0, []
+        return one_batch(texts, rows), 0, []
     except Exception as batch_error:  # noqa: BLE001 - any user reward error
         scores, errors = [], []
         for t, r in zip(texts, rows):
             try:
-                scores.append(float(reward.score([t], [r])[0]))
+                scores.append(float(one_batch([t], [r])[0]))
             except Exception as e:  # noqa: BLE001
                 scores.append(0.0)
                 errors.append(f"{type(e).__name__}: {e}")
@@ -196,6 +208,8 @@ def score_episodes(reward, texts: list[str], rows: list[dict], name: str = "rewa
             first = errors[0] if errors else "each sample alone scores fine"
             raise RewardError(f"{name} failed on the batch: {type(batch_error).__name__}: "
                               f"{batch_error} ({first})") from batch_error
+        if failures is not None:
+            failures["exception"] += len(errors)
         return scores, len(errors), errors
 
 
@@ -385,8 +399,11 @@ class Trainer:
         stage = stage_at(c, self.step)
         t0 = time.perf_counter()
         episodes, rows, timing = self.rollouts(self.step)
-        s1, e1, err1 = score_episodes(self.reward, [e.text1 for e in episodes], rows)
-        s2, e2, err2 = score_episodes(self.reward, [e.text2 for e in episodes], rows)
+        fail1, fail2 = collections.Counter(), collections.Counter()
+        s1, e1, err1 = score_episodes(self.reward, [e.text1 for e in episodes], rows,
+                                      failures=fail1)
+        s2, e2, err2 = score_episodes(self.reward, [e.text2 for e in episodes], rows,
+                                      failures=fail2)
         for err in (err1 + err2)[:3]:
             log.warning("reward error (scored 0): %s", err)
         r1, r2 = torch.tensor(s1), torch.tensor(s2)
@@ -394,7 +411,8 @@ class Trainer:
         objective = plan_objective(c, stage, r1, r2, group)  # groups are whole on each rank
         if d.enabled:  # every rank gets the whole step: episodes, scores, advantages
             parts = distributed.gather_objects(
-                (episodes, s1, s2, objective.adv, objective.train, timing, e1 + e2), d)
+                (episodes, s1, s2, objective.adv, objective.train, timing, e1 + e2,
+                 fail1, fail2), d)
             episodes = [e for p in parts for e in p[0]]
             s1, s2 = [x for p in parts for x in p[1]], [x for p in parts for x in p[2]]
             objective.adv = torch.cat([p[3] for p in parts])
@@ -402,6 +420,8 @@ class Trainer:
             timing = {"gen_tokens": sum(p[5]["gen_tokens"] for p in parts),
                       "gen_seconds": max(p[5]["gen_seconds"] for p in parts)}
             e1, e2 = sum(p[6] for p in parts), 0
+            fail1, fail2 = sum((p[7] for p in parts), collections.Counter()), sum(
+                (p[8] for p in parts), collections.Counter())
         t1 = time.perf_counter()
         out, norm = self.optimize(episodes, objective)
         train_s = time.perf_counter() - t1
@@ -416,6 +436,7 @@ class Trainer:
                 "len_t1": float(np.mean([len(e.attempt1_ids) for e in episodes])),
                 "len_t2": float(np.mean([len(e.attempt2_ids) for e in episodes])),
                 "grad_norm": norm, "reward_errors": e1 + e2,
+                "zeros_t1": dict(fail1), "zeros_t2": dict(fail2),  # why rewards were 0
                 "gen_tok_s": timing["gen_tokens"] / max(timing["gen_seconds"], 1e-9),
                 "train_tok_s": out["tokens"] / max(train_s, 1e-9),
                 "step_s": time.perf_counter() - t0}
@@ -462,4 +483,7 @@ def format_line(m: dict) -> str:
             f"edit {m.get('edit_ratio', math.nan):.3f} KL t1 {m['kl_t1']:.4f} "
             f"t2 {m['kl_t2']:.4f} len {m['len_t1']:.1f}/{m['len_t2']:.1f} "
             f"tok/s gen {m['gen_tok_s']:.0f} train {m['train_tok_s']:.0f}"
-            + (f" reward_errors {m['reward_errors']}" if m["reward_errors"] else ""))
+            + (f" reward_errors {m['reward_errors']}" if m["reward_errors"] else "")
+            + "".join(f" zeros t{k} " + ",".join(f"{r}:{n}" for r, n in
+                                                 sorted(m[f"zeros_t{k}"].items()))
+                      for k in (1, 2) if m.get(f"zeros_t{k}")))

@@ -1,5 +1,6 @@
 """The training step: turn/episode tensors, both stage objectives against a hand-computed
 loss, micro-batching, rewards that fail, NaN, metrics, and a short end-to-end run."""
+import collections
 import json
 import os
 
@@ -191,6 +192,29 @@ def test_reward_failing_on_one_sample_scores_zero():
         return 1.0
     scores, n_err, errors = score_episodes(_Reward(fn), ["a", "bad", "c"], [{}, {}, {}])
     assert scores == [1.0, 0.0, 1.0] and n_err == 1 and "checker crashed" in errors[0]
+
+
+def test_reward_failure_mix_is_counted():
+    """Why each zero was given (the math reward's reasons, 'exception' for a raise)."""
+    from score_fast.rewards import make_reward
+    from score_fast.rewards.base import Reward, RewardResult
+    texts = ["Final Answer: The final answer is $4$.", "Final Answer: The final answer is $5$.",
+             "no idea", "Final Answer: The final answer is $7$."]
+    rows = [{"answer": "4"}, {"answer": "4"}, {"answer": "4"}, {"answer": "3"}]
+    fails = collections.Counter()
+    with make_reward("math") as reward:
+        scores, _, _ = score_episodes(reward, texts, rows, failures=fails)
+    assert scores == [1.0, 0.0, 0.0, 0.0]
+    assert fails == {"wrong_answer": 2, "no_answer": 1}
+
+    class Flaky(Reward):
+        def _evaluate(self, responses, rows):
+            if "boom" in responses:
+                raise RuntimeError("boom")
+            return RewardResult([0.0] * len(responses), ["timeout"] * len(responses))
+    fails = collections.Counter()
+    score_episodes(Flaky(), ["a", "boom", "c"], [{}, {}, {}], failures=fails)
+    assert fails == {"timeout": 2, "exception": 1}
 
 
 def test_reward_failing_everywhere_is_an_error(tmp_path):
