@@ -19,7 +19,7 @@ import os
 import sys
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from score_fast.config import Config, EvalConfig, config_from_dict
 
@@ -29,6 +29,8 @@ log = logging.getLogger("score_fast")
 
 
 def build_parser() -> ArgumentParser:
+    # --help shows each config field's docstring (score_fast/config.py)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog="score-fast", description="SCoRe self-correction training")
     sub = parser.add_subcommands(dest="command")
     train = ArgumentParser(description="Stage I then Stage II SCoRe training")

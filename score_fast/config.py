@@ -24,73 +24,109 @@ CODE_INSTRUCTION = (
 
 @dataclass
 class ModelConfig:
-    path: str = ""  # local HF model directory (policy init and the frozen reference)
-    bf16: bool = False  # bf16 autocast for the training forward (GPU)
-    gradient_checkpointing: bool = False  # recompute activations in backward (GPU, long contexts)
+    path: str = ""
+    """local HF model directory (policy init and the frozen reference)"""
+    bf16: bool = False
+    """bf16 autocast for the training forward (GPU)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward (GPU, long contexts)"""
 
 
 @dataclass
 class DataConfig:
-    train_file: str = ""  # .jsonl / .json / .parquet (score_fast.data.load_rows)
-    problem_field: Optional[str] = None  # None: "problem" (math, custom), "prompt" (code)
-    answer_field: Optional[str] = None  # None: "answer" (math, custom); code rows carry tests
-    limit: Optional[int] = None  # keep the first `limit` rows
-    max_prompt_tokens: int = 1024  # a longer (templated) prompt is an error naming its row
+    train_file: str = ""
+    """.jsonl / .json / .parquet (score_fast.data.load_rows)"""
+    problem_field: Optional[str] = None
+    """None: "problem" (math, custom), "prompt" (code)"""
+    answer_field: Optional[str] = None
+    """None: "answer" (math, custom); code rows carry tests"""
+    limit: Optional[int] = None
+    """keep the first `limit` rows"""
+    max_prompt_tokens: int = 1024
+    """a longer (templated) prompt is an error naming its row"""
 
 
 @dataclass
 class RolloutConfig:
-    samples_per_prompt: int = 4  # k episodes per prompt for the RLOO baseline (not stated)
-    temperature: float = 1.0  # the paper's sampling temperature
-    max_new_tokens: int = 512  # per attempt (not stated)
-    instruction: Optional[str] = None  # None: the paper's math or code instruction
-    gen_batch_size: int = 64  # sequences per generate() call
+    samples_per_prompt: int = 4
+    """k episodes per prompt for the RLOO baseline (not stated)"""
+    temperature: float = 1.0
+    """the paper's sampling temperature"""
+    max_new_tokens: int = 512
+    """per attempt (not stated)"""
+    instruction: Optional[str] = None
+    """None: the paper's math or code instruction"""
+    gen_batch_size: int = 64
+    """sequences per generate() call"""
 
 
 @dataclass
 class RewardConfig:
-    kind: str = "math"  # math | code | custom
-    function: str = ""  # custom only: "module:function"
+    kind: str = "math"
+    """math | code | custom"""
+    function: str = ""
+    """custom only: module:function (a file path or module, then the function name)"""
 
 
 @dataclass
 class Stage1Config:
-    steps: int = 100  # steps of Stage I per round (not stated)
-    beta1: float = 0.01  # KL weight on attempt 2
-    beta2: float = 0.1  # KL weight on attempt 1 (MATH 0.1, MBPP 0.25)
+    steps: int = 100
+    """steps of Stage I per round (not stated)"""
+    beta1: float = 0.01
+    """KL weight on attempt 2"""
+    beta2: float = 0.1
+    """KL weight on attempt 1 (MATH 0.1, MBPP 0.25)"""
 
 
 @dataclass
 class Stage2Config:
-    steps: int = 300  # steps of Stage II per round (not stated)
-    alpha: float = 10.0  # shaping bonus alpha * (r2 - r1) on attempt 2
-    beta1: float = 0.01  # KL weight on both attempts
-    # reinforce: the paper's Stage II. star: the Table 4 ablation "STaR instead of REINFORCE
-    # in Stage II": supervised fine-tuning on the step's own successful corrections
-    # (attempt 2 of the episodes with r1 = 0 and r2 = 1), no KL
+    steps: int = 300
+    """steps of Stage II per round (not stated)"""
+    alpha: float = 10.0
+    """shaping bonus alpha * (r2 - r1) on attempt 2"""
+    beta1: float = 0.01
+    """KL weight on both attempts"""
     method: str = "reinforce"
+    """reinforce: the paper's Stage II. star: the Table 4 ablation "STaR instead of REINFORCE
+    in Stage II": supervised fine-tuning on the step's own successful corrections (attempt 2
+    of the episodes with r1 = 0 and r2 = 1), no KL"""
 
 
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/score"
+    """config.yaml, metrics.jsonl and checkpoint-N/ go here"""
     seed: int = 0
-    rounds: int = 1  # Stage I then Stage II, repeated (v1 interleaves them)
-    prompts_per_step: int = 8  # episodes per step = prompts_per_step * samples_per_prompt
-    lr: float = 1e-6  # AdamW (paper: Adam, 5e-6 MATH, 1e-5 MBPP)
+    """torch / numpy / prompt-order seed (each rank adds its rank for sampling)"""
+    rounds: int = 1
+    """Stage I then Stage II, repeated (v1 interleaves them)"""
+    prompts_per_step: int = 8
+    """episodes per step = prompts_per_step * samples_per_prompt"""
+    lr: float = 1e-6
+    """AdamW (paper: Adam, 5e-6 MATH, 1e-5 MBPP)"""
     weight_decay: float = 0.0
+    """AdamW weight decay (not stated)"""
     max_grad_norm: float = 1.0
-    max_tokens: int = 8192  # token budget of one packed micro-batch
-    kl: str = "k3"  # KL estimator: k1 | k2 | k3 (not stated)
-    reduction: str = "token_mean"  # loss averaging (not stated)
-    baseline: str = "rloo"  # rloo | mean | none
-    # the Table 4 ablation "without multi-turn training": REINFORCE + beta1 KL on attempt 1
-    # only, every step (attempt 2 is still sampled, for the metrics, but not trained)
+    """clip the global gradient norm to this (not stated)"""
+    max_tokens: int = 8192
+    """token budget of one packed micro-batch"""
+    kl: str = "k3"
+    """KL estimator: k1 | k2 | k3 (not stated)"""
+    reduction: str = "token_mean"
+    """loss averaging (not stated)"""
+    baseline: str = "rloo"
+    """rloo | mean | none"""
     single_turn: bool = False
-    normalize: bool = False  # divide advantages by the group std (not stated)
+    """the Table 4 ablation "without multi-turn training": REINFORCE + beta1 KL on attempt 1
+    only, every step (attempt 2 is still sampled, for the metrics, but not trained)"""
+    normalize: bool = False
+    """divide advantages by the group std (not stated)"""
     log_every: int = 1
+    """steps between metric lines (and metrics.jsonl rows)"""
     save_every: int = 50
-    resume: bool = False  # continue from the last complete checkpoint in run_dir
+    """steps between checkpoints (one is always written at the end)"""
+    resume: bool = False
+    """continue from the last complete checkpoint in run_dir"""
 
 
 @dataclass
@@ -123,18 +159,24 @@ class Config:
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = ""  # a checkpoint-N directory (or any HF model directory)
-    data: str = ""  # .jsonl / .json / .parquet: MATH, HumanEval or MBPP rows, or the run's
-    # math | code; None: the checkpoint's reward kind if the data's fields fit it, else the
-    # kind the fields fit (score_fast.evaluation.detect_config)
+    checkpoint: str = ""
+    """a checkpoint-N directory (or any HF model directory)"""
+    data: str = ""
+    """.jsonl / .json / .parquet: MATH, HumanEval or MBPP rows, or rows with the run's fields"""
     kind: Optional[str] = None
+    """math | code; None: the checkpoint's reward kind if the data's fields fit it, else the
+    kind the fields fit (score_fast.evaluation.detect_config)"""
     limit: Optional[int] = None
-    max_new_tokens: Optional[int] = None  # None: the run's rollout.max_new_tokens
-    # K (even): also majority vote over K sampled first attempts vs over K/2 second attempts
-    # (each after its own first attempt): the paper's Figure 1 (right)
+    """evaluate the first `limit` rows"""
+    max_new_tokens: Optional[int] = None
+    """None: the run's rollout.max_new_tokens"""
     samples: Optional[int] = None
-    temperature: float = 0.7  # sampling temperature of --samples
-    seed: int = 0  # torch seed of --samples
+    """K (even): also majority vote over K sampled first attempts vs over K/2 second attempts
+    (each after its own first attempt): the paper's Figure 1 (right)"""
+    temperature: float = 0.7
+    """sampling temperature of --samples"""
+    seed: int = 0
+    """torch seed of --samples"""
 
     def __post_init__(self):  # checked before the model loads
         if self.kind not in (None, "math", "code"):

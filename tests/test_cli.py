@@ -3,6 +3,7 @@ overrides reach the config, the resolved config is saved, train and eval run."""
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -32,8 +33,12 @@ def test_help_lists_every_field_with_its_default():
         assert f"--{name} " in text, name
         shown = "null" if default is None else str(default)
         assert f"--{name}" in text and f"default: {shown})" in text, (name, shown)
-    assert "--stage2.alpha ALPHA (type: float, default: 10.0)" in text
-    assert "--train.resume {true,false} (type: bool, default: False)" in text
+        # and what it means: the field's docstring in score_fast/config.py
+        m = re.search(rf"--{re.escape(name)} \S+ (.*?) \(type:", text)
+        assert m and len(m.group(1)) > 5, (name, m and m.group(1))
+    assert ("--stage2.alpha ALPHA shaping bonus alpha * (r2 - r1) on attempt 2 (type: float, "
+            "default: 10.0)") in text
+    assert "--train.resume {true,false} continue from the last complete" in text
 
 
 def test_yaml_and_overrides(tmp_path):
