@@ -21,6 +21,18 @@ using I64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
     throw std::invalid_argument(std::string(name) + " has " + std::to_string((a).shape(0)) + \
                                 " entries, expected " + std::to_string(n))
 
+// An optional integer array argument: None gives an empty array (callers test `is_none()`
+// on the original object, never the array), anything else must be 1-D of length n.
+static I64 optional_i64(const py::object& obj, const char* name, int64_t n) {
+  I64 a;
+  if (obj.is_none()) return a;
+  a = I64::ensure(obj);
+  if (!a) throw std::invalid_argument(std::string(name) + " must be an integer array");
+  CHECK_1D(a, name);
+  CHECK_LEN(a, name, n);
+  return a;
+}
+
 static py::tuple plan_bins(const I64& lengths, int64_t max_tokens) {
   CHECK_1D(lengths, "lengths");
   const int64_t n = lengths.shape(0);
@@ -51,13 +63,7 @@ static py::tuple pack(const I64& ids, const I64& seq_offsets, const py::object& 
   if (bin_offsets.at(0) != 0 || bin_offsets.at(n_bins) != n)
     throw std::invalid_argument("bin_offsets must run from 0 to len(order) = " + std::to_string(n));
   const bool has_seg = !segments.is_none();
-  I64 seg;  // an empty array, not null: test has_seg, never `seg` itself
-  if (has_seg) {
-    seg = I64::ensure(segments);
-    if (!seg) throw std::invalid_argument("segments must be an integer array");
-    CHECK_1D(seg, "segments");
-    CHECK_LEN(seg, "segments", total);
-  }
+  const I64 seg = optional_i64(segments, "segments", total);
   I64 input_ids(total), position_ids(total), token_offsets(n_bins + 1), max_seqlen(n_bins);
   I64 segment_ids(has_seg ? total : 0);
   py::array_t<int32_t> cu_seqlens(n + n_bins);
@@ -78,13 +84,7 @@ static py::tuple balanced_partition(const I64& lengths, const py::object& groups
   CHECK_1D(lengths, "lengths");
   const int64_t n = lengths.shape(0);
   const bool has_groups = !groups.is_none();
-  I64 g;  // an empty array, not null: test has_groups, never `g` itself
-  if (has_groups) {
-    g = I64::ensure(groups);
-    if (!g) throw std::invalid_argument("groups must be an integer array");
-    CHECK_1D(g, "groups");
-    CHECK_LEN(g, "groups", n);
-  }
+  const I64 g = optional_i64(groups, "groups", n);
   I64 order(n);
   std::vector<int64_t> offsets;
   {
