@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -77,20 +78,28 @@ def _job(args) -> dict:
     from score_fast.trainer import Trainer, evaluate, make_reward_from
     variant, seed, base, data, train_rows, test_rows, run_dir, n1, n2, demo = args
     torch.set_num_threads(1)  # the demo's tiny matrices: one thread per process is fastest
+    # each run's metric lines go to its metrics.jsonl; 2 workers' interleaved step lines on
+    # the console would bury the per-variant summary lines
+    logger = logging.getLogger("score_fast")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
     t0 = time.perf_counter()
     config = variant_config(variant, base, data, run_dir, seed, n1, n2, **demo)
-    reward = make_reward_from(config)
-    tok = demo_task.build_tokenizer()
-    if variant.rl:
-        trainer = Trainer(config)
-        trainer.train(progress=False)
-        model = trainer.policy
-    else:
-        from score_fast.trainer import load_model
-        model = load_model(base)
-    out = {"variant": variant.name, "seed": seed,
-           "train": evaluate(model, tok, config, train_rows, reward),
-           "held_out": evaluate(model, tok, config, test_rows, reward)}
+    try:
+        with make_reward_from(config) as reward:
+            tok = demo_task.build_tokenizer()
+            if variant.rl:
+                trainer = Trainer(config)
+                trainer.train(progress=False)
+                model = trainer.policy
+            else:
+                from score_fast.trainer import load_model
+                model = load_model(base)
+            out = {"variant": variant.name, "seed": seed,
+                   "train": evaluate(model, tok, config, train_rows, reward),
+                   "held_out": evaluate(model, tok, config, test_rows, reward)}
+    finally:
+        logger.setLevel(level)
     out["seconds"] = time.perf_counter() - t0
     return out
 
