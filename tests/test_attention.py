@@ -113,3 +113,26 @@ def test_sliding_window_model_kept():
     m = transformers.AutoModelForCausalLM.from_config(cfg)
     assert not use_varlen_attention(m)
     assert m.config._attn_implementation != NAME
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_on_cuda_within_rule(dtype):
+    """On a GPU (flash-attn varlen for bf16 when installed, else SDPA per sequence): packed
+    logits vs an fp64 CPU per-sequence reference, within 2x the error of running each
+    sequence alone at the same dtype with transformers' sdpa."""
+    from conftest import assert_within_rule
+    ref_model = _model()  # fp64 on the CPU
+    ids, pos, cu = _packed(LENS)
+    with torch.no_grad():
+        ref64 = torch.cat([ref_model(input_ids=s, use_cache=False).logits
+                           for s in ids.split(LENS, 1)], 1)
+        alone = copy.deepcopy(ref_model).to("cuda", dtype)
+        base = torch.cat([alone(input_ids=s.cuda(), use_cache=False).logits
+                          for s in ids.split(LENS, 1)], 1)
+        packed = copy.deepcopy(ref_model).to("cuda", dtype)
+        use_varlen_attention(packed)
+        out = packed(input_ids=ids.cuda(), position_ids=pos.cuda(), use_cache=False,
+                     cu_seq_lens_q=cu.cuda(), max_length_q=max(LENS)).logits
+    assert_within_rule(out, ref64, base, atol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                       name=f"packed logits {dtype}")
