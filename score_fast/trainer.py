@@ -46,6 +46,7 @@ from score_fast import distributed
 from score_fast.attention import use_varlen_attention
 from score_fast.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_state
 from score_fast.config import Config
+from score_fast.flops import matmul_params, peak_flops, step_flops
 from score_fast.rollout import Episode, Formatter, rollout
 
 __all__ = ["Trainer", "NonFiniteLossError", "RewardError", "Objective", "plan_objective",
@@ -273,6 +274,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(c.model.path)
         self.policy = load_model(ckpt, "checkpoint") if ckpt else copy.deepcopy(self.ref)
         self.ref.eval().requires_grad_(False)
+        self.flops_shape, self.peak_flops = matmul_params(self.policy), peak_flops(d.device)
         for m in (self.ref, self.policy):
             prepare_model(m, d, bf16=c.model.bf16)
         if c.model.gradient_checkpointing:
@@ -429,6 +431,9 @@ class Trainer:
         from score_fast.metrics import self_correction_metrics
         sc = self_correction_metrics([s > 0 for s in s1], [s > 0 for s in s2],
                                      [e.text1 for e in episodes], [e.text2 for e in episodes])
+        if self.peak_flops:  # GPU: model FLOPs of the training step over the devices' peak
+            flops = step_flops(*self.flops_shape, [len(e.ids) for e in episodes])
+            sc["mfu"] = flops / (max(train_s, 1e-9) * self.peak_flops * d.world)
         return {"step": self.step, "stage": stage, "loss": out["loss"],
                 "reward_t1": float(np.mean(s1)), "reward_t2": float(np.mean(s2)), **sc,
                 "kl_t1": out["kl_sum1"] / max(out["n1"], 1),
@@ -483,6 +488,7 @@ def format_line(m: dict) -> str:
             f"edit {m.get('edit_ratio', math.nan):.3f} KL t1 {m['kl_t1']:.4f} "
             f"t2 {m['kl_t2']:.4f} len {m['len_t1']:.1f}/{m['len_t2']:.1f} "
             f"tok/s gen {m['gen_tok_s']:.0f} train {m['train_tok_s']:.0f}"
+            + (f" MFU {100 * m['mfu']:.1f}%" if "mfu" in m else "")
             + (f" reward_errors {m['reward_errors']}" if m["reward_errors"] else "")
             + "".join(f" zeros t{k} " + ",".join(f"{r}:{n}" for r, n in
                                                  sorted(m[f"zeros_t{k}"].items()))
