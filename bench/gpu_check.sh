@@ -33,7 +33,10 @@ print(f"torch {torch.__version__}, triton {triton.__version__}, "
 PY
 
 status=0
-python3 -m pytest tests -m gpu -q -p no:cacheprovider -rs 2>&1 | tee "$out/gpu_tests.log"
+# --continue-on-collection-errors: the GPU image lacks CPU-only test dependencies
+# (jsonargparse for the CLI tests); a module that cannot import must not stop the GPU tests
+python3 -m pytest tests -m gpu -q -p no:cacheprovider -rs --continue-on-collection-errors \
+  2>&1 | tee "$out/gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 tests_line=$(tail -n 1 "$out/gpu_tests.log")
 

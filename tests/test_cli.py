@@ -10,7 +10,8 @@ import sys
 import pytest
 import yaml
 
-from score_fast.cli import main, parse_config
+pytest.importorskip("jsonargparse")  # the GPU image (bench/gpu_check.sh) does not have it
+from score_fast.cli import main, parse_config  # noqa: E402
 from score_fast.config import Config, EvalConfig
 from test_trainer import make_run
 

@@ -12,7 +12,8 @@ import yaml
 
 from score_fast import demo_task
 from score_fast import evaluation as ev
-from score_fast.cli import main, parse_config
+pytest.importorskip("jsonargparse")  # the GPU image (bench/gpu_check.sh) does not have it
+from score_fast.cli import main, parse_config  # noqa: E402
 from score_fast.config import (CODE_INSTRUCTION, Config, DataConfig, RewardConfig,
                                RolloutConfig)
 from score_fast.data import DataError
