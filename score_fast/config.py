@@ -91,6 +91,10 @@ class Stage2Config:
     in Stage II": supervised fine-tuning on the step's own successful corrections (attempt 2
     of the episodes with r1 = 0 and r2 = 1), no KL"""
 
+    def __post_init__(self):  # a typo must not silently run the other method
+        if self.method not in ("reinforce", "star"):
+            raise ValueError(f"stage2.method must be reinforce or star, got {self.method!r}")
+
 
 @dataclass
 class TrainConfig:

@@ -110,7 +110,8 @@ def plan_objective(config: Config, stage: int, r1: torch.Tensor, r2: torch.Tenso
     if c.train.single_turn:  # REINFORCE on attempt 1 with its own reward, every step
         adv = sf.score_advantages(r1, r1, group, stage=2, alpha=0.0, baseline=c.train.baseline,
                                   normalize=c.train.normalize)
-        return Objective(adv, both & torch.tensor([True, False]), 2, c.stage2.beta1, 0.0)
+        first_only = torch.tensor([[True, False]]).expand(E, 2)
+        return Objective(adv, first_only, 2, c.stage2.beta1, 0.0)
     if stage == 2 and c.stage2.method == "star":  # SFT on own wrong -> right corrections
         fixed = (r1 <= 0) & (r2 > 0)
         adv = torch.zeros(E, 2)

@@ -12,7 +12,7 @@ import yaml
 
 pytest.importorskip("jsonargparse")  # the GPU image (bench/gpu_check.sh) does not have it
 from score_fast.cli import main, parse_config  # noqa: E402
-from score_fast.config import Config, EvalConfig
+from score_fast.config import Config, EvalConfig, config_from_dict
 from test_trainer import make_run
 
 
@@ -53,6 +53,10 @@ def test_yaml_and_overrides(tmp_path):
     assert e == EvalConfig(checkpoint="ck", data="d.jsonl")
     with pytest.raises(SystemExit):
         parse_config(["train", "--stage2.alpah=5"])
+    with pytest.raises(ValueError, match="got 'Star'"):  # no silent fallback to reinforce
+        parse_config(["train", "--stage2.method=Star"])
+    with pytest.raises(ValueError, match="stage2.method must be reinforce or star, got 'sft'"):
+        config_from_dict({"stage2": {"method": "sft"}})
 
 
 def test_train_then_eval(tmp_path, capsys):
