@@ -6,8 +6,6 @@ Providers:
   score_fast  linear_score_loss with its default path: on CUDA the vocabulary-chunked one
               (cuBLAS GEMMs + Triton elementwise kernels), on CPU the tiled PyTorch path;
               never holds the [N, V] logits.
-  score_fast_fused  (CUDA only) the same with SCORE_FAST_LMHEAD=fused: the all-Triton tiled
-              kernels (on CPU both names would run the same PyTorch path).
   eager       what an RL trainer writes: logits = hidden @ W.T, fp32 log_softmax, gather,
               then the SCoRe loss (score_loss_ref's vectorised token_mean path); autograd.
   compile     torch.compile of the same eager function (not in QUICK mode: minutes of
@@ -20,9 +18,8 @@ Providers:
 
 FLOPs are counted the same for every provider: 3 matmul passes of 2 N H V (forward
 logits, dhidden, dweight) = 6 N H V -- the useful work, not what each provider executes
-(score_fast's chunked path recomputes the logits once more in backward: 4 passes;
-score_fast_fused recomputes them twice more: 5 passes; the CPU path keeps the tile when
-V <= 32768: 3 passes). matmul counts its one pass, 2 N H V.
+(score_fast's chunked path recomputes the logits once more in backward: 4 passes; the
+CPU path keeps the tile when V <= 32768: 3 passes). matmul counts its one pass, 2 N H V.
 All N tokens are loss tokens (turn 1 or 2), so row selection gives score_fast no edge.
 Peak memory is what one forward + backward allocates above what was live (harness.run).
 """
@@ -40,7 +37,7 @@ elif DEVICE == "cuda":
     SHAPES = [(8192, 4096, 151936, torch.bfloat16)]
 else:
     SHAPES = [(4096, 1024, 32000, torch.float32)]
-PROVIDERS = ["score_fast", "score_fast_fused", "eager", "compile", "liger", "matmul"]
+PROVIDERS = ["score_fast", "eager", "compile", "liger", "matmul"]
 EPISODES = 16
 
 
@@ -91,7 +88,7 @@ def _liger_fn():
 
 def _provider_fn(provider):
     global _compiled
-    if provider in ("score_fast", "score_fast_fused"):
+    if provider == "score_fast":
         return _fused
     if provider == "eager":
         return _eager
@@ -111,14 +108,8 @@ def _shape_id(s):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[_shape_id(s) for s in SHAPES])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_lmhead_score_loss(benchmark, provider, shape, monkeypatch):
+def test_lmhead_score_loss(benchmark, provider, shape):
     n, h, v, dtype = shape
-    if provider == "score_fast_fused":
-        if DEVICE != "cuda":
-            pytest.skip("on CPU tensors score_fast and score_fast_fused are one PyTorch path")
-        monkeypatch.setenv("SCORE_FAST_LMHEAD", "fused")
-    elif provider == "score_fast":
-        monkeypatch.delenv("SCORE_FAST_LMHEAD", raising=False)  # the default path
     args = _inputs(n, h, v, dtype)
     hidden, weight = args[0], args[1]
     if provider == "matmul":

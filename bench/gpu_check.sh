@@ -4,8 +4,9 @@
 #   bash bench/gpu_check.sh
 # 1. builds score_fast into a private folder (the C++ extension if pybind11 and a compiler
 #    are there, else the pure-Python packing path, and it says which);
-# 2. runs every test marked `gpu` (CUDA tensors, compiled Triton, not the interpreter);
-# 3. runs every benchmark in its GPU mode and prints the tables last.
+# 2. runs the compile gate (bench/compile_gate.py) under the image's triton;
+# 3. runs every test marked `gpu` (CUDA tensors, compiled Triton, not the interpreter);
+# 4. runs every benchmark in its GPU mode and prints the tables last.
 # Logs, CSV rows and markdown tables go to $OUT when set, bench/results/ otherwise.
 # Budget: under 8 minutes on an H100.
 set -uo pipefail
@@ -33,6 +34,11 @@ print(f"torch {torch.__version__}, triton {triton.__version__}, "
 PY
 
 status=0
+# the compile gate under the image's own triton: every kernel at every launch configuration
+# compiled for sm_80/90a/100a (registers, spills, shared memory), before anything runs
+python3 bench/compile_gate.py --report "$out/kernel_report_gpu_image.md" 2>&1 \
+  | tee "$out/compile_gate.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # --continue-on-collection-errors: the GPU image lacks CPU-only test dependencies
 # (jsonargparse for the CLI tests); a module that cannot import must not stop the GPU tests
 python3 -m pytest tests -m gpu -q -p no:cacheprovider -rs --continue-on-collection-errors \

@@ -12,8 +12,8 @@ policies accurate: for flat rows log S ~ 9 has an fp32 ulp of 1e-6, and log Sx -
 was off by 4e-7 to 7e-7 on a KL of 5e-7, the ratio by ~1e-7 (test_close_flat_policies).
 
 The forward reads x and y once each with online rescaling (running Mx, Sx, My, Sy and the
-running p-weighted sum of d) and keeps (Mx, log Sx, c), 12 bytes a row, for the backward,
-which reads x and y again and writes dx in x's dtype.
+running p-weighted sum of d) and keeps (Mx, log Sx, c), 16 bytes a row (c in fp64), for
+the backward, which reads x and y again and writes dx in x's dtype.
 
 -inf logits: where x_v = -inf the term is 0 (p_v = 0, whatever y_v); where only y_v = -inf
 the KL is +inf (q_v = 0 < p_v), and the gradient is +inf (sign of g) on those entries and
@@ -24,13 +24,16 @@ a KL of 1e-11 under 1e-7 of rounding comes out negative otherwise.
 """
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ._dispatch import use_triton
-from .token_logprobs import (_CHUNK_ELEMS, _check_float, _check_temperature, _round_bf16,
+from .token_logprobs import (_CHUNK_ELEMS, _FLOATS, _check_float, _check_temperature, _round_bf16,
                              _round_to_bf16, _row_stats, _rowsum)
 
 __all__ = ["full_kl", "full_kl_ref"]
@@ -55,7 +58,8 @@ def _full_kl_fwd_kernel(
     sx = 0.0
     my = float("-inf")
     sy = 0.0
-    t = 0.0  # running sum of exp((x - mx) / T) * (x - y), rescaled with sx
+    # running sum of exp((x - mx) / T) * (x - y), rescaled with sx, in fp64 (see c below)
+    t = tl.full([], 0.0, tl.float64)
     n_inf = 0.0  # entries with y = -inf < x: KL = +inf
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
@@ -71,14 +75,22 @@ def _full_kl_fwd_kernel(
         ex = tl.exp((x - mx_safe) * inv_t)
         sx = sx * alpha + tl.sum(ex, axis=0)
         live = (x > float("-inf")) & (y > float("-inf"))
-        t = t * alpha + tl.sum(tl.where(live, ex * (x - y), 0.0), axis=0)
+        d = x.to(tl.float64) - y.to(tl.float64)  # exact: no rounding of x - y
+        t = t * alpha.to(tl.float64) + tl.sum(tl.where(live, ex.to(tl.float64) * d, 0.0),
+                                              axis=0)
         sy = sy * tl.exp((my - my_safe) * inv_t) + tl.sum(tl.exp((y - my_safe) * inv_t), axis=0)
         n_inf += tl.sum(((x > float("-inf")) & (y == float("-inf"))).to(tl.float32), axis=0)
         mx = mx_new
         my = my_new
     dead = sx == 0.0  # all x -inf: KL 0
+    # c and the KL in fp64: c = E_p[d] is ~30 at KL ~ 10 (T = 0.7, logits of std 4), where
+    # an fp32 ulp is 2e-6, and the backward's d - c and the KL's c - (Mx - My) / T cancel
+    # down from there; in fp32 the gradient's error was 3.8x the fp32 reference's
+    # (test_matches_reference, V = 1000). ~6 fp64 ops an element here and in the backward:
+    # within A100/H100/B200 fp64 rates (9.7-67 TFLOP/s) at ~1e12 elements/s of bandwidth.
     c = tl.where(dead, 0.0, t / sx * inv_t)
-    kl = tl.maximum(c - (mx - my) * inv_t - tl.log(sx / sy), 0.0)
+    kl = c - (mx.to(tl.float64) - my.to(tl.float64)) * inv_t - tl.log(sx / sy).to(tl.float64)
+    kl = tl.maximum(kl.to(tl.float32), 0.0)
     kl = tl.where(n_inf > 0, float("inf"), kl)
     kl = tl.where(dead, 0.0, kl)
     tl.store(kl_ptr + row, kl)
@@ -114,24 +126,28 @@ def _full_kl_bwd_kernel(
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=float("-inf")).to(tl.float32)
         y = tl.load(y_ptr + row * stride_y + offs, mask=mask, other=float("-inf")).to(tl.float32)
         pg = g * tl.exp((x - mx) * inv_t - log_s)
-        dx = tl.where(pg == 0.0, 0.0, pg * ((x - y) * inv_t - c))
+        d_c = (x.to(tl.float64) - y.to(tl.float64)) * inv_t - c  # fp64: see the forward
+        dx = tl.where(pg == 0.0, 0.0, pg * d_c.to(tl.float32))
         if ROUND_BF16:
             dx = _round_to_bf16(dx)
         tl.store(dx_ptr + row * stride_dx + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_config(V: int, elem_bytes: int) -> tuple[int, int]:
-    # 16 KB of x and y together per loop step: BLOCK_V 4096 for bf16 (38 steps at
-    # V = 151936), 2048 for fp32; 8 warps = 256 threads x 16 elements of each.
-    block = max(128, min(triton.next_power_of_2(V), 16384 // elem_bytes))
-    return block, (8 if block >= 2048 else 4)
+def _launch_config(elem_bytes: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) from the two dtypes alone (elem_bytes: x's + y's), so the
+    compile gate's cases reach every configuration: the largest power of two (tl.arange
+    needs one) with <= 16 KB of x and y together per loop step -- 4096 for bf16 + bf16 (38
+    steps at V = 151936), 2048 for fp32 + fp32 and for a 16/32-bit pair (16384 // 6 = 2730
+    compiled for no GPU: the gate caught it); 8 warps = 256 threads x 8-16 of each."""
+    return 1 << (16384 // elem_bytes).bit_length() - 1, 8
 
 
 def _fwd_triton(x: torch.Tensor, y: torch.Tensor, inv_t: float):
     N, V = x.shape
-    kl, m, log_s, c = (torch.empty(N, device=x.device, dtype=torch.float32) for _ in range(4))
+    kl, m, log_s = (torch.empty(N, device=x.device, dtype=torch.float32) for _ in range(3))
+    c = torch.empty(N, device=x.device, dtype=torch.float64)
     if N:
-        block, warps = _launch_config(V, x.element_size() + y.element_size())
+        block, warps = _launch_config(x.element_size() + y.element_size())
         _full_kl_fwd_kernel[(N,)](x, y, kl, m, log_s, c, V, x.stride(0), y.stride(0), inv_t,
                                   BLOCK_V=block, num_warps=warps)
     return kl, m, log_s, c
@@ -141,11 +157,24 @@ def _bwd_triton(x, y, m, log_s, c, g, inv_t):
     N, V = x.shape
     dx = torch.empty((N, V), device=x.device, dtype=x.dtype)
     if N:
-        block, warps = _launch_config(V, x.element_size() + y.element_size())
+        block, warps = _launch_config(x.element_size() + y.element_size())
         _full_kl_bwd_kernel[(N,)](x, y, m, log_s, c, g, dx, V, x.stride(0), y.stride(0),
                                   dx.stride(0), inv_t, BLOCK_V=block,
                                   ROUND_BF16=_round_bf16(dx), num_warps=warps)
     return dx
+
+
+def _gate_cases():
+    """Every launch the launchers above make on a GPU (each pair of logits dtypes; a
+    16-divisible and an odd vocabulary), on meta tensors (no data), for the compile gate
+    (bench/compile_gate.py)."""
+    for dx, dy, V in itertools.product(_FLOATS, _FLOATS, (151936, 50257)):
+        x = torch.empty(4096, V, dtype=dx, device="meta")
+        y = torch.empty(4096, V, dtype=dy, device="meta")
+        f = torch.empty(4096, device="meta")
+        c = torch.empty(4096, dtype=torch.float64, device="meta")
+        yield functools.partial(_fwd_triton, x, y, 1.0)
+        yield functools.partial(_bwd_triton, x, y, f, f, c, f, 1.0)
 
 
 def full_kl_ref(logits: torch.Tensor, ref_logits: torch.Tensor,
@@ -166,8 +195,10 @@ def full_kl_ref(logits: torch.Tensor, ref_logits: torch.Tensor,
 
 def _fwd_torch(x: torch.Tensor, y: torch.Tensor, inv_t: float):
     N, V = x.shape
-    kl, m, log_s, c = (torch.empty(N, device=x.device, dtype=torch.float32) for _ in range(4))
-    # five fp32 temporaries of 16 MB live: x, y (copies unless fp32), ex, ey, x - y
+    kl, m, log_s = (torch.empty(N, device=x.device, dtype=torch.float32) for _ in range(3))
+    c = torch.empty(N, device=x.device, dtype=torch.float64)
+    # fp32 temporaries of 16 MB live: x, y (copies unless fp32), ex, ey; 32 MB for x - y
+    # in fp64 (exact: as in the kernel, c and the KL are fp64)
     step = max(1, _CHUNK_ELEMS // 2 // V)
     for r in range(0, N, step):
         rows = slice(r, r + step)
@@ -176,12 +207,15 @@ def _fwd_torch(x: torch.Tensor, y: torch.Tensor, inv_t: float):
         my, _, ey = _row_stats(yc, inv_t)
         sx, sy = _rowsum(ex), _rowsum(ey)
         live = (xc > _NINF) & (yc > _NINF)
-        cc = _rowsum(ex.mul_(xc - yc).masked_fill_(~live, 0)) / sx * inv_t
+        d = (xc.double() - yc.double()).mul_(ex).masked_fill_(~live, 0)
+        cc = _rowsum(d) / sx * inv_t
+        del d
         inf_kl = ((xc > _NINF) & (yc == _NINF)).any(-1)  # q_v = 0 < p_v somewhere
         dead = sx == 0
         cc = cc.masked_fill_(dead, 0)
         mx, my = mx.squeeze(1), my.squeeze(1)
-        kl_c = (cc - (mx - my) * inv_t - (sx / sy).log_()).clamp_(min=0)
+        kl_c = (cc - (mx.double() - my.double()) * inv_t - (sx / sy).log_()).float()
+        kl_c = kl_c.clamp_(min=0)
         kl[rows] = kl_c.masked_fill_(inf_kl, float("inf")).masked_fill_(dead, 0)
         m[rows], log_s[rows], c[rows] = mx, sx.log(), cc
     return kl, m, log_s, c
@@ -197,7 +231,8 @@ def _bwd_torch(x, y, m, log_s, c, g, inv_t):
         rows = slice(r, r + step)
         xc, yc = x[rows].float(), y[rows].float()
         pg = (xc - m[rows, None]).mul_(inv_t).sub_(log_s[rows, None]).exp_().mul_(g[rows, None])
-        dx[rows] = (xc - yc).mul_(inv_t).sub_(c[rows, None]).mul_(pg).masked_fill_(pg == 0, 0)
+        d_c = (xc.double() - yc.double()).mul_(inv_t).sub_(c[rows, None]).float()
+        dx[rows] = d_c.mul_(pg).masked_fill_(pg == 0, 0)
     return dx
 
 

@@ -18,6 +18,8 @@ once d < -88.7 (exp(88.7) ~ fp32 max), which the fp64 reference does not.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -108,21 +110,33 @@ def _kl_bwd_kernel(
     tl.store(dlogp_ptr + offs, (dout * grad).to(dlogp_ptr.dtype.element_ty), mask=mask)
 
 
+# The kernels see fp32 only (the math is fp32 anyway): one compiled variant per KIND, not one
+# per pair of input dtypes; the copies are of [T] vectors (32 KB at T = 8192).
 def _kl_fwd_triton(logp: torch.Tensor, ref: torch.Tensor, kind: str) -> torch.Tensor:
     out = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
     n = logp.numel()
     if n:
-        _kl_fwd_kernel[(triton.cdiv(n, _BLOCK),)](logp, ref, out, n, KIND=kind, BLOCK=_BLOCK)
+        _kl_fwd_kernel[(triton.cdiv(n, _BLOCK),)](logp.float(), ref.float(), out, n,
+                                                  KIND=kind, BLOCK=_BLOCK)
     return out
 
 
 def _kl_bwd_triton(logp, ref, dout, kind):
-    dlogp = torch.empty_like(logp)
+    dlogp = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
     n = logp.numel()
     if n:
-        _kl_bwd_kernel[(triton.cdiv(n, _BLOCK),)](logp, ref, dout, dlogp, n,
-                                                  KIND=kind, BLOCK=_BLOCK)
-    return dlogp
+        _kl_bwd_kernel[(triton.cdiv(n, _BLOCK),)](logp.float(), ref.float(), dout.float(),
+                                                  dlogp, n, KIND=kind, BLOCK=_BLOCK)
+    return dlogp.to(logp.dtype)
+
+
+def _gate_cases():
+    """Every launch the launchers above make on a GPU, on meta tensors (no data), for the
+    compile gate (bench/compile_gate.py)."""
+    x = torch.empty(8192, dtype=torch.bfloat16, device="meta")
+    for kind in KL_KINDS:
+        yield functools.partial(_kl_fwd_triton, x, x, kind)
+        yield functools.partial(_kl_bwd_triton, x, x, x, kind)
 
 
 def kl_and_grad_torch(d: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:

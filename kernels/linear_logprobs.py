@@ -15,22 +15,20 @@ At N = 8192 tokens and V = 151936 the fp32 logits are 5 GB (2.5 GB in bf16) for 
 numbers. Here the logits exist one tile at a time, and (M, log S) -- 8 bytes a row -- are
 all that is kept between the passes:
 
-Three paths: "chunked" (default for CUDA tensors), "fused" (all-Triton), and the PyTorch
-path (CPU tensors); SCORE_FAST_LMHEAD=chunked|fused picks between the first two wherever
-the Triton backend is on (_dispatch: SCORE_FAST_BACKEND=triton puts CPU tensors on it under
-TRITON_INTERPRET=1, where the default stays fused, and the tests force each).
+Two paths: vocabulary-chunked cuBLAS GEMMs + Triton elementwise kernels wherever the Triton
+backend is on (CUDA tensors; CPU tensors under SCORE_FAST_BACKEND=triton and
+TRITON_INTERPRET=1, how the tests run the kernels), and the PyTorch path (CPU tensors).
 
-Chunked (cuBLAS GEMMs + Triton elementwise kernels), over the live rows (gathered when
-they are not all N) and vocabulary chunks of Vc columns (_chunk_cols: an [n, Vc] fp32
-tile of <= 256 MB, Vc in [1024, 16384], a multiple of 128; 8192 at n = 8192 rows, 19 chunks
-at V = 151936; memory independent of V):
+Chunked, over the live rows (gathered when they are not all N) and vocabulary chunks of Vc
+columns (_chunk_cols: an [n, Vc] fp32 tile of <= 256 MB, Vc in [1024, 16384], a multiple of
+128; 8192 at n = 8192 rows, 19 chunks at V = 151936; memory independent of V):
   forward  per chunk z_c = h @ W_c.T as fp32 (cuBLAS: bf16/fp16 operands, fp32
            accumulation AND fp32 output -- no bf16 rounding of the logits, so the result is
-           as precise as the fused path's, not eager's bf16 logits; a bf16 output would
-           halve the tile traffic (est. ~3 ms of ~65 ms at 8192 x 4096 x 151936) but put the
-           chunked path at eager's accuracy exactly, where the 2x rule becomes a coin toss
-           on averaged metrics), then _chunk_lse_kernel folds (z_c + b) / T into the per-row
-           online (M, S) and picks the target logit.
+           more precise than eager's bf16 logits; a bf16 output would halve the tile
+           traffic (est. ~3 ms of ~65 ms at 8192 x 4096 x 151936) but put the path at
+           eager's accuracy exactly, where the 2x rule becomes a coin toss on averaged
+           metrics), then _chunk_lse_kernel folds (z_c + b) / T into the per-row online
+           (M, S) and picks the target logit.
   backward per chunk: recompute z_c (cuBLAS); _chunk_dlogits_kernel writes
            D_c = g (onehot - exp((z_c + b) / T - M - log S)) / T in the weight dtype;
            dhidden += D_c @ W_c (cuBLAS into an fp32 accumulator, beta = 1),
@@ -42,34 +40,14 @@ at V = 151936; memory independent of V):
   that is ~65-70% of the matmul rate counted at 6NHV useful flops.
   Not bitwise batch-invariant (cuBLAS picks kernels by shape; Vc depends on n); linear_
   logprobs takes no host sync, linear_score_loss one (the live-row count sizes the GEMMs).
-  Why chunked is the CUDA default: fused's backward kernels read-modify-write their fp32
-  accumulators ([BLOCK_N, H] dhidden, [BLOCK_V, H] dweight) in global memory for every
-  tile: at BLOCK_N = 64, BLOCK_V = 128, H = 4096 that is 4 * 64 * 128 * H flops per
-  ~1024 * H bytes (the W tile read twice + the dh read and write), ~32 flop/byte, against
-  ~250 flop/byte (790 TFLOP/s bf16 / ~3.3 TB/s) for an H100 to be compute-bound: an
-  estimated 10-15% of the matmul rate for the backward. Unmeasured here (no GPU):
-  bench/bench_lmhead.py compares both (score_fast vs score_fast_fused).
 
-Fused Triton (SCORE_FAST_LMHEAD=fused; CPU tensors under TRITON_INTERPRET=1 by default):
-  forward  one program per block of BLOCK_N rows, looping over vocabulary tiles of BLOCK_V;
-           each logit tile is a K-loop of tl.dot over H with fp32 accumulation, folded into
-           an online log-sum-exp (M, S); the target's logit is picked out of its tile.
-  backward two kernels, no atomics (deterministic):
-           _dhidden: one program per row block, loops over vocabulary tiles, recomputes the
-                     logit tile, forms D on the fly, adds D @ W[tile] into an fp32 dhidden
-                     [N, H] that only it writes;
-           _dweight: one program per vocabulary tile, loops over row blocks, recomputes the
-                     logit tile, adds D.T @ hidden[rows] into an fp32 dweight [V, H] rows
-                     that only it writes, and sums dbias in registers.
-           Matmul passes of 2NHV flops: 1 forward, 4 backward (two recomputes, two products).
-  Rows come through an index list and a device-side count (`rows`, `count`): rows past the
-  count are skipped inside the kernels, so the caller can select the loss rows without a
-  host sync (linear_score_loss). Each row's result depends only on its own data and the
-  fixed block sizes (chosen from V, H and the dtype, never from N).
-  bf16/fp16 operands run tensor-core dots; D is rounded to the weight dtype for its two
-  products (what a bf16 autograd backward would hold). fp32 operands use
-  input_precision="ieee": TF32 rounds the operands to 10 mantissa bits, a relative logit
-  error of ~5e-4, i.e. 0.01 nats at |logit| = 20 -- far outside the 2x-torch rule.
+An all-Triton path (logit tiles as tl.dot K-loops, the backward's fp32 dhidden/dweight
+accumulators read-modified-written in global memory every tile) was removed: the compile
+gate (bench/compile_gate.py, triton 3.9) compiled its three kernels at 106-255 registers a
+thread, spilling on sm_100a in bf16/fp16 (up to 480 B) and on every target in fp32 (0.4 KB
+for dhidden, 6.4-9.3 KB for dweight); its backward was estimated at 10-15% of the matmul
+rate (~32 flop/byte against the ~250 an H100 needs); it took 5 matmul passes to this path's
+4; and no user path chose it: CUDA tensors always took this one.
 
 PyTorch (CPU tensors): the same tiling with matmuls: row chunks of a fixed _ROWS = 256
   rows (the last one padded with zero rows: a CPU GEMM's result for a row changes with the
@@ -88,7 +66,8 @@ entry; a row whose logits are all -inf gives -inf and a zero gradient; logp <= 0
 """
 from __future__ import annotations
 
-import os
+import functools
+import itertools
 
 import torch
 import triton
@@ -104,289 +83,7 @@ _ROWS = 256           # CPU row chunk: fixed, so a row's result never depends on
 _TILE_ELEMS = 2**23   # CPU logit tile: 256 rows x 32768 columns x 4 bytes = 32 MB
 
 
-# ----------------------------------------------------------------------------- Triton
-@triton.jit
-def _logit_tile(
-    # pointers
-    h_ptr, w_ptr, b_ptr,
-    # row and column indices of the tile (int64) and their masks
-    rows, row_ok, offs_v, v_ok,
-    # sizes and strides
-    H, stride_h, stride_w, inv_t,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """z = (hidden[rows] @ weight[offs_v].T + bias) / T as fp32 [BLOCK_N, BLOCK_V]; -inf in
-    the columns past V (so they drop out of max, sum and gradient)."""
-    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < H
-        a = tl.load(h_ptr + rows[:, None] * stride_h + offs_k[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + offs_v[None, :] * stride_w + offs_k[:, None],
-                    mask=v_ok[None, :] & k_ok[:, None], other=0.0)
-        if UPCAST:  # interpreter only: triton 3.9 interprets bf16 tl.dot wrongly
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_v, mask=v_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(v_ok[None, :], acc * inv_t, float("-inf"))
-
-
-@triton.jit
-def _dlogit_tile(z, m, log_s, g, tgt, offs_v):
-    """D = g * (onehot(tgt) - exp(z - M - log S)), g already holding 1/T and 0 on dead rows."""
-    p = tl.exp(z - m[:, None] - log_s[:, None])
-    return g[:, None] * (tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0) - p)
-
-
-@triton.jit
-def _fwd_kernel(
-    # pointers
-    h_ptr, w_ptr, b_ptr, rows_ptr, count_ptr, tgt_ptr, logp_ptr, max_ptr, logsum_ptr,
-    # sizes
-    V, H,
-    # strides (H is the contiguous dim of hidden and weight)
-    stride_h, stride_w,
-    # scalars
-    inv_t,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    n_rows = tl.load(count_ptr)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_n < n_rows
-    # int64: rows * stride_h passes 2**31 at 8192 x 4096 x 64 rows, offs_v * stride_w at
-    # V * H > 2**31 (151936 x 16384)
-    rows = tl.load(rows_ptr + offs_n, mask=row_ok, other=0).to(tl.int64)
-    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=0)
-    # a block wholly past the live count does no vocabulary work: an empty loop
-    v_end = V * (pid * BLOCK_N < n_rows).to(tl.int32)
-    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_N], tl.float32)
-    z_t = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    for v0 in range(0, v_end, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        v_ok = offs_v < V
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, H, stride_h,
-                        stride_w, inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST,
-                        PRECISION)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        # while a row has seen only -inf, shift by 0: exp(-inf - -inf) would be NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
-        m = m_new
-        hit = offs_v[None, :] == tgt[:, None]
-        z_t = tl.maximum(z_t, tl.max(tl.where(hit, z, float("-inf")), axis=1))
-    log_s = tl.log(s)  # -inf for an all -inf row
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    # (z_t - M) - log S, not z_t - lse: at |z| = 1e4 an fp32 lse has an ulp of 1e-3
-    logp = tl.minimum((z_t - m_safe) - log_s, 0.0)
-    logp = tl.where(z_t == float("-inf"), float("-inf"), logp)
-    tl.store(logp_ptr + rows, logp, mask=row_ok)
-    tl.store(max_ptr + rows, m_safe, mask=row_ok)
-    tl.store(logsum_ptr + rows, log_s, mask=row_ok)
-
-
-@triton.jit
-def _load_row_state(rows, row_ok, tgt_ptr, max_ptr, logsum_ptr, g_ptr, inv_t):
-    """Target, M, log S and g / T of each row; dead rows (all -inf) and rows past the count
-    get g = 0 and finite M, log S, so their D is exactly 0."""
-    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=0)
-    # M = +inf past the count: p = exp(z - inf) = 0, never inf * (g = 0) = NaN
-    m = tl.load(max_ptr + rows, mask=row_ok, other=float("inf"))
-    log_s = tl.load(logsum_ptr + rows, mask=row_ok, other=0.0)
-    dead = log_s == float("-inf")
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0) * inv_t
-    g = tl.where(dead, 0.0, g)
-    return tgt, m, tl.where(dead, 0.0, log_s), g
-
-
-@triton.jit
-def _dhidden_kernel(
-    # pointers
-    h_ptr, w_ptr, b_ptr, rows_ptr, count_ptr, tgt_ptr, max_ptr, logsum_ptr, g_ptr, dh_ptr,
-    # sizes
-    V, H,
-    # strides (dh is contiguous fp32 [N, H])
-    stride_h, stride_w,
-    # scalars
-    inv_t,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    n_rows = tl.load(count_ptr)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_n < n_rows
-    rows = tl.load(rows_ptr + offs_n, mask=row_ok, other=0).to(tl.int64)
-    tgt, m, log_s, g = _load_row_state(rows, row_ok, tgt_ptr, max_ptr, logsum_ptr, g_ptr,
-                                       inv_t)
-    v_end = V * (pid * BLOCK_N < n_rows).to(tl.int32)
-    for v0 in range(0, v_end, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        v_ok = offs_v < V
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, H, stride_h,
-                        stride_w, inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST,
-                        PRECISION)
-        d = _dlogit_tile(z, m, log_s, g, tgt, offs_v)
-        if ROUND_BF16:  # interpreter: round-to-nearest as the GPU's cast does
-            d = _round_to_bf16(d)
-        if not UPCAST:
-            d = d.to(w_ptr.dtype.element_ty)
-        for k0 in range(0, H, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < H
-            w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_k[None, :],
-                        mask=v_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
-            # this program owns these dhidden rows: read-modify-write, no atomics
-            out = dh_ptr + rows[:, None] * H + offs_k[None, :]
-            omask = row_ok[:, None] & k_ok[None, :]
-            acc = tl.load(out, mask=omask, other=0.0)
-            acc = tl.dot(d, w, acc, input_precision=PRECISION)
-            tl.store(out, acc, mask=omask)
-
-
-@triton.jit
-def _dweight_kernel(
-    # pointers
-    h_ptr, w_ptr, b_ptr, rows_ptr, count_ptr, tgt_ptr, max_ptr, logsum_ptr, g_ptr, dw_ptr,
-    db_ptr,
-    # sizes
-    V, H,
-    # strides (dw is contiguous fp32 [V, H])
-    stride_h, stride_w,
-    # scalars
-    inv_t,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    n_rows = tl.load(count_ptr)
-    offs_v = pid.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_ok = offs_v < V
-    db = tl.zeros([BLOCK_V], tl.float32)
-    for n0 in range(0, n_rows, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        row_ok = offs_n < n_rows
-        rows = tl.load(rows_ptr + offs_n, mask=row_ok, other=0).to(tl.int64)
-        tgt, m, log_s, g = _load_row_state(rows, row_ok, tgt_ptr, max_ptr, logsum_ptr, g_ptr,
-                                           inv_t)
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, H, stride_h,
-                        stride_w, inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, UPCAST,
-                        PRECISION)
-        d = _dlogit_tile(z, m, log_s, g, tgt, offs_v)
-        db += tl.sum(d, axis=0)
-        if ROUND_BF16:
-            d = _round_to_bf16(d)
-        if not UPCAST:
-            d = d.to(h_ptr.dtype.element_ty)
-        dt = tl.trans(d)
-        for k0 in range(0, H, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < H
-            h = tl.load(h_ptr + rows[:, None] * stride_h + offs_k[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:
-                h = h.to(tl.float32)
-            # this program owns these dweight rows: read-modify-write, no atomics
-            out = dw_ptr + offs_v[:, None] * H + offs_k[None, :]
-            omask = v_ok[:, None] & k_ok[None, :]
-            acc = tl.load(out, mask=omask, other=0.0)
-            acc = tl.dot(dt, h, acc, input_precision=PRECISION)
-            tl.store(out, acc, mask=omask)
-    if HAS_BIAS:
-        tl.store(db_ptr + offs_v, db, mask=v_ok)
-
-
-def _config(V: int, H: int, dtype: torch.dtype) -> dict:
-    """Block sizes from V, H and the dtype only (never N: a row's result must not depend on
-    the batch). GPU: 64 x 128 logit tiles, K steps of 64 bf16 (32 fp32) -- a 16 KB operand
-    per step each side. Interpreter: every tl op is a numpy call with Python overhead, so
-    few large tiles (V = 151936 in 38 steps of 4096)."""
-    if interpreting():
-        block_v = 256 if V <= 8192 else 4096
-        return dict(BLOCK_N=16, BLOCK_V=block_v,
-                    BLOCK_K=min(256, max(16, triton.next_power_of_2(H))), UPCAST=True,
-                    PRECISION="ieee")
-    if dtype == torch.float32:
-        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, UPCAST=False, PRECISION="ieee",
-                    num_warps=4)
-    # 16-bit operands: native bf16/fp16 MMA; "tf32" is Triton's default and only names how
-    # fp32 operands would be treated (it does not touch 16-bit ones)
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, UPCAST=False, PRECISION="tf32",
-                num_warps=8)
-
-
-def _launch_args(h, w, b, rows, count, t):
-    return (h, w, b if b is not None else w, rows, count, t)
-
-
-def _fwd_triton(h, w, b, t, rows, count, inv_t):
-    """logp, M, log S (fp32 [N], original row order) for rows[:count]; 0 elsewhere."""
-    N, H = h.shape
-    V = w.shape[0]
-    logp, m, log_s = (torch.zeros(N, device=h.device, dtype=torch.float32) for _ in range(3))
-    if N:
-        cfg = _config(V, H, h.dtype)
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-        _fwd_kernel[grid](*_launch_args(h, w, b, rows, count, t), logp, m, log_s, V, H,
-                          h.stride(0), w.stride(0), inv_t, HAS_BIAS=b is not None, **cfg)
-    return logp, m, log_s
-
-
-def _bwd_triton(h, w, b, t, rows, count, m, log_s, g, inv_t, need_dh=True, need_dw=True):
-    """fp32 dhidden [N, H], dweight [V, H], dbias [V] (None where not needed)."""
-    N, H = h.shape
-    V = w.shape[0]
-    cfg = _config(V, H, h.dtype)
-    cfg["ROUND_BF16"] = cfg["UPCAST"] and h.dtype == torch.bfloat16
-    args = _launch_args(h, w, b, rows, count, t) + (m, log_s, g)
-    dh = dw = db = None
-    if need_dh:
-        dh = torch.zeros(N, H, device=h.device, dtype=torch.float32)
-        if N:
-            _dhidden_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-                *args, dh, V, H, h.stride(0), w.stride(0), inv_t, HAS_BIAS=b is not None,
-                **cfg)
-    if need_dw:
-        dw = torch.zeros(V, H, device=h.device, dtype=torch.float32)
-        db = torch.zeros(V, device=h.device, dtype=torch.float32) if b is not None else None
-        _dweight_kernel[(triton.cdiv(V, cfg["BLOCK_V"]),)](
-            *args, dw, db if db is not None else dw, V, H, h.stride(0), w.stride(0), inv_t,
-            HAS_BIAS=b is not None, **cfg)
-    return dh, dw, db
-
-
 # ------------------------------------------------------------- chunked (cuBLAS) path
-def _lmhead_path(on_triton: bool, tensors) -> str:
-    """'torch', 'fused' (all-Triton tiles) or 'chunked' (cuBLAS + Triton elementwise).
-
-    SCORE_FAST_LMHEAD=auto (default): chunked for CUDA tensors, fused for CPU tensors forced
-    onto Triton (SCORE_FAST_BACKEND=triton under the interpreter: what the existing tests
-    check). chunked|fused force one wherever the Triton backend is on; the PyTorch backend
-    (CPU tensors by default) ignores the variable."""
-    want = os.environ.get("SCORE_FAST_LMHEAD", "auto").lower()
-    if want not in ("auto", "chunked", "fused"):
-        raise ValueError(f"SCORE_FAST_LMHEAD must be auto, chunked or fused, got {want!r}")
-    if not on_triton:
-        return "torch"
-    if want == "auto":
-        return "chunked" if all(a.is_cuda for a in tensors) else "fused"
-    return want
-
-
 _CHUNK_COLS = None  # tests: force the vocabulary chunk width (a multiple of 128 or any int)
 
 
@@ -402,11 +99,14 @@ def _chunk_cols(n: int) -> int:
 
 
 def _ew_config(n_cols: int) -> dict:
-    """Elementwise tiles [BLOCK_N, BLOCK_V]. GPU: 4 x 1024 (16 KB of bf16 logits a step);
-    interpreter: few large numpy tiles."""
+    """Elementwise tiles [BLOCK_N, BLOCK_V]. GPU: 4 x 512 fp32 logits (8 KB) a step, 16 a
+    thread at 4 warps: 32-71 registers in both kernels on sm_80/90a/100a, no spills, under
+    triton 3.6 and 3.9 (compile gate); 4 x 1024 at 8 warps spilled 8-12 B on sm_90a
+    (_chunk_lse_kernel with a bias and a chunk width not divisible by 16), 8 x 512 at 8
+    warps as well under 3.6. Interpreter: few large numpy tiles."""
     if interpreting():
         return dict(BLOCK_N=16, BLOCK_V=min(4096, triton.next_power_of_2(n_cols)))
-    return dict(BLOCK_N=4, BLOCK_V=1024, num_warps=8)
+    return dict(BLOCK_N=4, BLOCK_V=512, num_warps=4)
 
 
 @triton.jit
@@ -605,6 +305,23 @@ def _bwd_chunked(h, w, b, t, rows, m, log_s, g, inv_t, need_dh=True, need_dw=Tru
     return dh, dw, db
 
 
+def _gate_cases():
+    """Every launch the Triton launchers above make on a GPU (each dtype, with and without
+    bias), at a Qwen2-7B-sized LM head (N = 8192 tokens, H = 3584, V = 152064) and an odd
+    vocabulary, on meta tensors (no data), for the compile gate (bench/compile_gate.py)."""
+    N, H = 8192, 3584
+    for dtype, V, bias in itertools.product(_FLOATS, (152064, 50257), (False, True)):
+        meta = dict(device="meta")
+        h = torch.empty(N, H, dtype=dtype, **meta)
+        w = torch.empty(V, H, dtype=dtype, **meta)
+        b = torch.empty(V, dtype=dtype, **meta) if bias else None
+        t = rows = torch.empty(N, dtype=torch.int64, **meta)
+        f = torch.empty(N, **meta)
+        yield functools.partial(_fwd_chunked, h, w, b, t, rows, 1.0)
+        yield functools.partial(_bwd_chunked, h, w, b, t, rows, f, f, f, 1.0,
+                                dw_dtype=dtype)
+
+
 # ------------------------------------------------------------------------ reference
 def linear_logprobs_ref(hidden, weight, targets, bias=None, temperature=1.0):
     """The specification and test oracle, in the inputs' dtype (fp64 in the tests): the
@@ -718,18 +435,14 @@ def _cpu_pass(h, w, b, t, rows, inv_t, state=None, grad_of=None, need_dh=True,
 
 
 # --------------------------------------------------------------------------- autograd
-def _forward(h, w, b, t, rows, count, inv_t, path):
-    if path == "fused":
-        return _fwd_triton(h, w, b, t, rows, count, inv_t)
-    if path == "chunked":  # rows are all live here (linear_logprobs: all N)
+def _forward(h, w, b, t, rows, inv_t, on_triton):
+    if on_triton:  # rows are all live here (linear_logprobs: all N)
         return _fwd_chunked(h, w, b, t, rows, inv_t)
     return _cpu_pass(h, w, b, t, rows, inv_t)[:3]
 
 
-def _backward(h, w, b, t, rows, count, m, log_s, g, inv_t, path, need_dh, need_dw):
-    if path == "fused":
-        return _bwd_triton(h, w, b, t, rows, count, m, log_s, g, inv_t, need_dh, need_dw)
-    if path == "chunked":  # g is the final upstream: dweight straight in the weight dtype
+def _backward(h, w, b, t, rows, m, log_s, g, inv_t, on_triton, need_dh, need_dw):
+    if on_triton:  # g is the final upstream: dweight straight in the weight dtype
         return _bwd_chunked(h, w, b, t, rows, m, log_s, g, inv_t, need_dh, need_dw,
                             dw_dtype=w.dtype)
     _, _, _, dh, dw, db = _cpu_pass(h, w, b, t, rows, inv_t, state=(m, log_s),
@@ -740,23 +453,23 @@ def _backward(h, w, b, t, rows, count, m, log_s, g, inv_t, path, need_dh, need_d
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, t, rows, count, inv_t, path):
-        logp, m, log_s = _forward(h, w, b, t, rows, count, inv_t, path)
-        ctx.save_for_backward(h, w, b, t, rows, count, m, log_s)
-        ctx.inv_t, ctx.path = inv_t, path
+    def forward(ctx, h, w, b, t, rows, inv_t, on_triton):
+        logp, m, log_s = _forward(h, w, b, t, rows, inv_t, on_triton)
+        ctx.save_for_backward(h, w, b, t, rows, m, log_s)
+        ctx.inv_t, ctx.on_triton = inv_t, on_triton
         return logp
 
     @staticmethod
     def backward(ctx, g):
-        h, w, b, t, rows, count, m, log_s = ctx.saved_tensors
+        h, w, b, t, rows, m, log_s = ctx.saved_tensors
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        dh, dw, db = _backward(h, w, b, t, rows, count, m, log_s, g.float().contiguous(),
-                               ctx.inv_t, ctx.path, need_dh, need_dw)
+        dh, dw, db = _backward(h, w, b, t, rows, m, log_s, g.float().contiguous(),
+                               ctx.inv_t, ctx.on_triton, need_dh, need_dw)
         return (None if dh is None else dh.to(h.dtype),
                 None if dw is None or not ctx.needs_input_grad[1] else dw.to(w.dtype),
                 None if db is None or not ctx.needs_input_grad[2] else db.to(b.dtype),
-                None, None, None, None, None)
+                None, None, None, None)
 
 
 # ------------------------------------------------------------------------- checks, API
@@ -816,15 +529,13 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     targets: integer, shape hidden.shape[:-1], values in [0, V). Differentiable in hidden,
     weight and bias: the backward recomputes the logit tiles from the saved (M, log S), so
     its memory beyond the gradients themselves is independent of V. The chunked cuBLAS path
-    for CUDA tensors (SCORE_FAST_LMHEAD=fused: the all-Triton kernels), the tiled PyTorch
-    path for CPU tensors (SCORE_FAST_BACKEND overrides, see _dispatch)."""
+    for CUDA tensors, the tiled PyTorch path for CPU tensors (SCORE_FAST_BACKEND overrides,
+    see _dispatch)."""
     _check_inputs(hidden, weight, targets, bias)
     inv_t = _check_temperature(temperature)
     h, w, b, t = _prepare(hidden, weight, targets, bias)
     N = h.shape[0]
     rows = torch.arange(N, device=h.device)
-    count = torch.full((1,), N, device=h.device, dtype=torch.int32)
     tensors = [a for a in (hidden, weight, targets, bias) if a is not None]
-    path = _lmhead_path(use_triton(*tensors), tensors)
-    logp = _LinearLogprobs.apply(h, w, b, t, rows, count, inv_t, path)
+    logp = _LinearLogprobs.apply(h, w, b, t, rows, inv_t, use_triton(*tensors))
     return logp.view(targets.shape)

@@ -18,17 +18,10 @@ Design (documented choices):
     or bias requires grad (as fused-linear losses do): backward only scales the saved
     gradients by the upstream scalar, in place, so it may run once (a second backward
     raises). Under no_grad, or with nothing requiring grad, no gradient work is done.
-  * Row selection: only tokens with turn > 0 do vocabulary work. Fused path, no host sync:
-    a stable argsort of (turn == 0) puts the loss rows first and their count stays on the
-    device; the kernels read the count and skip row blocks past it (a block of prompt rows
-    costs one program launch and no tile). PyTorch path: turn.nonzero() (free on a CPU; one
-    sync if someone forces the PyTorch path on CUDA tensors).
-  * Fused Triton (SCORE_FAST_LMHEAD=fused): forward kernel (logp, M, log S of the loss
-    rows) -> score_loss's Triton kernel (per-token loss terms, g, metric sums) -> the two
-    backward kernels of linear_logprobs (dhidden, dweight/dbias) driven by g. 5 matmul
-    passes of 2 N_loss H V flops.
-  * Chunked (the CUDA default; linear_logprobs.py's module doc): the loss rows are
-    gathered (turn.nonzero(): ONE host sync, the GEMMs need their row count), pass 1 =
+  * Row selection: only tokens with turn > 0 do vocabulary work. Triton backend:
+    turn.nonzero() (ONE host sync: the GEMMs need their row count); PyTorch path: the same
+    (free on a CPU).
+  * Triton backend (linear_logprobs.py's module doc): the loss rows are gathered, pass 1 =
     the chunked log-sum-exp (logp, M, log S), score_loss's Triton kernel (g), pass 2 =
     recompute + the three gradient products per vocabulary chunk. 4 matmul passes of
     2 N_loss H V flops, all cuBLAS; the weight gradient is fp32 (scaled by the upstream in
@@ -38,18 +31,17 @@ Design (documented choices):
     are added across chunks in fp64), then D and the three gradient products. When the
     vocabulary is a single chunk (V <= 32768) the tile is reused, not recomputed: 3 matmul
     passes, as many as eager autograd.
-  * Sync points: none on the fused path, one on the chunked path (the loss-row count),
-    besides the input value checks shared with score_loss and linear_logprobs (targets
-    range, turn/episode labels: one sync each; SCORE_FAST_CHECK_INPUTS=0 skips them).
+  * Sync points: one on the Triton backend (the loss-row count), besides the input value
+    checks shared with score_loss and linear_logprobs (targets range, turn/episode labels:
+    one sync each; SCORE_FAST_CHECK_INPUTS=0 skips them).
 """
 from __future__ import annotations
 
 import torch
 
 from ._dispatch import use_triton
-from .linear_logprobs import (_bwd_chunked, _bwd_triton, _check_inputs, _cpu_pass,
-                              _fwd_chunked, _fwd_triton, _lmhead_path, _prepare,
-                              linear_logprobs_ref)
+from .linear_logprobs import (_bwd_chunked, _check_inputs, _cpu_pass, _fwd_chunked,
+                              _prepare, linear_logprobs_ref)
 from .score_loss import (_STATS, _check, _metrics, _score_loss_torch, _score_loss_triton,
                          _weights, score_loss_ref)
 from .token_logprobs import _check_temperature
@@ -68,30 +60,15 @@ def linear_score_loss_ref(hidden, weight, targets, ref_logp, turn, episode, adva
                           reduction=reduction)
 
 
-def _select_rows(turn_f: torch.Tensor, static: bool):
-    """Indices of the loss rows (turn > 0) and their count as a 1-element int32 tensor."""
-    live = turn_f > 0
-    if static:  # all N indices, loss rows first, the count on the device: no host sync
-        rows = torch.argsort(live.logical_not().to(torch.uint8), stable=True)
-        return rows, live.sum(dtype=torch.int32).reshape(1)
-    rows = live.nonzero().squeeze(1)
-    return rows, torch.full((1,), rows.numel(), dtype=torch.int32, device=turn_f.device)
-
-
-def _run(h, w, b, t, ref, old, turn, ep, adv, cnt, scale, loss_args, inv_t, path,
+def _run(h, w, b, t, ref, old, turn, ep, adv, cnt, scale, loss_args, inv_t, on_triton,
          need_dh, need_dw):
     """Loss statistics (fp64 [len(_STATS)]) and fp32 gradients (None where not needed)."""
-    rows, count = _select_rows(turn, static=path == "fused")
-    if path != "torch":
-        fused = path == "fused"
-        logp, m, log_s = (_fwd_triton(h, w, b, t, rows, count, inv_t) if fused
-                          else _fwd_chunked(h, w, b, t, rows, inv_t))
+    rows = (turn > 0).nonzero().squeeze(1)  # the loss rows
+    if on_triton:
+        logp, m, log_s = _fwd_chunked(h, w, b, t, rows, inv_t)
         stats, g = _score_loss_triton(logp, ref, old, turn, ep, adv, cnt, scale, *loss_args)
         dh = dw = db = None
-        if (need_dh or need_dw) and fused:
-            dh, dw, db = _bwd_triton(h, w, b, t, rows, count, m, log_s, g, inv_t,
-                                     need_dh, need_dw)
-        elif need_dh or need_dw:  # fp32 dweight: backward scales it by the upstream first
+        if need_dh or need_dw:  # fp32 dweight: backward scales it by the upstream first
             dh, dw, db = _bwd_chunked(h, w, b, t, rows, m, log_s, g, inv_t, need_dh, need_dw)
         return stats, dh, dw, db
     parts = []
@@ -173,7 +150,7 @@ def linear_score_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     cnt, scale = _weights(turn_f, ep_f, advantages.shape[0], reduction)
     tensors = [a for a in (hidden, weight, targets, bias, ref_logp, turn, episode, advantages,
                            old_logp) if a is not None]
-    path = _lmhead_path(use_triton(*tensors), tensors)
+    on_triton = use_triton(*tensors)
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
     need_dw = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
@@ -181,7 +158,7 @@ def linear_score_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
 
     def run():
         return _run(h, w, b, t, flat(ref_logp), flat(old_logp), turn_f, ep_f,
-                    advantages.detach(), cnt, scale, loss_args, inv_t, path, need_dh,
+                    advantages.detach(), cnt, scale, loss_args, inv_t, on_triton, need_dh,
                     need_dw)
 
     loss, stats = _LinearScoreLoss.apply(h, w, b, run)

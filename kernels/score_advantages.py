@@ -27,6 +27,9 @@ whole segment, the others do nothing. Deterministic: fixed summation order per s
 """
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -145,6 +148,16 @@ def _advantages_triton(r1, r2, group, stage, alpha, baseline, normalize):
                                 STAGE=stage, BASELINE=baseline, NORMALIZE=normalize,
                                 BLOCK=_BLOCK)
     return out
+
+
+def _gate_cases():
+    """Every launch _advantages_triton makes on a GPU (each STAGE, BASELINE, NORMALIZE), on
+    meta tensors (no data), for the compile gate (bench/compile_gate.py)."""
+    r = torch.empty(512, device="meta")
+    group = torch.empty(512, dtype=torch.int64, device="meta")
+    for stage, baseline, normalize in itertools.product((1, 2), BASELINES, (False, True)):
+        yield functools.partial(_advantages_triton, r, r, group, stage, 10.0, baseline,
+                                normalize)
 
 
 def _advantages_torch(r1, r2, group, stage, alpha, baseline, normalize):

@@ -41,12 +41,15 @@ partial sums; backward is grad_out * (saved per-token gradient).
 """
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from ._dispatch import checks_enabled, use_triton
-from .kl_penalty import _kl_and_grad, check_kind, kl_and_grad_torch, kl_penalty_ref
+from .kl_penalty import KL_KINDS, _kl_and_grad, check_kind, kl_and_grad_torch, kl_penalty_ref
 
 __all__ = ["score_loss", "score_loss_ref", "REDUCTIONS"]
 
@@ -55,7 +58,13 @@ REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 # no atomics, and the counts stay exact past fp32's 2^24 = 16.7M tokens)
 _STATS = ("pg_loss", "kl_loss", "kl_sum1", "kl_sum2", "logp_sum1", "logp_sum2",
           "n1", "n2", "n_pg", "n_clipped")
-_BLOCK = 1024  # elementwise with a block reduction: 1024 tokens / 4 warps = 8 per thread
+# elementwise with a block reduction: 2048 tokens / 8 warps = 8 a thread. The compile gate
+# (bench/compile_gate.py) found ptxas spilling 4-8 B a thread at 1024 / 4 warps (triton 3.9,
+# sm_90a) and at 1024 / 8 warps (triton 3.6, sm_80, at 40 registers); 2048 / 8 compiles
+# every STAGE/KIND/CLIP/PER_EPISODE variant at 56-112 registers without a spill on sm_80,
+# sm_90a and sm_100a under both. The kernel reads ~24 B a token: at T = 65536 it is 1.5 MB,
+# a few microseconds, launch-bound whatever the block.
+_BLOCK, _WARPS = 2048, 8
 
 
 @triton.jit
@@ -151,13 +160,35 @@ def _score_loss_triton(logp, ref, old, turn, episode, adv, cnt, scale, stage, be
     grad = torch.empty(n, dtype=torch.float32, device=logp.device)
     part = torch.empty(grid, len(_STATS), dtype=torch.float32, device=logp.device)
     clip = old is not None
+    # One compiled variant per flag combination, whatever the callers' dtypes: the kernel
+    # sees fp32 floats and int32 ids (copies of [T] vectors, 32 KB at T = 8192); episode
+    # ids and turn labels are range-checked in score_loss, and E < 2**31.
+    logp, ref, adv = logp.float(), ref.float(), adv.float()
+    old = old.float() if clip else logp
+    turn, episode = turn.to(torch.int32), episode.to(torch.int32)
     _score_loss_kernel[(grid,)](
-        logp, ref, old if clip else logp, turn, episode, adv, cnt, scale, grad, part,
+        logp, ref, old, turn, episode, adv, cnt, scale, grad, part,
         n, adv.stride(0), adv.stride(1),
         float(beta1), float(beta2), float(clip_eps) if clip else 0.0,
         STAGE=stage, KIND=kind, CLIP=clip, PER_EPISODE=per_episode,
-        NUM_STATS=len(_STATS), BLOCK=_BLOCK)
+        NUM_STATS=len(_STATS), BLOCK=_BLOCK, num_warps=_WARPS)
     return part.sum(0, dtype=torch.float64), grad
+
+
+def _gate_cases():
+    """Every launch _score_loss_triton makes on a GPU (each STAGE, KIND, CLIP, PER_EPISODE),
+    on meta tensors (no data), for the compile gate (bench/compile_gate.py)."""
+    T, E = 8192, 512
+    meta = dict(device="meta")
+    x = torch.empty(T, dtype=torch.bfloat16, **meta)
+    ids = torch.empty(T, dtype=torch.int64, **meta)
+    adv = torch.empty(E, 2, **meta)
+    cnt, scale = torch.empty(E, dtype=torch.int32, **meta), torch.empty(1, **meta)
+    for stage, kind, clip, per_episode in itertools.product((1, 2), KL_KINDS, (False, True),
+                                                            (False, True)):
+        yield functools.partial(_score_loss_triton, x, x, x if clip else None, ids, ids, adv,
+                                cnt, scale, stage, 0.01, 0.1, kind, 0.2 if clip else None,
+                                per_episode)
 
 
 def _score_loss_torch(logp, ref, old, turn, episode, adv, cnt, scale, stage, beta1, beta2,

@@ -18,6 +18,8 @@ depend on the other rows of the batch (bitwise).
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import numbers
 
@@ -113,11 +115,12 @@ def _token_logprobs_bwd_kernel(
                  mask=mask)
 
 
-def _launch_config(V: int, elem_bytes: int) -> tuple[int, int]:
-    # 16 KB of logits per loop step: BLOCK_V 8192 for bf16/fp16 (19 steps at V = 151936),
-    # 4096 for fp32. 8 warps = 256 threads x 32 bf16 each: four 16-byte loads a thread.
-    block = max(128, min(triton.next_power_of_2(V), 16384 // elem_bytes))
-    return block, (8 if block >= 4096 else 4)
+def _launch_config(elem_bytes: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) from the logits' dtype alone, so the compile gate's cases (one
+    per dtype) reach every configuration: 16 KB of logits per loop step, the tail masked --
+    BLOCK_V 8192 for bf16/fp16 (19 steps at V = 151936), 4096 for fp32; 8 warps = 256
+    threads x 32 bf16 each, four 16-byte loads a thread."""
+    return 16384 // elem_bytes, 8
 
 
 def _round_bf16(out: torch.Tensor) -> bool:
@@ -128,7 +131,7 @@ def _fwd_triton(x: torch.Tensor, t: torch.Tensor, inv_t: float):
     N, V = x.shape
     logp, m, log_s = (torch.empty(N, device=x.device, dtype=torch.float32) for _ in range(3))
     if N:
-        block, warps = _launch_config(V, x.element_size())
+        block, warps = _launch_config(x.element_size())
         _token_logprobs_fwd_kernel[(N,)](x, t, logp, m, log_s, V, x.stride(0), inv_t,
                                          BLOCK_V=block, num_warps=warps)
     return logp, m, log_s
@@ -138,11 +141,23 @@ def _bwd_triton(x, t, m, log_s, g, inv_t):
     N, V = x.shape
     dx = torch.empty((N, V), device=x.device, dtype=x.dtype)
     if N:
-        block, warps = _launch_config(V, x.element_size())
+        block, warps = _launch_config(x.element_size())
         _token_logprobs_bwd_kernel[(N,)](x, t, m, log_s, g, dx, V, x.stride(0), dx.stride(0),
                                          inv_t, BLOCK_V=block, ROUND_BF16=_round_bf16(dx),
                                          num_warps=warps)
     return dx
+
+
+def _gate_cases():
+    """Every launch the launchers above make on a GPU (each dtype; a 16-divisible and an
+    odd vocabulary, which Triton specialises differently), on meta tensors (no data), for
+    the compile gate (bench/compile_gate.py)."""
+    for dtype, V in itertools.product(_FLOATS, (151936, 50257)):
+        x = torch.empty(4096, V, dtype=dtype, device="meta")
+        t = torch.empty(4096, dtype=torch.int64, device="meta")
+        f = torch.empty(4096, device="meta")
+        yield functools.partial(_fwd_triton, x, t, 1.0)
+        yield functools.partial(_bwd_triton, x, t, f, f, f, 1.0)
 
 
 def token_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor,

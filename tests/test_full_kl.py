@@ -191,6 +191,17 @@ def test_leading_dims_strides_and_mixed_dtypes(backend):
     check(padded[..., :V].to(torch.bfloat16), padded[..., 1:V + 1], 1.0)  # bf16 vs fp32
 
 
+@pytest.mark.parametrize("dx,dy", [(torch.bfloat16, torch.float32),
+                                   (torch.float32, torch.float16)])
+def test_mixed_dtypes_large_vocabulary(backend, dx, dy):
+    """A 16/32-bit pair past one 2048-column block (V = 5000, 3 loop steps): its block was
+    16384 // 6 = 2730 columns, no power of two, which neither the interpreter nor a GPU
+    compiles (found by the compile gate)."""
+    torch.manual_seed(3)
+    x = torch.randn(4, 5000) * 4
+    check(x.to(dx), (x + torch.randn(4, 5000)).to(dy), 0.9)
+
+
 def test_ref_logits_get_no_gradient(backend):
     x = torch.randn(3, 50, requires_grad=True)
     y = torch.randn(3, 50, requires_grad=True)

@@ -17,7 +17,7 @@ from score_fast.kernels.score_loss import score_loss
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
 from harness import peak_memory  # noqa: E402
 
-BACKENDS = ["torch", "triton", "chunked"]  # chunked: see test_linear_logprobs._use
+BACKENDS = ["torch", "triton"]  # see test_linear_logprobs._use
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}  # 1e-5: a few ulp of |logp| ~ 10
 
 
@@ -266,16 +266,12 @@ def test_bad_input(over, match):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("lmhead", ["fused", "chunked"])
 @pytest.mark.parametrize("N,H,V", [(256, 512, 32000), (512, 2048, 151936)])
-def test_gpu_bf16(N, H, V, lmhead, monkeypatch):
-    monkeypatch.setenv("SCORE_FAST_LMHEAD", lmhead)
+def test_gpu_bf16(N, H, V):
     _check(_batch(N, H, V, E=16, dtype=torch.bfloat16, device="cuda"), stage=2,
            reduction="seq_mean_token_mean")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("lmhead", ["fused", "chunked"])
-def test_gpu_fp32(lmhead, monkeypatch):
-    monkeypatch.setenv("SCORE_FAST_LMHEAD", lmhead)
+def test_gpu_fp32():
     _check(_batch(128, 256, 32000, E=8, device="cuda"), stage=1, temperature=0.8)
