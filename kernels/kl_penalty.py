@@ -8,7 +8,13 @@ http://joschu.net/blog/kl-approx.html):
     k3 = exp(-d) - 1 + d                dk3/dlogp = 1 - exp(-d)
        = exp(ref - logp) - (ref - logp) - 1
 
-k1 is unbiased but can go negative; k3 is unbiased and >= 0 (the default); k2 is biased, >= 0.
+As estimates of the VALUE of KL(pi || pi_ref) with y ~ pi: k1 is unbiased but can go
+negative; k3 is unbiased and >= 0 (the default here); k2 is biased, >= 0.
+As a LOSS term (what score_loss does with them) their expected gradients differ from what
+the value suggests: E_pi[k'(d) grad log pi] is 0 for k1, grad KL(pi || pi_ref) for k2 and
+grad KL(pi_ref || pi) -- the reverse KL -- for k3. The paper's per-token KL(pi || pi_ref) in
+a loss is k2 (score_fast.config.KL_ESTIMATORS; tests/test_kl_estimators.py checks all three
+exactly on a categorical).
 ref_logp is a constant: it gets no gradient. Math and output are fp32 whatever the input
 dtype; the gradient comes back in logp's dtype. No clamp: k3 overflows to inf in fp32
 once d < -88.7 (exp(88.7) ~ fp32 max), which the fp64 reference does not.

@@ -7,6 +7,12 @@ episode e = episode[t], A = advantages[e, k - 1], d = logp - ref_logp:
     pg_t = -min(r * A, clip(r, 1 - eps, 1 + eps) * A),  r = exp(logp - old_logp)   (PPO-clip)
     l_t  = pg_t + beta_t * KL_kind(d)            (KL_kind and its gradient: kl_penalty.py)
 
+The KL term's expected gradient depends on the estimator (kl_penalty.py's module doc):
+kl="k2" gives that of the per-token KL(pi || pi_ref), the paper's (the trainer's default,
+score_fast.config.KL_ESTIMATORS); "k3" (this op's default: the unbiased, non-negative VALUE
+estimate, which the kl_t1 / kl_t2 metrics then report) gives that of the reverse
+KL(pi_ref || pi); "k1" gives none.
+
     stage 1:  turn-1 tokens: pg_t = 0, beta_t = beta2 (attempt 1 is only held near pi_ref)
               turn-2 tokens: pg_t as above, beta_t = beta1
     stage 2:  both turns: pg_t as above, beta_t = beta1

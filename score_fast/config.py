@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["MATH_INSTRUCTION", "CODE_INSTRUCTION", "ModelConfig", "DataConfig",
+__all__ = ["MATH_INSTRUCTION", "CODE_INSTRUCTION", "KL_ESTIMATORS", "check_kl", "ModelConfig", "DataConfig",
            "RolloutConfig", "RewardConfig", "Stage1Config", "Stage2Config", "TrainConfig",
            "EvalConfig", "Config", "config_from_dict"]
 
@@ -44,6 +44,14 @@ class DataConfig:
     """keep the first `limit` rows"""
     max_prompt_tokens: int = 1024
     """a longer (templated) prompt is an error naming its row"""
+    prompt: str = "auto"
+    """how a row becomes attempt 1's prompt, the same in training and eval (score_fast.prompts):
+    math (the paper's first-turn prompt + the problem) | humaneval | mbpp (the task + its
+    asserts) | plain (the problem field) | auto (math for the math reward, humaneval / mbpp
+    by the row's fields for code, plain for custom)"""
+    prompt_template: Optional[str] = None
+    """replaces `prompt`: a string with {field} placeholders, or a .jinja / .j2 file, rendered
+    with the row's fields"""
 
 
 @dataclass
@@ -114,8 +122,11 @@ class TrainConfig:
     """clip the global gradient norm to this (not stated)"""
     max_tokens: int = 8192
     """token budget of one packed micro-batch"""
-    kl: str = "k3"
-    """KL estimator: k1 | k2 | k3 (not stated)"""
+    kl: str = "k2"
+    """the KL penalty's estimator in the loss, by the gradient it gives (KL_ESTIMATORS): k2 =
+    (log pi - log pi_ref)^2 / 2, whose expected gradient is that of the paper's per-token
+    KL(pi || pi_ref); k3_reverse = k3, whose expected gradient is that of KL(pi_ref || pi).
+    k1 (zero expected gradient) and a bare k3 are refused (not stated by the paper)"""
     reduction: str = "token_mean"
     """loss averaging (not stated)"""
     baseline: str = "rloo"
@@ -131,6 +142,38 @@ class TrainConfig:
     """steps between checkpoints (one is always written at the end)"""
     resume: bool = False
     """continue from the last complete checkpoint in run_dir"""
+
+    def __post_init__(self):  # before any model loads
+        check_kl(self.kl)
+
+
+# train.kl -> the score_loss estimator kind. In the loss, with y ~ pi and d = log pi(y) -
+# log pi_ref(y), an estimator k(d) contributes k'(d) grad log pi(y), in expectation:
+#   k1 = d:                   E_pi[grad log pi] = 0                   (no anchor at all)
+#   k2 = d^2 / 2:             E_pi[d grad log pi] = grad KL(pi || pi_ref)
+#   k3 = e^-d - 1 + d:        E_pi[(1 - pi_ref/pi) grad log pi] = -sum pi_ref grad log pi
+#                                                  = grad KL(pi_ref || pi)
+# (J. Schulman, "Approximating KL divergence", 2020, for the values; the 2025 analyses of KL
+# estimators in RL losses for the gradients: an unbiased value estimator, k3, is not an
+# unbiased gradient of the same KL.) tests/test_kl_estimators.py checks all three exactly.
+KL_ESTIMATORS = {"k2": "k2", "k3_reverse": "k3"}
+_KL_REFUSED = {
+    "k1": "k1 in the loss has an expected gradient of 0 (E_pi[grad log pi] = 0): it would "
+          "drop the KL anchor; use k2, the gradient of the paper's KL(pi || pi_ref)",
+    "k3": "k3 in the loss has the expected gradient of KL(pi_ref || pi), the reverse of the "
+          "paper's KL(pi || pi_ref): use k2 for the paper's direction, or k3_reverse to ask "
+          "for the reverse one by name",
+}
+
+
+def check_kl(kl: str) -> str:
+    """train.kl -> the estimator kind score_loss takes; ValueError for an option whose
+    gradient is not the KL its name says."""
+    if kl in KL_ESTIMATORS:
+        return KL_ESTIMATORS[kl]
+    if kl in _KL_REFUSED:
+        raise ValueError(f"train.kl={kl}: {_KL_REFUSED[kl]}")
+    raise ValueError(f"train.kl must be one of {sorted(KL_ESTIMATORS)}, got {kl!r}")
 
 
 @dataclass
@@ -158,7 +201,12 @@ class Config:
         return CODE_INSTRUCTION if self.reward.kind == "code" else MATH_INSTRUCTION
 
     def required_fields(self) -> list[str]:
-        return [f for f in (self.problem_field(), self.answer_field()) if f]
+        """Fields every training row must have. A code row's prompt fields depend on its
+        format (HumanEval or MBPP): score_fast.prompts checks those, row by row."""
+        code_auto = (self.reward.kind == "code" and self.data.problem_field is None
+                     and self.data.prompt_template is None)
+        return [f for f in (None if code_auto else self.problem_field(), self.answer_field())
+                if f]
 
 
 @dataclass

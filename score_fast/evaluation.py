@@ -42,6 +42,7 @@ import torch
 from score_fast.config import Config, RewardConfig
 from score_fast.data import DataError, check_row, load_rows
 from score_fast.metrics import self_correction_metrics
+from score_fast.prompts import PromptBuilder
 from score_fast.rewards.code import extract_code
 from score_fast.rewards.math import extract_answer, last_boxed
 from score_fast.rollout import Episode, Formatter, rollout
@@ -89,9 +90,11 @@ def _as_kind(base: Config, kind: str) -> Config:
     """`base` evaluated as `kind` with the default fields; a run's instruction belongs to its
     own reward kind, so another kind gets the paper's instruction."""
     same = kind == base.reward.kind
+    data = dataclasses.replace(base.data, problem_field=None, answer_field=None)
+    if not same:  # the run's prompt format was for its own kind
+        data = dataclasses.replace(data, prompt="auto", prompt_template=None)
     return dataclasses.replace(
-        base, reward=base.reward if same else RewardConfig(kind=kind),
-        data=dataclasses.replace(base.data, problem_field=None, answer_field=None),
+        base, reward=base.reward if same else RewardConfig(kind=kind), data=data,
         rollout=base.rollout if same else dataclasses.replace(base.rollout, instruction=None))
 
 
@@ -119,49 +122,38 @@ def detect_config(rows: Sequence[dict], path: str, saved: Config | None = None,
 
 def prepare_rows(rows: Sequence[dict], config: Config, path: str
                  ) -> tuple[list[str], list[dict]]:
-    """The problem text the model sees for each row, and each row as the reward reads it.
+    """The problem text the model sees for each row -- score_fast.prompts with the run's
+    config, the builder training used, so a row gives the same token ids in both -- and
+    each row as the reward reads it.
 
-    math: the problem is `problem` (or the run's problem field); the reference is the row's
-      answer field, or when that is missing or blank the last \\boxed{...} of `solution`,
-      stored under the answer field for the math reward.
-    code: HumanEval: `prompt` (signature and docstring) as is, as the trainer gives it.
-      MBPP: "{text}\\nYour code should pass this test:\\n{test_list[0]}" (`prompt` for
-      `text` in the sanitized split): MBPP's usual prompt shows the tests, and the first
-      one tells the model the function's name and signature; the reward runs them all.
-    custom: the run's problem field; rows unchanged.
+    math: the reference is the row's answer field, or when that is missing or blank the
+      last \\boxed{...} of `solution`, stored under the answer field for the math reward.
+    code: HumanEval rows need `prompt`, `test`, `entry_point`; MBPP rows `text` (or
+      `prompt` in the sanitized split) and a non-empty `test_list`, all of which the reward
+      runs.
+    custom: the run's fields; rows unchanged.
     Raises DataError naming the row and field for a missing or blank field, an empty
     test_list, or a math row with no reference answer."""
     kind = config.reward.kind
+    build = PromptBuilder.from_config(config)
     problems, out = [], []
     for i, row in enumerate(rows, 1):
         where = f"row {i}"
         if kind == "math":
-            pf, af = config.problem_field(), config.answer_field()
-            check_row(row, where, path, [pf])
+            af = config.answer_field()
             gold = row.get(af)
             if gold is None or not str(gold).strip():
                 gold = last_boxed(str(row.get("solution") or ""))
                 if gold is None or not gold.strip():
-                    raise DataError(f"{where} of {path}: no {af!r} and no closed \\boxed{{...}} "
-                                    f"in 'solution': no reference answer")
+                    raise DataError(f"{where} of {path}: no {af!r} and no closed "
+                                    f"\\boxed{{...}} in 'solution': no reference answer")
                 row = {**row, af: gold}
-            problem = row[pf]
         elif kind == "code":
-            if "entry_point" in row:
-                check_row(row, where, path, HUMANEVAL)
-                problem = row["prompt"]
-            else:
-                pf = "text" if "text" in row else "prompt"
-                check_row(row, where, path, [pf, "test_list"])
-                tests = row["test_list"]
-                if not isinstance(tests, list) or not tests:
-                    raise DataError(f"{where} of {path}: 'test_list' must be a non-empty list "
-                                    f"of assert lines")
-                problem = f"{row[pf]}\nYour code should pass this test:\n{tests[0]}"
+            check_row(row, where, path, HUMANEVAL if "entry_point" in row else
+                      ["text" if "text" in row else "prompt", "test_list"])
         else:
             check_row(row, where, path, config.required_fields())
-            problem = row[config.problem_field()]
-        problems.append(str(problem))
+        problems.append(build.render(row, f"{where} of {path}"))
         out.append(row)
     return problems, out
 

@@ -45,8 +45,9 @@ import score_fast as sf
 from score_fast import distributed
 from score_fast.attention import use_varlen_attention
 from score_fast.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_state
-from score_fast.config import Config
+from score_fast.config import Config, check_kl
 from score_fast.flops import matmul_params, peak_flops, step_flops
+from score_fast.prompts import PromptBuilder
 from score_fast.rollout import Episode, Formatter, rollout
 
 __all__ = ["Trainer", "NonFiniteLossError", "RewardError", "Objective", "plan_objective",
@@ -232,8 +233,9 @@ def evaluate(model, tokenizer, config: Config, rows: list[dict], reward,
     from score_fast.metrics import self_correction_metrics
     was_training = model.training
     model.eval()
-    fmt = Formatter(tokenizer, config.instruction())
-    problems = [str(r[config.problem_field()]) for r in rows]
+    prompts = PromptBuilder.from_config(config)
+    fmt = Formatter(tokenizer, prompts.instruction)
+    problems = [prompts.render(r, f"row {i + 1}") for i, r in enumerate(rows)]
     eps, _ = rollout(model, tokenizer, fmt, problems, samples=1, greedy=True,
                      max_new_tokens=max_new_tokens or config.rollout.max_new_tokens,
                      batch_size=config.rollout.gen_batch_size,
@@ -263,6 +265,11 @@ class Trainer:
         if len(self.rows) < c.train.prompts_per_step and d.enabled:
             raise ValueError(f"{c.data.train_file} has {len(self.rows)} rows, fewer than "
                              f"train.prompts_per_step={c.train.prompts_per_step}")
+        # every row's prompt once, up front: a row the format cannot render fails here,
+        # naming it, not at the step that first samples it
+        self.prompts = PromptBuilder.from_config(c)
+        self.prompt_texts = [self.prompts.render(r, f"row {i + 1} of {c.data.train_file}")
+                             for i, r in enumerate(self.rows)]
         self.reward = make_reward_from(c)
         self.run_dir = c.train.run_dir
         self.config_yaml = yaml.safe_dump(dataclasses.asdict(c), sort_keys=False)
@@ -282,7 +289,7 @@ class Trainer:
             self.policy.gradient_checkpointing_enable()
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.train.lr,
                                            weight_decay=c.train.weight_decay)
-        self.formatter = Formatter(self.tokenizer, c.instruction())
+        self.formatter = Formatter(self.tokenizer, self.prompts.instruction)
         self.step = 0
         self.total_steps = c.train.rounds * (c.stage1.steps + c.stage2.steps)
         if ckpt:
@@ -304,7 +311,7 @@ class Trainer:
         with distributed.generation(self.policy, d):
             episodes, timing = rollout(
                 self.policy, self.tokenizer, self.formatter,
-                [str(r[c.problem_field()]) for r in rows],
+                [self.prompt_texts[i] for i in idx],
                 samples=c.rollout.samples_per_prompt, max_new_tokens=c.rollout.max_new_tokens,
                 temperature=c.rollout.temperature, batch_size=c.rollout.gen_batch_size,
                 max_prompt_tokens=c.data.max_prompt_tokens,
@@ -357,7 +364,8 @@ class Trainer:
             with amp:
                 loss, m = self.policy.score_fast_loss(
                     ids, pos, seq, targets, ref_logp, turn, episode, adv, stage=o.stage,
-                    beta1=o.beta1, beta2=o.beta2, kl=c.train.kl, reduction=c.train.reduction)
+                    beta1=o.beta1, beta2=o.beta2, kl=check_kl(c.train.kl),
+                    reduction=c.train.reduction)
             if not torch.isfinite(loss):
                 out["nonfinite"] += 1
                 if not d.enabled:  # several ranks: all of them stop together, below

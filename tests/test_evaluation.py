@@ -12,6 +12,7 @@ import yaml
 
 from score_fast import demo_task
 from score_fast import evaluation as ev
+from score_fast.prompts import MATH_PROMPT
 pytest.importorskip("jsonargparse")  # the GPU image (bench/gpu_check.sh) does not have it
 from score_fast.cli import main, parse_config  # noqa: E402
 from score_fast.config import (CODE_INSTRUCTION, Config, DataConfig, RewardConfig,
@@ -161,12 +162,13 @@ def test_detect_config_errors_name_file_and_fields():
 
 def test_prepare_rows():
     problems, rows = ev.prepare_rows(MATH, ev.detect_config(MATH, "m"), "m")
-    assert problems == ["What is 6/3?", "Half of 1?"]
+    assert problems == [f"{MATH_PROMPT}\n\nProblem:\n{p}" for p in ("What is 6/3?", "Half of 1?")]
     assert [r["answer"] for r in rows] == ["2", r"\frac{1}{2}"]  # last \boxed / \fbox
     assert "answer" not in MATH[0]  # the file's rows are not changed
     problems, rows = ev.prepare_rows(MBPP, ev.detect_config(MBPP, "b"), "b")
-    assert problems == ["Write a function to add two numbers.\nYour code should pass this "
-                        "test:\nassert add(1, 2) == 3"]
+    assert problems == ["You are an expert Python programmer, and here is your task: Write a "
+                        "function to add two numbers. Your code should pass these tests:\n\n"
+                        + "\n".join(MBPP[0]["test_list"])]
     assert rows == MBPP
     problems, _ = ev.prepare_rows(HUMANEVAL, ev.detect_config(HUMANEVAL, "h"), "h")
     assert problems == [r["prompt"] for r in HUMANEVAL]
@@ -217,6 +219,7 @@ def scripted(monkeypatch, answers):
         calls.append((samples, greedy, temperature))
         eps = []
         for i, p in enumerate(problems):
+            p = p.split("\n\nProblem:\n", 1)[-1]  # the MATH prompt's problem
             pairs = answers[p][:1] if samples == 1 else answers[p][1:]
             assert len(pairs) == samples
             eps += [Episode(i, [], [], [], [], t1, t2) for t1, t2 in pairs]
