@@ -74,6 +74,10 @@ class RewardConfig:
     """math | code | custom"""
     function: str = ""
     """custom only: module:function (a file path or module, then the function name)"""
+    lenient_math: bool = False
+    """math only: a response that states no final answer (the paper's sentence, \\boxed, or
+    "final answer is X") is scored on its last number instead of 0. Not the paper's checker;
+    logged when a run starts"""
 
 
 @dataclass

@@ -74,10 +74,8 @@ def shard(model, d: Dist, bf16: bool = False):
     mesh = init_device_mesh(d.device.type, (d.world,))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if bf16 and d.device.type == "cuda" else MixedPrecisionPolicy())
-    layers = getattr(getattr(model, "model", model), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no .model.layers to shard by layer")
-    for layer in layers:
+    from score_fast.flops import decoder_layers
+    for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model

@@ -43,11 +43,21 @@ def peak_flops(device: torch.device | str) -> float | None:
     return None
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder's blocks of a HF causal LM: its longest ModuleList child (`layers` in
+    Llama / Qwen / Mistral, `h` in GPT-2)."""
+    decoder = model.get_decoder()
+    lists = [m for m in decoder.children() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(decoder).__name__} has no ModuleList of decoder layers")
+    return max(lists, key=len)
+
+
 def matmul_params(model) -> tuple[int, int, int]:
     """(N, n_layers, hidden) of a HF causal LM: N counts the decoder layers' and the LM
     head's weights (the head once even when tied to the embedding)."""
     cfg = model.config
-    layers = model.get_decoder().layers
+    layers = decoder_layers(model)
     n = sum(p.numel() for p in layers.parameters())
     n += model.get_output_embeddings().weight.numel()
     return n, len(layers), cfg.hidden_size

@@ -129,28 +129,46 @@ def _policy_loss(self, ids, pos, seq, targets, ref_logp, turn, episode, adv, **l
     """Bound to the policy as `score_fast_loss` (and registered with FSDP as a forward, so
     the sharded LM head is gathered for it): last hidden states -> linear_score_loss on the
     LM head weight, never the [T, V] logits."""
-    h = self.model(input_ids=ids, position_ids=pos, use_cache=False, **seq).last_hidden_state[0]
+    h = self.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False,
+                           **seq).last_hidden_state[0]
     w = self.get_output_embeddings().weight
     return sf.linear_score_loss(h, w.to(h.dtype), targets, ref_logp, turn, episode, adv,
                                 **loss_kw)
 
 
-def _ref_logprobs(self, ids, pos, seq, targets, live):
+def _ref_logprobs(self, ids, pos, seq, targets, live, temperature=1.0):
     """Bound to the reference as `score_fast_logprobs`: fp32 log-probs of the targets at
-    the `live` rows (the only ones a KL applies to), 0 elsewhere."""
-    h = self.model(input_ids=ids, position_ids=pos, use_cache=False, **seq).last_hidden_state[0]
+    the `live` rows (the only ones a KL applies to), 0 elsewhere, at `temperature`."""
+    h = self.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False,
+                           **seq).last_hidden_state[0]
     w = self.get_output_embeddings().weight
     out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
-    out[live] = sf.linear_logprobs(h[live], w.to(h.dtype), targets[live]).float()
+    out[live] = sf.linear_logprobs(h[live], w.to(h.dtype), targets[live],
+                                   temperature=temperature).float()
     return out
 
 
+def disable_dropout(model) -> None:
+    """Dropout off for good (TRL's disable_dropout does the same): RL compares the policy
+    with the policy that sampled and with the reference, so with dropout on the KL is not 0
+    at step 0 and the trained log-probs are not the sampler's. nn.Dropout modules get p = 0,
+    and float attributes named *dropout* (the rate attention functions read, e.g. Llama's
+    attention_dropout) 0.0; the model's config is left as it was."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        for name, value in list(vars(m).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(m, name, 0.0)
+
+
 def prepare_model(model, d: distributed.Dist | None = None, bf16: bool = False):
-    """Ready a HF causal LM for the training step: varlen attention for packed rows (never
-    the whole [T, T] row), the fused-loss entry points `score_fast_loss` (policy) and
-    `score_fast_logprobs` (reference) bound to it, FSDP2 sharding when `d` has several
+    """Ready a HF causal LM for the training step: dropout off, varlen attention for packed
+    rows (never the whole [T, T] row), the fused-loss entry points `score_fast_loss` (policy)
+    and `score_fast_logprobs` (reference) bound to it, FSDP2 sharding when `d` has several
     ranks, and the move to d's device."""
     d = d or distributed.Dist()
+    disable_dropout(model)
     use_varlen_attention(model)
     model.score_fast_loss = types.MethodType(_policy_loss, model)
     model.score_fast_logprobs = types.MethodType(_ref_logprobs, model)
@@ -221,8 +239,9 @@ def make_reward_from(config: Config):
     r = config.reward
     if r.kind == "custom":
         return make_reward({"kind": "custom", "function": r.function})
-    if r.kind == "math" and config.answer_field():
-        return make_reward({"kind": "math", "answer_field": config.answer_field()})
+    if r.kind == "math":
+        return make_reward({"kind": "math", "answer_field": config.answer_field() or "answer",
+                            "lenient": r.lenient_math})
     return make_reward(r.kind)
 
 
@@ -271,6 +290,10 @@ class Trainer:
         self.prompt_texts = [self.prompts.render(r, f"row {i + 1} of {c.data.train_file}")
                              for i, r in enumerate(self.rows)]
         self.reward = make_reward_from(c)
+        if c.reward.kind == "math" and c.reward.lenient_math and d.main:
+            log.warning("math reward: lenient (reward.lenient_math): a response that states no "
+                        "final answer is scored on its last number; the paper's checker "
+                        "scores it 0")
         self.run_dir = c.train.run_dir
         self.config_yaml = yaml.safe_dump(dataclasses.asdict(c), sort_keys=False)
         if d.main:
@@ -359,13 +382,16 @@ class Trainer:
             out["tokens"] += b.num_tokens
             if not live.any() and not d.enabled:  # nothing trained (e.g. STaR, no correction)
                 continue
+            # log-probs at the sampling temperature: the policy that sampled is
+            # softmax(logits / T), so the policy gradient and the KL are on-policy for it
             with torch.no_grad(), amp:
-                ref_logp = self.ref.score_fast_logprobs(ids, pos, seq, targets, live)
+                ref_logp = self.ref.score_fast_logprobs(ids, pos, seq, targets, live,
+                                                        temperature=c.rollout.temperature)
             with amp:
                 loss, m = self.policy.score_fast_loss(
                     ids, pos, seq, targets, ref_logp, turn, episode, adv, stage=o.stage,
                     beta1=o.beta1, beta2=o.beta2, kl=check_kl(c.train.kl),
-                    reduction=c.train.reduction)
+                    reduction=c.train.reduction, temperature=c.rollout.temperature)
             if not torch.isfinite(loss):
                 out["nonfinite"] += 1
                 if not d.enabled:  # several ranks: all of them stop together, below
@@ -438,12 +464,16 @@ class Trainer:
         train_s = time.perf_counter() - t1
         self.step += 1
         from score_fast.metrics import self_correction_metrics
-        sc = self_correction_metrics([s > 0 for s in s1], [s > 0 for s in s2],
-                                     [e.text1 for e in episodes], [e.text2 for e in episodes])
+        # the step's own samples (temperature rollout.temperature), not the paper's greedy
+        # evaluation: named sample_* here and in metrics.jsonl
+        sc = {f"sample_{k}": v for k, v in self_correction_metrics(
+            [s > 0 for s in s1], [s > 0 for s in s2], [e.text1 for e in episodes],
+            [e.text2 for e in episodes]).items()}
         if self.peak_flops:  # GPU: model FLOPs of the training step over the devices' peak
             flops = step_flops(*self.flops_shape, [len(e.ids) for e in episodes])
             sc["mfu"] = flops / (max(train_s, 1e-9) * self.peak_flops * d.world)
-        return {"step": self.step, "stage": stage, "loss": out["loss"],
+        return {"step": self.step, "stage": stage, "temperature": c.rollout.temperature,
+                "loss": out["loss"],
                 "reward_t1": float(np.mean(s1)), "reward_t2": float(np.mean(s2)), **sc,
                 "kl_t1": out["kl_sum1"] / max(out["n1"], 1),
                 "kl_t2": out["kl_sum2"] / max(out["n2"], 1),
@@ -492,9 +522,10 @@ class Trainer:
 def format_line(m: dict) -> str:
     return (f"step {m['step']} stage {m['stage']} loss {m['loss']:.4f} "
             f"r1 {m['reward_t1']:.3f} r2 {m['reward_t2']:.3f} "
-            f"Acc@t1 {m['acc_t1']:.3f} Acc@t2 {m['acc_t2']:.3f} Delta {m['delta']:+.3f} "
-            f"i->c {m['delta_i2c']:.3f} c->i {m['delta_c2i']:.3f} "
-            f"edit {m.get('edit_ratio', math.nan):.3f} KL t1 {m['kl_t1']:.4f} "
+            f"samples@T={m['temperature']:g}: acc t1 {m['sample_acc_t1']:.3f} "
+            f"t2 {m['sample_acc_t2']:.3f} delta {m['sample_delta']:+.3f} "
+            f"i->c {m['sample_delta_i2c']:.3f} c->i {m['sample_delta_c2i']:.3f} "
+            f"edit {m.get('sample_edit_ratio', math.nan):.3f} KL t1 {m['kl_t1']:.4f} "
             f"t2 {m['kl_t2']:.4f} len {m['len_t1']:.1f}/{m['len_t2']:.1f} "
             f"tok/s gen {m['gen_tok_s']:.0f} train {m['train_tok_s']:.0f}"
             + (f" MFU {100 * m['mfu']:.1f}%" if "mfu" in m else "")

@@ -238,7 +238,7 @@ def test_cli_math500_scripted_numbers(tmp_path, checkpoint, monkeypatch, capsys)
     greedy = [  # (t1, t2): equivalent forms count as right
         (B % "0.5", B % r"\frac{1}{2}"), (B % "4", B % "3"),
         ("Final Answer: The final answer is $10$. I hope it is correct.", B % "11"),
-        (B % "x-1", B % "x"), (B % "9", "so 2*4 = 8"), (B % "7", B % "7.0")]
+        (B % "x-1", B % "x"), (B % "9", "so 2*4 = 8, the final answer is 8"), (B % "7", B % "7.0")]
     k4 = {  # K = 4 samples: (attempt 1, attempt 2) per sample
         0: [(B % "0.5", B % "0.5"), (B % "1", B % "1"), (B % "1", B % "1"),
             (B % "0.50", B % "1")],  # attempt 1: tie 0.5 / 1, 0.5 first -> right;

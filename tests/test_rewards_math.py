@@ -13,7 +13,7 @@ TABLE = [
     (PAPER.format("0.5"), r"\frac{1}{2}", "ok"),
     (r"So the result is $\boxed{\dfrac12}$.", "1/2", "ok"),
     (r"\boxed{\frac{\sqrt{2}}{2}}", r"\frac{\sqrt2}{2}", "ok"),
-    ("Half of it, so the answer is 0.5", r"\frac12", "ok"),
+    ("Half of it, so the answer is 0.5", r"\frac12", "no_answer"),  # no final answer stated
     (PAPER.format(r"10\%"), "0.1", "ok"),
     (PAPER.format("0.1"), r"10\%", "ok"),
     (PAPER.format(r"50\%"), r"\frac{1}{2}", "ok"),
@@ -36,7 +36,7 @@ TABLE = [
     (PAPER.format(r"\frac{6}{4}"), r"\frac{3}{2}", "ok"),
     (PAPER.format(r"\pi/2"), r"\frac{\pi}{2}", "ok"),
     ("Step 1: 3+4=7.\n\n" + PAPER.format("7"), "7", "ok"),
-    ("so we get 12 apples and then 42", "42", "ok"),
+    ("so we get 12 apples and then 42", "42", "no_answer"),
     (r"\boxed{0.333333}", r"\frac13", "ok"),
     (PAPER.format("3.14"), "3.14", "ok"),
     (PAPER.format(r"\sqrt{8}"), r"2\sqrt{2}", "ok"),
@@ -78,20 +78,58 @@ def test_table(reward):
              if got != want]
     assert not wrong, wrong
     assert result.scores == [1.0 if want == "ok" else 0.0 for _, _, want in TABLE]
-    assert result.failures()["no_answer"] == 4
+    assert result.failures()["no_answer"] == 6
 
 
 @pytest.mark.parametrize("response,answer", [
     (PAPER.format(r"\frac{1}{2}"), r"\frac{1}{2}"),
     (r"a \boxed{x^{2}+\frac{1}{2}} b \boxed{\frac{\sqrt{3}}{2}} c", r"\frac{\sqrt{3}}{2}"),
     (r"\boxed{\left\{1, 2\right\}}", r"\left\{1, 2\right\}"),
-    (r"unbalanced \boxed{\frac{1}{2} and 7", "7"),  # no closing brace: falls to the last number
+    (r"unbalanced \boxed{\frac{1}{2} and 7", None),  # no closing brace, nothing stated
     ("The final answer is $2$ or $3$. Done", "2 or 3"),
-    (r"costs \$1,000.50 in total", "1,000.50"),
+    (r"costs \$1,000.50 in total", None),
     ("no digits here", None),
 ])
 def test_extract_answer(response, answer):
     assert extract_answer(response) == answer
+
+
+@pytest.mark.parametrize("response,answer", [
+    (r"unbalanced \boxed{\frac{1}{2} and 7", "7"),  # lenient: falls to the last number
+    (r"costs \$1,000.50 in total", "1,000.50"),
+    ("no digits here", None),
+    (PAPER.format("4") + " 99", "4"),  # a stated answer still wins
+])
+def test_extract_answer_lenient(response, answer):
+    assert extract_answer(response, lenient=True) == answer
+
+
+# A fixed set of responses of the kind a policy writes on MATH (reference "12" or "7"): the
+# paper's checker ("final answer matches") against the lenient last-number fallback.
+FIXED = [
+    (PAPER.format("12"), "12"), (r"so $x = \boxed{12}$.", "12"), ("The final answer is 12.", "12"),
+    (PAPER.format("13"), "12"), (r"\boxed{7} is it", "7"),
+    ("We have 3 boxes of 4, that is 12 in total", "12"),      # never states an answer
+    ("Let me compute 3 * 4 = 12", "12"),                       # never states an answer
+    ("Adding 5 and 2 gives 7", "7"),                           # never states an answer
+    ("5 + 2 is 7, or maybe 8", "7"),                           # never states an answer
+    ("I think it might be around 12 or 13", "12"),             # never states an answer
+    ("Step 1: 2 + 5 = 7. Step 2: check 7 - 5 = 2", "7"),       # never states an answer
+    ("I don't know.", "12"), (PAPER.format("7") + " (step 3 had 12)", "7"),
+]
+
+
+def test_strict_and_lenient_on_a_fixed_set():
+    with make_reward("math", workers=2) as strict, \
+            make_reward("math", workers=2, lenient=True) as lenient:
+        rows = [{"answer": a} for _, a in FIXED]
+        a = strict.evaluate([r for r, _ in FIXED], rows)
+        b = lenient.evaluate([r for r, _ in FIXED], rows)
+    changed = [r for (r, _), x, y in zip(FIXED, a.scores, b.scores) if x != y]
+    assert sum(a.scores) == 5 and sum(b.scores) == 8  # 3 of 13 scores change, all 0 -> 1
+    assert changed == [FIXED[5][0], FIXED[6][0], FIXED[7][0]]
+    assert all(reason == "no_answer" for (r, _), reason in zip(FIXED, a.reasons)
+               if r in changed)
 
 
 def test_score_is_floats_and_lengths_checked(reward):

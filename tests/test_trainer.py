@@ -97,17 +97,18 @@ VARIANTS = {
 }
 
 
-def _hand_loss(policy, ref, episodes, table, kl="k2"):
+def _hand_loss(policy, ref, episodes, table, kl="k2", temperature=1.0):
     """The objective written out token by token from full logits (token_mean; the k2 KL,
-    the default, or k3 for train.kl=k3_reverse)."""
+    the default, or k3 for train.kl=k3_reverse; log-probs of softmax(logits / T))."""
     terms = []
     for e_idx, ep in enumerate(episodes):
         ids = torch.tensor([ep.ids])
         tgt, lab = ids[0, 1:], torch.tensor(ep.labels[1:])
-        logp = torch.log_softmax(policy(input_ids=ids).logits[0, :-1].double(), -1)
-        logp = logp.gather(1, tgt[:, None])[:, 0]
+        logits = policy(input_ids=ids).logits[0, :-1].double() / temperature
+        logp = torch.log_softmax(logits, -1).gather(1, tgt[:, None])[:, 0]
         with torch.no_grad():
-            rl = torch.log_softmax(ref(input_ids=ids).logits[0, :-1].double(), -1)
+            rl = torch.log_softmax(ref(input_ids=ids).logits[0, :-1].double() / temperature,
+                                   -1)
             rl = rl.gather(1, tgt[:, None])[:, 0]
         for t in range(len(tgt)):
             if (e_idx, int(lab[t])) not in table:
@@ -119,15 +120,18 @@ def _hand_loss(policy, ref, episodes, table, kl="k2"):
     return torch.stack(terms).mean()
 
 
-@pytest.mark.parametrize("variant, kl", [(v, "k2") for v in VARIANTS] + [("stage1",
-                                                                            "k3_reverse")])
-def test_objective_matches_hand_computed(tmp_path, variant, kl):
+@pytest.mark.parametrize("variant, kl, temperature", [(v, "k2", 1.0) for v in VARIANTS] + [
+    ("stage1", "k3_reverse", 1.0), ("stage2", "k2", 0.6)])
+def test_objective_matches_hand_computed(tmp_path, variant, kl, temperature):
     """Which tokens get which advantage and KL weight, for the paper's two stages and the
-    Table 4 ablations, against the loss and gradients written out by hand."""
+    Table 4 ablations, against the loss and gradients written out by hand; the KL option and
+    the sampling temperature (log-probs of softmax(logits / T), the sampler's policy) too."""
     from score_fast.trainer import plan_objective
     opts, stage, table = VARIANTS[variant]
     # 3 episodes of ~25 tokens: 3 micro-batches
-    tr = Trainer(make_run(tmp_path, max_tokens=40, kl=kl))
+    c = make_run(tmp_path, max_tokens=40, kl=kl)
+    c.rollout.temperature = temperature
+    tr = Trainer(c)
     c = tr.config
     c.stage2.alpha = opts.get("alpha", 10.0)
     c.stage2.method = opts.get("method", "reinforce")
@@ -141,7 +145,8 @@ def test_objective_matches_hand_computed(tmp_path, variant, kl):
     out = tr.loss_and_backward(eps, obj)
     got = {n: p.grad.clone() for n, p in tr.policy.named_parameters()}
     tr.optimizer.zero_grad()
-    want = _hand_loss(tr.policy, tr.ref, eps, table, "k2" if kl == "k2" else "k3")
+    want = _hand_loss(tr.policy, tr.ref, eps, table, "k2" if kl == "k2" else "k3",
+                      temperature)
     want.backward()
     # fp32 k3 = exp(d) - d - 1 cancels at |d| ~ 1e-2 (3-4 of 7 digits lost), the hand
     # version runs in fp64: 2e-4 relative covers that and still catches a wrong beta or sign
@@ -272,11 +277,41 @@ def test_end_to_end_train_logs_metrics(tmp_path):
     assert lines == hist
     for m in hist:
         # metrics wiring: binary rewards, so accuracies are the mean rewards
-        assert m["acc_t1"] == pytest.approx(m["reward_t1"])
-        assert m["acc_t2"] == pytest.approx(m["reward_t2"])
-        assert m["delta"] == pytest.approx(m["delta_i2c"] - m["delta_c2i"])
-        assert 0 <= m["edit_ratio"] <= 1 and m["kl_t1"] >= 0 and m["kl_t2"] >= 0
+        # metrics of the step's samples, named as such (not the greedy eval's)
+        assert m["sample_acc_t1"] == pytest.approx(m["reward_t1"])
+        assert m["sample_acc_t2"] == pytest.approx(m["reward_t2"])
+        assert m["sample_delta"] == pytest.approx(m["sample_delta_i2c"] - m["sample_delta_c2i"])
+        assert not any(k.startswith(("acc_", "delta")) for k in m)
+        assert m["temperature"] == tr.config.rollout.temperature
+        assert 0 <= m["sample_edit_ratio"] <= 1 and m["kl_t1"] >= 0 and m["kl_t2"] >= 0
         assert m["gen_tok_s"] > 0 and m["train_tok_s"] > 0 and 1 <= m["len_t1"] <= 4
     assert hist[1]["kl_t1"] > 0  # after one update the policy has left the reference
     assert sorted(d for d in os.listdir(tr.run_dir) if d.startswith("checkpoint")) == [
         "checkpoint-2", "checkpoint-4"]
+
+
+def test_dropout_is_off_in_the_loss(tmp_path):
+    """A GPT-2-style model with 10% dropout everywhere: at step 0 the policy equals the
+    reference, so the KL is exactly 0 and the loss's log-probs are the sampler's (eval
+    mode) -- with dropout on in the loss forward neither holds."""
+    tok = demo_task.build_tokenizer()
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2,
+                                  n_head=2, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model_dir = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    c = make_run(tmp_path)
+    c.model.path = str(model_dir)
+    tr = Trainer(c)
+    assert tr.policy.config.resid_pdrop == 0.1  # the model's own config is kept
+    eps = _episodes(tr.tokenizer)
+    obj = Objective(torch.ones(3, 2), torch.ones(3, 2, dtype=torch.bool), 2, 0.1, 0.1)
+    out = tr.loss_and_backward(eps, obj)
+    assert out["n1"] > 0 and out["kl_sum1"] == 0.0 and out["kl_sum2"] == 0.0
+    ids = torch.tensor([eps[0].ids])
+    tr.policy.train()  # as in the loss forward
+    train_logits = tr.policy(input_ids=ids).logits
+    tr.policy.eval()  # as in sampling
+    assert torch.equal(train_logits, tr.policy(input_ids=ids).logits)

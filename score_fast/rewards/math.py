@@ -1,8 +1,12 @@
 """Math reward: 1 if the response's final answer equals the reference, by math-verify.
 
 The answer is taken from, in order: the paper's format ("Final Answer: The final answer is
-$X$. I hope it is correct."), the last \\boxed{...}/\\fbox{...} (nested braces), "final answer
-is X", and the last plain number. math-verify then compares it with the reference, so
+$X$. I hope it is correct."), the last \\boxed{...}/\\fbox{...} (nested braces), and "final
+answer is X" without the closing sentence: a response that states no final answer gets 0
+("no_answer"), as the paper's "final answer matches" checker gives. lenient=True (config:
+reward.lenient_math) also takes the last plain number of such a response: not the paper's
+checker, and it credits attempt-1 text that never commits to an answer (a trainer using it
+says so when it starts). math-verify then compares the answer with the reference, so
 1/2 = 0.5 = \\frac{1}{2} = \\dfrac12, 10\\% = 0.1, 1,000 = 1000, 5\\text{ cm} = 5, {1,2} = {2,1},
 intervals, matrices and equations are handled.
 
@@ -34,6 +38,7 @@ class MathRewardConfig:
     timeout_s: float = 5.0
     workers: int = 0  # 0: os.cpu_count(). Each worker holds sympy: ~150 MB resident
     float_rounding: int = 6  # math-verify's default: 1/3 = 0.333333 but not 0.333
+    lenient: bool = False  # also the last number of a response stating no answer (module doc)
 
 
 # "final answer is $a$ (and|or|, $b$)*", else the rest of the sentence
@@ -82,8 +87,9 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(response: str) -> str | None:
-    """The final answer in `response`, without $ delimiters, or None when there is none."""
+def extract_answer(response: str, lenient: bool = False) -> str | None:
+    """The final answer in `response`, without $ delimiters, or None when it states none
+    (lenient: or else its last plain number; module doc)."""
     # Last phrase positions, not a lazy regex from phrase to phrase: that is O(n^2) on a
     # response repeating "final answer is" (linear here; checked in the tests).
     hope = _last(_HOPE, response, len(response))
@@ -94,7 +100,7 @@ def extract_answer(response: str) -> str | None:
         found = [] if boxed is None else [boxed]
     if not found and final >= 0:
         found = [_FINAL.match(response, final).group(1)]
-    if not found:
+    if not found and lenient:
         found = _NUMBER.findall(response)
     answer = _DOLLAR.sub("", found[-1].strip().rstrip(".")).strip() if found else ""
     return answer or None
@@ -113,7 +119,7 @@ def _check(request: dict) -> dict:
     signal.signal(signal.SIGALRM, alarm)
     signal.setitimer(signal.ITIMER_REAL, request["timeout_s"])
     try:
-        answer = extract_answer(request["response"])
+        answer = extract_answer(request["response"], request["lenient"])
         if answer is None:
             return {"score": 0.0, "reason": "no_answer"}
         gold = _DOLLAR.sub("", str(request["gold"])).strip()
@@ -164,7 +170,8 @@ class MathReward(Reward):
         if self._pool is None:
             self._pool = WorkerPool(c.workers or os.cpu_count() or 1, self._spawn)
         requests = [{"response": r, "gold": row[c.answer_field], "timeout_s": c.timeout_s,
-                     "float_rounding": c.float_rounding} for r, row in zip(responses, rows)]
+                     "float_rounding": c.float_rounding, "lenient": c.lenient}
+                    for r, row in zip(responses, rows)]
         # The hard limit also covers a fresh worker's start (~1 s to import math-verify).
         replies = self._pool.map(requests, 2 * c.timeout_s + 5)
         return RewardResult([float(r["score"]) for r in replies], [r["reason"] for r in replies])
