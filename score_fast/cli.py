@@ -2,6 +2,7 @@
 
     score-fast demo                                   # built-in demo: no files, no downloads
     score-fast train --config run.yaml [--stage2.alpha=5 --train.resume=true ...]
+    score-fast train --recipe math --model.path M --data.train_file math.jsonl   # the paper's
     score-fast eval --checkpoint runs/x/checkpoint-400 --data test.jsonl [--kind math|code]
         [--samples 8 --temperature 0.7]   # + self-consistency vs self-correction (Fig. 1 right)
     score-fast ablate [--seeds 0 1 2] [--quick]       # the Table 4 ablations on the demo task
@@ -14,6 +15,7 @@ checkpoint's config.yaml, unless the data file's fields do not fit them: then th
 the fields fit (MATH, HumanEval, MBPP: score_fast.evaluation) decides."""
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import os
 import sys
@@ -34,6 +36,11 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="score-fast", description="SCoRe self-correction training")
     sub = parser.add_subcommands(dest="command")
     train = ArgumentParser(description="Stage I then Stage II SCoRe training")
+    train.add_argument("--recipe", type=str, default=None,
+                       help=f"the paper's settings for a benchmark, applied where it stands on "
+                            f"the command line (later options override): "
+                            f"{' | '.join(recipe_names())} (score_fast/recipes/), or a YAML "
+                            f"file")
     train.add_argument("--config", action=ActionConfigFile, help="YAML config file")
     train.add_class_arguments(Config, None)
     sub.add_subcommand("train", train, help="train from a YAML config and overrides")
@@ -56,12 +63,47 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in importlib.resources.files("score_fast").joinpath(
+        "recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_path(name: str) -> str:
+    """A shipped recipe's YAML file (score_fast/recipes/NAME.yaml), or `name` itself when
+    it is a YAML file; ValueError naming the recipes otherwise."""
+    if name in recipe_names():
+        return str(importlib.resources.files("score_fast").joinpath("recipes", f"{name}.yaml"))
+    if name.endswith((".yaml", ".yml")) and os.path.isfile(name):
+        return name
+    raise ValueError(f"--recipe {name!r}: not a recipe ({', '.join(recipe_names())}) and not "
+                     f"a YAML file")
+
+
+def _expand_recipe(argv: list[str]) -> list[str]:
+    """`--recipe X` -> `--config <X's YAML>` in place, so options after it override it."""
+    out = []
+    it = iter(argv)
+    for a in it:
+        if a == "--recipe" or a.startswith("--recipe="):
+            name = a.split("=", 1)[1] if "=" in a else next(it, None)
+            if name is None:
+                raise ValueError("--recipe needs a name: " + ", ".join(recipe_names()))
+            out += ["--config", recipe_path(name)]
+        else:
+            out.append(a)
+    return out
+
+
 def parse_config(argv) -> Config | EvalConfig | dict:
     """The dataclass config of a `train` or `eval` command line; for `demo` and `ablate`
     their options as a dict with "command"."""
-    args = build_parser().parse_args(list(argv))
+    argv = list(argv)
+    if argv[:1] == ["train"]:
+        argv = _expand_recipe(argv)
+    args = build_parser().parse_args(argv)
     ns = args[args.command].as_dict()
     ns.pop("config", None)
+    ns.pop("recipe", None)
     ns.pop("__path__", None)
     if args.command == "train":
         return config_from_dict(ns)

@@ -138,7 +138,7 @@ def test_detect_config_from_fields():
     code = ev.detect_config(HUMANEVAL, "h.jsonl", custom)
     assert (code.reward.kind, code.reward.function, code.instruction()) == (
         "code", "", CODE_INSTRUCTION)
-    assert code.train == custom.train and code.rollout.max_new_tokens == 512
+    assert code.train == custom.train and code.rollout.max_new_tokens == 1024
     math = ev.detect_config(MATH, "m.jsonl", Config(reward=RewardConfig(kind="code")))
     assert math.reward.kind == "math"
     # kind forced
