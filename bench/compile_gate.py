@@ -47,7 +47,12 @@ import triton  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+try:  # Triton's own launch-time binder (checked with triton 3.6 and 3.9)
+    from triton.runtime.jit import create_function_from_signature  # noqa: E402
+except ImportError:  # pragma: no cover - an older or reorganised Triton
+    create_function_from_signature = None
 
 ARCH = {80: "sm_80", 90: "sm_90a", 100: "sm_100a"}
 GPU = {80: "A100", 90: "H100/H200", 100: "B200"}
@@ -323,6 +328,10 @@ def main(argv=None) -> int:
                          "when the package is checked)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
+    if create_function_from_signature is None or not hasattr(JITFunction, "_pack_args"):
+        ap.exit(2, f"compile_gate: triton {triton.__version__} lacks the launch binder the gate "
+                   f"reuses (create_function_from_signature, JITFunction._pack_args: "
+                   f"triton 3.6 and 3.9 have them)\n")
     if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
         ap.exit(2, "compile_gate: unset TRITON_INTERPRET (the interpreter's kernels cannot be "
                    "compiled for a GPU)\n")
