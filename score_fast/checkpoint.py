@@ -21,7 +21,8 @@ import shutil
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_state", "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "rotate_checkpoints", "load_state",
+           "rng_state", "set_rng_state"]
 
 OPTIM_DIR = "optimizer"
 
@@ -103,10 +104,28 @@ def latest_checkpoint(run_dir: str) -> str | None:
     """The complete checkpoint with the highest step, or None."""
     if not os.path.isdir(run_dir):
         return None
-    found = [(int(m.group(1)), name) for name in os.listdir(run_dir)
-             if (m := _NAME.match(name)) and os.path.isfile(os.path.join(run_dir, name,
-                                                                         STATE_FILE))]
-    return os.path.join(run_dir, max(found)[1]) if found else None
+    found = _complete(run_dir)
+    return os.path.join(run_dir, found[-1][1]) if found else None
+
+
+def _complete(run_dir: str) -> list[tuple[int, str]]:
+    """(step, name) of the complete checkpoints (trainer_state.pt written), by step."""
+    return sorted((int(m.group(1)), name) for name in os.listdir(run_dir)
+                  if (m := _NAME.match(name)) and os.path.isfile(os.path.join(run_dir, name,
+                                                                              STATE_FILE)))
+
+
+def rotate_checkpoints(run_dir: str, keep_last: int) -> list[str]:
+    """Remove all but the newest `keep_last` (>= 1) complete checkpoints; returns the paths
+    removed. The newest complete checkpoint is never among them, so a crash during a later
+    save can always resume; directories being written (.tmp-) and incomplete ones are not
+    touched."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    gone = [os.path.join(run_dir, name) for _, name in _complete(run_dir)[:-keep_last]]
+    for path in gone:
+        shutil.rmtree(path)
+    return gone
 
 
 def load_state(path: str, model=None, optimizer=None, dist=None) -> dict:

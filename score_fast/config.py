@@ -147,11 +147,17 @@ class TrainConfig:
     """steps between metric lines (and metrics.jsonl rows)"""
     save_every: int = 50
     """steps between checkpoints (one is always written at the end)"""
+    keep_last: Optional[int] = None
+    """keep only the newest N complete checkpoints (None: all); the newest complete one is
+    never removed"""
     resume: bool = False
     """continue from the last complete checkpoint in run_dir"""
 
     def __post_init__(self):  # before any model loads
         check_kl(self.kl)
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"train.keep_last must be >= 1 or unset (keep all), got "
+                             f"{self.keep_last}")
 
 
 # train.kl -> the score_loss estimator kind. In the loss, with y ~ pi and d = log pi(y) -

@@ -44,7 +44,8 @@ import yaml
 import score_fast as sf
 from score_fast import distributed
 from score_fast.attention import use_varlen_attention
-from score_fast.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from score_fast.checkpoint import (latest_checkpoint, load_state, rotate_checkpoints,
+                                   save_checkpoint, set_rng_state)
 from score_fast.config import Config, check_kl
 from score_fast.flops import matmul_params, peak_flops, step_flops
 from score_fast.prompts import PromptBuilder
@@ -487,9 +488,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def save(self) -> str:
-        return save_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer,
+        path = save_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer,
                                self.optimizer, {"stage": stage_at(self.config, self.step - 1)},
                                self.config_yaml, dist=self.dist)
+        # after the new one is complete (save_checkpoint's rename and barrier): rotate
+        if self.config.train.keep_last is not None and self.dist.main:
+            rotate_checkpoints(self.run_dir, self.config.train.keep_last)
+        return path
 
     def train(self, until: int | None = None, progress: bool = True) -> list[dict]:
         """Steps until `until` (default: the end of the schedule); checkpoints every

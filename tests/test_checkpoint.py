@@ -4,7 +4,10 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from score_fast.checkpoint import latest_checkpoint, load_state
+import pytest
+
+from score_fast.checkpoint import latest_checkpoint, load_state, rotate_checkpoints
+from score_fast.config import TrainConfig
 from score_fast.trainer import Trainer
 from test_trainer import make_run
 
@@ -55,3 +58,36 @@ def test_resume_gives_the_same_parameters(tmp_path):
     sa = straight.optimizer.state_dict()["state"]
     sb = resumed.optimizer.state_dict()["state"]
     assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
+
+
+def test_rotation_keeps_the_newest_complete(tmp_path):
+    run = tmp_path / "run"
+    for step in (2, 4, 6, 8):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / "trainer_state.pt").write_bytes(b"x")
+    (run / "checkpoint-10").mkdir()  # incomplete (no state file): neither kept nor counted
+    (run / ".tmp-checkpoint-12").mkdir()  # being written
+    gone = rotate_checkpoints(str(run), 2)
+    assert sorted(os.path.basename(g) for g in gone) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(os.listdir(run)) == [".tmp-checkpoint-12", "checkpoint-10", "checkpoint-6",
+                                       "checkpoint-8"]
+    assert rotate_checkpoints(str(run), 1) == [str(run / "checkpoint-6")]
+    assert latest_checkpoint(str(run)) == str(run / "checkpoint-8")  # never removed
+    with pytest.raises(ValueError, match="keep_last must be >= 1"):
+        rotate_checkpoints(str(run), 0)
+    with pytest.raises(ValueError, match="train.keep_last must be >= 1"):
+        TrainConfig(keep_last=0)
+
+
+def test_keep_last_in_training_then_resume(tmp_path):
+    """save_every 1 and keep_last 2: after 3 steps only checkpoints 2 and 3 are left, and the
+    run resumes from 3 to the end."""
+    c = make_run(tmp_path, save_every=1, keep_last=2)
+    Trainer(c).train(until=3, progress=False)
+    names = sorted(n for n in os.listdir(c.train.run_dir) if n.startswith("checkpoint"))
+    assert names == ["checkpoint-2", "checkpoint-3"]
+    resumed = Trainer(make_run(tmp_path, save_every=1, keep_last=2, resume=True))
+    assert resumed.step == 3
+    resumed.train(progress=False)
+    names = sorted(n for n in os.listdir(c.train.run_dir) if n.startswith("checkpoint"))
+    assert names == ["checkpoint-3", "checkpoint-4"]
