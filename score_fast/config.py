@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["MATH_INSTRUCTION", "CODE_INSTRUCTION", "KL_ESTIMATORS", "check_kl", "ModelConfig", "DataConfig",
-           "RolloutConfig", "RewardConfig", "Stage1Config", "Stage2Config", "TrainConfig",
+__all__ = ["MATH_INSTRUCTION", "CODE_INSTRUCTION", "KL_ESTIMATORS", "check_kl", "ModelConfig",
+           "DataConfig", "RolloutConfig", "RewardConfig", "Stage1Config", "Stage2Config", "TrainConfig",
            "EvalConfig", "Config", "config_from_dict"]
 
 # The paper's self-correction instructions (Appendix C), quoted.

@@ -368,6 +368,7 @@ class Trainer:
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.model.bf16
                              and self.device.type == "cuda")
         adv = o.adv[mine].to(self.device)
+        kl = check_kl(c.train.kl)  # the estimator kind score_loss takes
         out = {"loss": 0.0, "kl_sum1": 0.0, "kl_sum2": 0.0, "n1": 0, "n2": 0, "tokens": 0,
                "nonfinite": 0}
         self.policy.train()
@@ -391,7 +392,7 @@ class Trainer:
             with amp:
                 loss, m = self.policy.score_fast_loss(
                     ids, pos, seq, targets, ref_logp, turn, episode, adv, stage=o.stage,
-                    beta1=o.beta1, beta2=o.beta2, kl=check_kl(c.train.kl),
+                    beta1=o.beta1, beta2=o.beta2, kl=kl,
                     reduction=c.train.reduction, temperature=c.rollout.temperature)
             if not torch.isfinite(loss):
                 out["nonfinite"] += 1

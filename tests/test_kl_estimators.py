@@ -20,9 +20,9 @@ def _expected_kl_grad(kind: str, theta, theta_ref):
     for y in range(len(theta)):
         th = theta.detach().clone().requires_grad_()
         logp = torch.log_softmax(th, 0)[y]
-        loss, _ = score_loss(logp.view(1, 1), log_q[y].view(1, 1), torch.ones(1, 1, dtype=torch.long),
-                             torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 2), stage=1,
-                             beta1=0.0, beta2=1.0, kl=kind)
+        turn, episode = torch.ones(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long)
+        loss, _ = score_loss(logp.view(1, 1), log_q[y].view(1, 1), turn, episode,
+                             torch.zeros(1, 2), stage=1, beta1=0.0, beta2=1.0, kl=kind)
         loss.backward()
         grad += p[y] * th.grad
     return grad
