@@ -2,11 +2,17 @@
 AutoModelForCausalLM.from_pretrained), the tokenizer, the resolved config.yaml, and
 trainer_state.pt (optimizer, step, RNG states of torch / python / numpy).
 
-Written by several ranks (FSDP2, score_fast.distributed): the full model is gathered and
-rank 0 writes it (still one from_pretrained-loadable model); the AdamW state stays sharded,
-written by every rank through torch.distributed.checkpoint into optimizer/ (DCP reshards on
-load, so any number of ranks, one included, can resume it); each rank's RNG state goes to
-rng-<rank>.pt.
+The weights are written in the model's own dtype (model.dtype: a bf16 model's checkpoint is
+bf16, half an fp32 one). A LoRA policy writes its adapters (adapter_model.safetensors +
+adapter_config.json, fp32, a few MB) and, with model.lora.save_merged, merged/: base +
+adapters as one from_pretrained-loadable model.
+
+Written from an FSDP2 policy (several ranks, or one rank with fp32 master weights under bf16
+or an offloaded optimizer: score_fast.models): the full model is gathered and rank 0 writes
+it (still one from_pretrained-loadable model); the AdamW state, and the fp32 master weights
+where the safetensors are in a lower dtype, stay sharded, written by every rank through
+torch.distributed.checkpoint into optimizer/ (DCP reshards on load, so any number of ranks,
+one included, can resume it); each rank's RNG state goes to rng-<rank>.pt.
 
 Atomic: everything is written into run_dir/.tmp-checkpoint-N, then os.replace renames the
 directory into place; a crash mid-write leaves only a .tmp- directory, which
@@ -47,18 +53,24 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state: dict,
-                    config_yaml: str | None = None, dist=None) -> str:
+                    config_yaml: str | None = None, dist=None, merged: bool = False) -> str:
     """Write checkpoint-`step` atomically; returns its path. `state` is extra trainer state
     (step, stage, ...); the RNG states are added here. dist: a score_fast.distributed.Dist
-    (every rank calls this together) or None for one process."""
+    (every rank calls this together) or None for one process. merged: a LoRA policy also
+    writes merged/ (base + adapters)."""
     from score_fast import distributed
+    from score_fast.models import compute_dtype, is_lora, lora_base, merged_state_dict
     main = dist is None or dist.main
     final = os.path.join(run_dir, f"checkpoint-{step}")
     tmp = os.path.join(run_dir, f".tmp-checkpoint-{step}")
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    sharded = dist is not None and dist.enabled
+    dtype, lora = compute_dtype(model), is_lora(model)
+    sharded = distributed.is_sharded(model)
+    # fp32 master weights under a lower-precision file: kept beside it for an exact resume
+    master = sharded and not lora and dtype != torch.float32
+    full = None
     if sharded:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
@@ -67,15 +79,31 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state:
         distributed.barrier(dist)
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                     cpu_offload=True))
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
-                 checkpoint_id=os.path.join(tmp, OPTIM_DIR))
+        shards = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        if master:
+            shards["model"] = get_model_state_dict(model)
+        dcp.save(shards, checkpoint_id=os.path.join(tmp, OPTIM_DIR))
         torch.save(rng_state(), os.path.join(tmp, f"rng-{dist.rank}.pt"))
     if main:
-        if sharded:
-            model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
-            extra = {"optimizer_dcp": OPTIM_DIR, "world_size": dist.world}
+        if lora:
+            if merged:
+                sd = full if full is not None else model.state_dict()
+                cfg = model.peft_config["default"]
+                lora_base(model).save_pretrained(
+                    os.path.join(tmp, "merged"), safe_serialization=True,
+                    state_dict=merged_state_dict(sd, cfg.lora_alpha / cfg.r, dtype))
+                tokenizer.save_pretrained(os.path.join(tmp, "merged"))
+            model.save_pretrained(tmp, safe_serialization=True,
+                                  **({"state_dict": full} if full is not None else {}))
+        elif full is not None or dtype != next(model.parameters()).dtype:
+            sd = full if full is not None else model.state_dict()
+            model.save_pretrained(tmp, safe_serialization=True, state_dict={
+                k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()})
         else:
             model.save_pretrained(tmp, safe_serialization=True)
+        if sharded:
+            extra = {"optimizer_dcp": OPTIM_DIR, "world_size": dist.world, "master": master}
+        else:
             extra = {"optimizer": optimizer.state_dict()}
         tokenizer.save_pretrained(tmp)
         if config_yaml is not None:
@@ -135,18 +163,29 @@ def load_state(path: str, model=None, optimizer=None, dist=None) -> dict:
     "rng" is this rank's own state when the checkpoint has one."""
     # weights_only=False: the state holds python's RNG tuple and numpy arrays (our own file)
     state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
-    sharded = dist is not None and dist.enabled
+    from score_fast import distributed
     if optimizer is not None:
         if "optimizer_dcp" in state:
+            if not distributed.is_sharded(model):
+                raise ValueError(f"{path} was written by an FSDP2 policy (several ranks, or "
+                                 f"model.dtype below fp32, or model.offload_optimizer): resume "
+                                 f"it with the same model settings")
             import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+            from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                                 get_optimizer_state_dict,
+                                                                 set_model_state_dict,
                                                                  set_optimizer_state_dict)
             target = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+            if state.get("master"):  # the fp32 master weights under the bf16 safetensors
+                target["model"] = get_model_state_dict(model)
             dcp.load(target, checkpoint_id=os.path.join(path, state["optimizer_dcp"]))
+            if "model" in target:
+                set_model_state_dict(model, target["model"])
             set_optimizer_state_dict(model, optimizer, target["optimizer"])
-        elif sharded:
-            raise ValueError(f"{path} was written by one process (its optimizer state is one "
-                             f"file); resume it with one process, not {dist.world} ranks")
+        elif distributed.is_sharded(model):
+            raise ValueError(f"{path} was written by one process without FSDP2 (its optimizer "
+                             f"state is one file): resume it with one process and the same "
+                             f"model.dtype / model.offload_optimizer")
         else:
             optimizer.load_state_dict(state["optimizer"])
     rank_file = os.path.join(path, f"rng-{dist.rank if dist is not None else 0}.pt")

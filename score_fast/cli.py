@@ -6,6 +6,7 @@
     score-fast eval --checkpoint runs/x/checkpoint-400 --data test.jsonl [--kind math|code]
         [--samples 8 --temperature 0.7]   # + self-consistency vs self-correction (Fig. 1 right)
     score-fast ablate [--seeds 0 1 2] [--quick]       # the Table 4 ablations on the demo task
+    score-fast plan --model qwen2.5-7b [--lora_rank 16 --offload true] | --table  # memory
     score-fast train --help                           # every field with its default
 
 The configuration is score_fast.config (typed dataclasses) read by jsonargparse: a YAML file
@@ -19,6 +20,7 @@ import importlib.resources
 import logging
 import os
 import sys
+from typing import Optional
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
@@ -60,6 +62,22 @@ def build_parser() -> ArgumentParser:
                     help="smoke run: short warm-up, 2 + 2 RL steps")
     ab.add_argument("--workers", type=int, default=2, help="parallel worker processes")
     sub.add_subcommand("ablate", ab, help="ablation table + plot on the demo task")
+    plan = ArgumentParser(description="predicted peak device memory of one training step "
+                                      "and which devices it fits (score_fast.memory)")
+    plan.add_argument("--model", type=Optional[str], default=None,
+                      help="a built-in shape (qwen2.5-7b, ...), a model directory, a "
+                           "config.json, or a hub id in the local HF cache")
+    plan.add_argument("--dtype", type=str, default="bf16", help="fp32 | bf16 | fp16")
+    plan.add_argument("--lora_rank", type=int, default=0, help="0: full fine-tune")
+    plan.add_argument("--offload", type=bool, default=False,
+                      help="optimizer offload: master, grads and AdamW in host memory")
+    plan.add_argument("--gradient_checkpointing", type=Optional[bool], default=None,
+                      help="null: on from 1B parameters (the trainer's rule)")
+    from score_fast.memory import StepShape
+    plan.add_class_arguments(StepShape, None)
+    plan.add_argument("--table", action="store_true",
+                      help="the 1.5B / 7B / 14B x settings x devices table (markdown)")
+    sub.add_subcommand("plan", plan, help="memory plan: does a model fit a device")
     return parser
 
 
@@ -125,6 +143,9 @@ def main(argv=None) -> int:
         from score_fast.ablate import run_ablation
         run_ablation(config["out"], seeds=tuple(config["seeds"]), quick=config["quick"],
                      workers=config["workers"])
+    elif config["command"] == "plan":
+        from score_fast.memory import plan_text
+        print(plan_text(config))
     else:
         from score_fast.demo import run_demo
         run_demo(run_dir=config["run_dir"], seed=config["seed"])
@@ -141,7 +162,9 @@ def run_eval(ec: EvalConfig) -> dict:
     from score_fast import evaluation as ev
     from score_fast.metrics import format_table
     from score_fast.trainer import load_model, load_tokenizer, make_reward_from
-    model = load_model(ec.checkpoint, "--checkpoint")
+    from score_fast.models import resolve_dtype
+    model = load_model(ec.checkpoint, "--checkpoint",
+                       resolve_dtype("auto", ec.checkpoint, "--checkpoint"))
     saved_path = os.path.join(ec.checkpoint, "config.yaml")
     saved = None
     if os.path.isfile(saved_path):

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["MATH_INSTRUCTION", "CODE_INSTRUCTION", "KL_ESTIMATORS", "check_kl", "ModelConfig",
+__all__ = ["MATH_INSTRUCTION", "CODE_INSTRUCTION", "KL_ESTIMATORS", "DTYPES", "check_kl",
+           "LoraConfig", "ModelConfig",
            "DataConfig", "RolloutConfig", "RewardConfig", "Stage1Config", "Stage2Config", "TrainConfig",
            "EvalConfig", "Config", "config_from_dict"]
 
@@ -24,14 +25,67 @@ CODE_INSTRUCTION = (
     "final correct Python program!")
 
 
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank; 0: full fine-tune. With rank > 0 the policy is the base model (frozen, in
+    model.dtype) + fp32 adapters through peft, and the reference is the same base with the
+    adapters disabled: no second copy of the model"""
+    alpha: Optional[float] = None
+    """LoRA scale alpha (the update is alpha / rank * B A); None: 2 x rank"""
+    dropout: float = 0.0
+    """dropout on the adapters' input; > 0 makes the trained log-probs differ from the
+    sampler's (everything else runs without dropout)"""
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    """module names to adapt (peft target_modules); all-linear: every Linear of the decoder
+    layers (never the LM head, so the fused loss is unchanged)"""
+    save_merged: bool = False
+    """also write base + adapters merged into checkpoint-N/merged/ (from_pretrained-loadable,
+    in model.dtype)"""
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"model.lora.rank must be >= 0 (0 = full fine-tune), got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.rank and not self.targets:
+            raise ValueError("model.lora.targets is empty: name the modules to adapt")
+
+
 @dataclass
 class ModelConfig:
     path: str = ""
-    """local HF model directory (policy init and the frozen reference)"""
-    bf16: bool = False
-    """bf16 autocast for the training forward (GPU)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward (GPU, long contexts)"""
+    """local HF model directory, or a hub id already in the local Hugging Face cache
+    (nothing is downloaded): the policy's initial weights and the frozen reference"""
+    dtype: str = "auto"
+    """auto (the checkpoint's own torch_dtype; fp32 where it has none) | bf16 | fp16 | fp32.
+    Compute dtype of the policy forward/backward, the reference and sampling (KV cache).
+    Below fp32 a full fine-tune keeps fp32 master weights, gradients and AdamW state (FSDP2
+    mixed precision, at one rank too); fp16 adds dynamic loss scaling"""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters instead of a full fine-tune (rank > 0)"""
+    offload_optimizer: bool = False
+    """keep the fp32 master weights, gradients and AdamW state in host memory and run the
+    optimizer step there (FSDP2 CPU offload): the device holds the compute-dtype weights"""
+    gradient_checkpointing: Optional[bool] = None
+    """recompute activations in backward; None: on for models of >= 1B parameters, where
+    activations of an 8192-token micro-batch outgrow the weights (score_fast.memory)"""
+    attn_implementation: Optional[str] = None
+    """transformers' attn_implementation (sdpa, flash_attention_2, eager, ...); None: its
+    default"""
+    revision: Optional[str] = None
+    """branch, tag or commit of a hub id in the local cache"""
+    trust_remote_code: bool = False
+    """let transformers run the model repository's own modelling code"""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if isinstance(self.lora, dict):  # config_from_dict passes the nested section as is
+            self.lora = LoraConfig(**self.lora)
 
 
 @dataclass
@@ -68,6 +122,10 @@ class RolloutConfig:
     """None: the paper's math or code instruction"""
     gen_batch_size: int = 64
     """sequences per generate() call"""
+    episodes_in_flight: Optional[int] = None
+    """episodes taken through attempt 1 and attempt 2 before the next ones start (None:
+    gen_batch_size); attempt 1's KV cache is kept for attempt 2 only for these, which
+    bounds rollout memory (score_fast.memory)"""
 
 
 @dataclass

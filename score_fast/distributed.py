@@ -11,8 +11,10 @@ splits each step's prompts across ranks (an RLOO group never leaves its rank), g
 scored episodes and rebalances them by token count with `balanced_partition`, so every
 rank trains on about the same number of tokens.
 
-Without torchrun (WORLD_SIZE unset or 1) nothing here does anything: one process, no
-process group, no sharding.
+Without torchrun (WORLD_SIZE unset or 1) there is one process and nothing is gathered or
+reduced; FSDP2 still shards (trivially) a one-rank group when it is what gives a full fine-
+tune its fp32 master weights under bf16 compute, or the optimizer's CPU offload
+(score_fast.models).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "setup", "shard", "gather_objects", "all_reduce_sum", "barrier",
+__all__ = ["Dist", "setup", "shard", "is_sharded", "gather_objects", "all_reduce_sum", "barrier",
            "register_method", "generation"]
 
 
@@ -34,6 +36,8 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    fsdp: bool = False
+    """the policy is sharded with FSDP2 (always at world > 1)"""
 
     @property
     def enabled(self) -> bool:
@@ -44,8 +48,9 @@ class Dist:
         return self.rank == 0
 
 
-def setup() -> Dist:
-    """The process group of a torchrun launch (initialised once), or a one-process Dist."""
+def setup(fsdp: bool = False) -> Dist:
+    """The process group of a torchrun launch (initialised once), or a one-process Dist;
+    fsdp=True gives one process a group of its own (an in-memory store) for FSDP2."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -56,36 +61,51 @@ def setup() -> Dist:
         torch.cuda.set_device(local)
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if world <= 1:
-        return Dist(device=device)
+        if fsdp and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(),
+                                    rank=0, world_size=1)
+        return Dist(device=device, fsdp=fsdp)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
                                 timeout=datetime.timedelta(minutes=30))
-    return Dist(dist.get_rank(), dist.get_world_size(), local, device)
+    return Dist(dist.get_rank(), dist.get_world_size(), local, device, fsdp=True)
 
 
-def shard(model, d: Dist, bf16: bool = False):
+def shard(model, d: Dist, param_dtype: torch.dtype | None = None, offload: bool = False):
     """FSDP2: one unit per decoder layer (found as the model's `layers` ModuleList) and the
-    root (embeddings, final norm, LM head). bf16 (GPU): bf16 compute, fp32 gradient
-    reduction and fp32 master weights."""
-    if not d.enabled:
+    root (embeddings, final norm, LM head). param_dtype: the compute dtype the units are
+    gathered in (the sharded parameters keep their own dtype: fp32 master weights), with
+    gradients reduced in fp32. offload: parameters, gradients and optimizer state live in
+    host memory (CPUOffloadPolicy). No-op unless d.fsdp."""
+    if not d.fsdp:
         return model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(d.device.type, (d.world,))
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if bf16 and d.device.type == "cuda" else MixedPrecisionPolicy())
+    # cast_forward_inputs=False: FSDP would otherwise round every float argument of the
+    # registered loss methods to bf16 too, the fp32 reference log-probs and advantages among
+    # them (a 4e-5 KL at step 0, from rounding alone); the layers get bf16 hidden states anyway
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
+    kw = {"offload_policy": CPUOffloadPolicy(pin_memory=d.device.type == "cuda")} if offload \
+        else {}
     from score_fast.flops import decoder_layers
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, **kw)
+    fully_shard(model, mesh=mesh, mp_policy=mp, **kw)
     return model
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
 
 
 def register_method(model, name: str, d: Dist) -> None:
     """Make `model.<name>` (a bound method computing through the model's weights outside
     its forward, e.g. the fused loss on the LM head) unshard the root's parameters like a
     forward does, and reduce-scatter their gradients in backward."""
-    if d.enabled:
+    if is_sharded(model):
         from torch.distributed.fsdp import register_fsdp_forward_method
         register_fsdp_forward_method(model, name)
 
@@ -113,7 +133,7 @@ def all_reduce_sum(values: dict[str, float], d: Dist) -> dict[str, float]:
 def generation(model, d: Dist):
     """Sampling calls the model once per token: keep every FSDP unit gathered for the
     whole rollout instead of re-gathering all layers at each decode step, then reshard."""
-    if not d.enabled:
+    if not is_sharded(model):
         yield
         return
     from torch.distributed.fsdp import FSDPModule
@@ -127,6 +147,6 @@ def generation(model, d: Dist):
                 m.reshard()
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
+def barrier(d: Dist | None) -> None:
+    if d is not None and d.enabled:
         dist.barrier()

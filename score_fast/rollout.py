@@ -136,11 +136,15 @@ def generate(model, contexts: list[list[int]], *, max_new_tokens: int, temperatu
 def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samples: int,
             max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
             batch_size: int = 64, max_prompt_tokens: int | None = None,
-            row_names: list[str] | None = None) -> tuple[list[Episode], dict]:
+            row_names: list[str] | None = None, in_flight: int | None = None
+            ) -> tuple[list[Episode], dict]:
     """`samples` two-attempt episodes per problem (problem-major order), sampled with the
     KV-cache engine (score_fast.sampler.TwoTurnSampler; `generate` above is the plain
-    reference). Returns the episodes and timing: {"gen_tokens", "gen_seconds",
-    "prefill_tokens", "decode_tokens"} (the last two: tokens the model was run on)."""
+    reference). in_flight: episodes taken through both attempts at a time (None: all); the
+    attempt-1 KV cache the sampler keeps for attempt 2 covers only those (a 7B model's is
+    ~57 KB a token: 512 episodes of 2048 tokens would hold 60 GB). Returns the episodes and
+    timing: {"gen_tokens", "gen_seconds", "prefill_tokens", "decode_tokens"} (the last two:
+    tokens the model was run on)."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prompts = [formatter.prompt_ids(p) for p in problems]
@@ -156,14 +160,17 @@ def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samp
                 for _ in range(samples)]
     # attempt 2 continues from attempt 1's KV cache: only the instruction is prefilled
     sampler = TwoTurnSampler(model, eos, pad, batch_size=batch_size)
-    attempts1, state = sampler.attempt1([e.prompt_ids for e in episodes], **gen_kw)
-    for ep, a1 in zip(episodes, attempts1):
-        ep.attempt1_ids = a1
-        ep.instruction_ids = formatter.instruction_ids(problems[ep.prompt_index], a1)
-    attempts2 = sampler.attempt2(state, [e.instruction_ids for e in episodes], **gen_kw)
-    del state  # every episode's cache: free it before the caller's training step
-    for ep, a2 in zip(episodes, attempts2):
-        ep.attempt2_ids = a2
+    step = in_flight or max(len(episodes), 1)
+    for lo in range(0, len(episodes), step):
+        chunk = episodes[lo:lo + step]
+        attempts1, state = sampler.attempt1([e.prompt_ids for e in chunk], **gen_kw)
+        for ep, a1 in zip(chunk, attempts1):
+            ep.attempt1_ids = a1
+            ep.instruction_ids = formatter.instruction_ids(problems[ep.prompt_index], a1)
+        attempts2 = sampler.attempt2(state, [e.instruction_ids for e in chunk], **gen_kw)
+        del state  # the chunk's cache: free it before the next chunk or the training step
+        for ep, a2 in zip(chunk, attempts2):
+            ep.attempt2_ids = a2
     seconds = time.perf_counter() - t0
     for ep in episodes:
         ep.text1 = tokenizer.decode(ep.attempt1_ids, skip_special_tokens=True)

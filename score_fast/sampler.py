@@ -57,6 +57,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from score_fast.models import model_device
+
 __all__ = ["TwoTurnSampler", "SamplerStats", "TurnState", "sample_next"]
 
 
@@ -174,7 +176,10 @@ class TwoTurnSampler:
     def __init__(self, model, eos_id: int | Sequence[int] | None, pad_id: int, *,
                  decode: Callable[[list[int]], str] | None = None, batch_size: int = 64,
                  compact_at: float = 0.125):
-        self.model = model
+        from score_fast.models import compute_dtype, lora_base
+        # a peft model runs as its base (the adapters sit in the base's layers), whose
+        # forward takes the cache and logits_to_keep
+        self.model = model = lora_base(model) if model is not None else None
         if eos_id is None:
             self.eos = set()
         elif isinstance(eos_id, int):
@@ -204,7 +209,8 @@ class TwoTurnSampler:
         self._mask_kind = {"sdpa": "sdpa", "eager": "eager"}.get(impl, "2d")
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self._n_layers = text.num_hidden_layers
-        self._dtype = next(model.parameters()).dtype if model is not None else torch.float32
+        # the compute dtype (an FSDP2 bf16 model keeps fp32 master parameters)
+        self._dtype = compute_dtype(model) if model is not None else torch.float32
 
     # ---- public API -------------------------------------------------------------------
     def attempt1(self, prompts: list[list[int]], **kw) -> tuple[list[list[int]], TurnState]:
@@ -296,7 +302,7 @@ class TwoTurnSampler:
 
     @torch.no_grad()
     def _batch(self, rows, new_ids, stops, *, keep, phase, max_new_tokens, sampling):
-        dev = next(self.model.parameters()).device
+        dev = model_device(self.model)
         b = len(rows)
         width_prev = max(r.length for r in rows)
         t = max(len(x) for x in new_ids)

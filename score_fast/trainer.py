@@ -28,7 +28,7 @@ One step (prompts_per_step prompts x samples_per_prompt episodes):
 from __future__ import annotations
 
 import collections
-import copy
+import contextlib
 import dataclasses
 import json
 import logging
@@ -48,6 +48,8 @@ from score_fast.checkpoint import (latest_checkpoint, load_state, rotate_checkpo
                                    save_checkpoint, set_rng_state)
 from score_fast.config import Config, check_kl
 from score_fast.flops import matmul_params, peak_flops, step_flops
+from score_fast.models import (apply_lora, is_lora, load_lora, load_model, load_tokenizer,
+                               GC_AUTO_PARAMS, lora_base, resolve_dtype, uses_fsdp)
 from score_fast.prompts import PromptBuilder
 from score_fast.rollout import Episode, Formatter, rollout
 
@@ -64,23 +66,6 @@ class NonFiniteLossError(RuntimeError):
 
 class RewardError(RuntimeError):
     pass
-
-
-def load_model(path: str, what: str = "model.path"):
-    """AutoModelForCausalLM from a local directory, with a clear error when it is missing."""
-    from transformers import AutoModelForCausalLM
-    if not path or not os.path.isdir(path):
-        raise FileNotFoundError(f"{what}: model directory {path!r} does not exist (a local "
-                                f"HF model directory is needed; nothing is downloaded)")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def stage_at(config: Config, step: int) -> int:
@@ -139,9 +124,11 @@ def _policy_loss(self, ids, pos, seq, targets, ref_logp, turn, episode, adv, **l
 
 def _ref_logprobs(self, ids, pos, seq, targets, live, temperature=1.0):
     """Bound to the reference as `score_fast_logprobs`: fp32 log-probs of the targets at
-    the `live` rows (the only ones a KL applies to), 0 elsewhere, at `temperature`."""
-    h = self.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False,
-                           **seq).last_hidden_state[0]
+    the `live` rows (the only ones a KL applies to), 0 elsewhere, at `temperature`. A LoRA
+    policy is its own reference: the base, with the adapters disabled."""
+    with self.disable_adapter() if is_lora(self) else contextlib.nullcontext():
+        h = self.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False,
+                               **seq).last_hidden_state[0]
     w = self.get_output_embeddings().weight
     out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
     out[live] = sf.linear_logprobs(h[live], w.to(h.dtype), targets[live],
@@ -163,18 +150,24 @@ def disable_dropout(model) -> None:
                 setattr(m, name, 0.0)
 
 
-def prepare_model(model, d: distributed.Dist | None = None, bf16: bool = False):
-    """Ready a HF causal LM for the training step: dropout off, varlen attention for packed
-    rows (never the whole [T, T] row), the fused-loss entry points `score_fast_loss` (policy)
-    and `score_fast_logprobs` (reference) bound to it, FSDP2 sharding when `d` has several
-    ranks, and the move to d's device."""
+def prepare_model(model, d: distributed.Dist | None = None, shard: bool = False,
+                  param_dtype: torch.dtype | None = None, offload: bool = False):
+    """Ready a HF causal LM (or a peft LoRA model) for the training step: dropout off,
+    varlen attention for packed rows (never the whole [T, T] row), the fused-loss entry
+    points `score_fast_loss` (policy) and `score_fast_logprobs` (reference) bound to it,
+    FSDP2 sharding when `shard` (param_dtype: the compute dtype the fp32 shards are
+    gathered in; offload: the shards live in host memory), and the move to d's device."""
     d = d or distributed.Dist()
     disable_dropout(model)
-    use_varlen_attention(model)
+    use_varlen_attention(model.get_base_model() if is_lora(model) else model)
     model.score_fast_loss = types.MethodType(_policy_loss, model)
     model.score_fast_logprobs = types.MethodType(_ref_logprobs, model)
-    distributed.shard(model, d, bf16=bf16)
-    model.to(d.device)
+    if shard:
+        distributed.shard(model, d, param_dtype=param_dtype, offload=offload)
+    if not offload:  # offloaded shards stay on the host; FSDP moves what it gathers
+        model.to(d.device)
+    for m in {model, lora_base(model)}:  # where inputs go (the sampler runs the base)
+        m.score_fast_device = d.device
     distributed.register_method(model, "score_fast_loss", d)
     distributed.register_method(model, "score_fast_logprobs", d)
     return model
@@ -274,7 +267,12 @@ class Trainer:
     def __init__(self, config: Config):
         from score_fast.data import load_rows
         self.config = c = config
-        self.dist = d = distributed.setup()
+        m = c.model
+        self.hub = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
+        self.dtype = resolve_dtype(m.dtype, m.path, **self.hub)
+        self.lora = m.lora.rank > 0
+        self.dist = d = distributed.setup(fsdp=uses_fsdp(
+            int(os.environ.get("WORLD_SIZE", "1")), self.dtype, self.lora, m.offload_optimizer))
         self.device = d.device
         if c.train.prompts_per_step % d.world:
             raise ValueError(f"train.prompts_per_step={c.train.prompts_per_step} does not "
@@ -302,17 +300,7 @@ class Trainer:
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(self.config_yaml)
         ckpt = latest_checkpoint(self.run_dir) if c.train.resume else None
-        self.ref = load_model(c.model.path)
-        self.tokenizer = load_tokenizer(c.model.path)
-        self.policy = load_model(ckpt, "checkpoint") if ckpt else copy.deepcopy(self.ref)
-        self.ref.eval().requires_grad_(False)
-        self.flops_shape, self.peak_flops = matmul_params(self.policy), peak_flops(d.device)
-        for m in (self.ref, self.policy):
-            prepare_model(m, d, bf16=c.model.bf16)
-        if c.model.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.train.lr,
-                                           weight_decay=c.train.weight_decay)
+        self.load_models(ckpt)
         self.formatter = Formatter(self.tokenizer, self.prompts.instruction)
         self.step = 0
         self.total_steps = c.train.rounds * (c.stage1.steps + c.stage2.steps)
@@ -320,7 +308,52 @@ class Trainer:
             state = load_state(ckpt, self.policy, self.optimizer, d)
             self.step = state["step"]
             set_rng_state(state["rng"])
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
             log.info("resumed from %s at step %d", ckpt, self.step)
+
+    def load_models(self, ckpt: str | None) -> None:
+        """The policy, the frozen reference and the optimizer, per the precision plan
+        (score_fast.models): full fine-tune: an fp32 policy (FSDP2-gathered in model.dtype
+        below fp32) and a reference in model.dtype; LoRA: the base in model.dtype with fp32
+        adapters, which is its own reference with the adapters off."""
+        c, d, m = self.config, self.dist, self.config.model
+        load = dict(self.hub, attn_implementation=m.attn_implementation)
+        self.tokenizer = load_tokenizer(m.path, **self.hub)
+        if self.lora:
+            base = load_model(m.path, dtype=self.dtype, **load)
+            disable_dropout(base)  # before the adapters: theirs is model.lora.dropout
+            self.policy = load_lora(base, ckpt) if ckpt else apply_lora(base, m.lora)
+            self.ref = self.policy
+        else:
+            self.ref = load_model(m.path, dtype=self.dtype, **load)
+            self.ref.requires_grad_(False)
+            self.policy = (load_model(ckpt, "checkpoint", torch.float32, **load) if ckpt else
+                           load_model(m.path, dtype=torch.float32, **load))
+            self.policy.config.dtype = self.dtype  # checkpoints are written in it
+        self.ref.eval()
+        n_params = sum(p.numel() for p in self.policy.parameters())
+        gc = m.gradient_checkpointing
+        if gc is None:
+            gc = n_params >= GC_AUTO_PARAMS
+        if gc:
+            self.policy.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.flops_shape, self.peak_flops = matmul_params(self.policy), peak_flops(d.device)
+        if self.ref is not self.policy:  # frozen, in its compute dtype: sharded only to split
+            prepare_model(self.ref, d, shard=d.enabled)
+        low = self.dtype if self.dtype != torch.float32 else None
+        prepare_model(self.policy, d, shard=d.fsdp, param_dtype=low,
+                      offload=m.offload_optimizer)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=c.train.lr,
+                                           weight_decay=c.train.weight_decay)
+        # fp16: dynamic loss scaling, or small gradients underflow to 0 (bf16 has fp32's range)
+        self.scaler = (torch.amp.GradScaler(d.device.type)
+                       if self.dtype == torch.float16 else None)
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ one step
     def rollouts(self, step: int) -> tuple[list[Episode], list[dict], dict]:
@@ -339,7 +372,8 @@ class Trainer:
                 samples=c.rollout.samples_per_prompt, max_new_tokens=c.rollout.max_new_tokens,
                 temperature=c.rollout.temperature, batch_size=c.rollout.gen_batch_size,
                 max_prompt_tokens=c.data.max_prompt_tokens,
-                row_names=[f"row {i + 1} of {c.data.train_file}" for i in idx])
+                row_names=[f"row {i + 1} of {c.data.train_file}" for i in idx],
+                in_flight=c.rollout.episodes_in_flight or c.rollout.gen_batch_size)
         return episodes, [rows[e.prompt_index] for e in episodes], timing
 
     def loss_and_backward(self, episodes: list[Episode], objective: Objective) -> dict:
@@ -365,8 +399,6 @@ class Trainer:
         units = [int((p["turn"] > 0).sum()) if per_token else
                  len(torch.unique(p["episode"][p["turn"] > 0])) for p in parts]
         total = max(distributed.all_reduce_sum({"u": sum(units)}, d)["u"], 1)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.model.bf16
-                             and self.device.type == "cuda")
         adv = o.adv[mine].to(self.device)
         kl = check_kl(c.train.kl)  # the estimator kind score_loss takes
         out = {"loss": 0.0, "kl_sum1": 0.0, "kl_sum2": 0.0, "n1": 0, "n2": 0, "tokens": 0,
@@ -386,20 +418,20 @@ class Trainer:
                 continue
             # log-probs at the sampling temperature: the policy that sampled is
             # softmax(logits / T), so the policy gradient and the KL are on-policy for it
-            with torch.no_grad(), amp:
+            with torch.no_grad():
                 ref_logp = self.ref.score_fast_logprobs(ids, pos, seq, targets, live,
                                                         temperature=c.rollout.temperature)
-            with amp:
-                loss, m = self.policy.score_fast_loss(
-                    ids, pos, seq, targets, ref_logp, turn, episode, adv, stage=o.stage,
-                    beta1=o.beta1, beta2=o.beta2, kl=kl,
-                    reduction=c.train.reduction, temperature=c.rollout.temperature)
+            loss, m = self.policy.score_fast_loss(
+                ids, pos, seq, targets, ref_logp, turn, episode, adv, stage=o.stage,
+                beta1=o.beta1, beta2=o.beta2, kl=kl, reduction=c.train.reduction,
+                temperature=c.rollout.temperature)
             if not torch.isfinite(loss):
                 out["nonfinite"] += 1
                 if not d.enabled:  # several ranks: all of them stop together, below
                     self._nonfinite(f"loss is {loss.item()}", o.stage, b.num_tokens)
             # FSDP averages gradients over ranks: x world makes it the sum over micro-batches
-            (loss * (u * d.world / total)).backward()
+            weighted = loss * (u * d.world / total)
+            (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
             n1, n2 = int((turn == 1).sum()), int((turn == 2).sum())
             out["loss"] += loss.item() * u / total
             out["kl_sum1"] += m["kl_t1"].item() * n1
@@ -423,14 +455,26 @@ class Trainer:
         AdamW. Returns the loss statistics and the gradient norm before clipping."""
         self.optimizer.zero_grad(set_to_none=True)
         out = self.loss_and_backward(episodes, objective)
-        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
-                                              self.config.train.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.train.max_grad_norm)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if not math.isfinite(norm):
+        if not math.isfinite(norm) and self.scaler is not None:
+            # fp16 overflow: the scaler skips the step and halves its scale (loss scaling's
+            # normal course, not a diverged run)
+            log.warning("fp16 gradient overflow at step %d: step skipped, loss scale %g -> %g",
+                        self.step + 1, self.scaler.get_scale(), self.scaler.get_scale() / 2)
+        elif not math.isfinite(norm):
             raise NonFiniteLossError(f"gradient norm is {norm} at step {self.step + 1} "
                                      f"(stage {objective.stage}); no optimizer step, "
                                      f"no checkpoint")
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        # gradients are not kept into the next rollout (4 bytes a parameter, full fine-tune)
+        self.optimizer.zero_grad(set_to_none=True)
         return out, norm
 
     def train_step(self) -> dict:
@@ -489,9 +533,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def save(self) -> str:
+        state = {"stage": stage_at(self.config, self.step - 1)}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         path = save_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer,
-                               self.optimizer, {"stage": stage_at(self.config, self.step - 1)},
-                               self.config_yaml, dist=self.dist)
+                               self.optimizer, state, self.config_yaml, dist=self.dist,
+                               merged=self.config.model.lora.save_merged)
         # after the new one is complete (save_checkpoint's rename and barrier): rotate
         if self.config.train.keep_last is not None and self.dist.main:
             rotate_checkpoints(self.run_dir, self.config.train.keep_last)

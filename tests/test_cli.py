@@ -21,6 +21,8 @@ def _fields(cls, prefix=""):
         if dataclasses.is_dataclass(f.default_factory if f.default_factory is not
                                     dataclasses.MISSING else None):
             yield from _fields(f.default_factory, f"{prefix}{f.name}.")
+        elif f.default_factory is not dataclasses.MISSING:  # a list
+            yield f"{prefix}{f.name}", f.default_factory()
         else:
             yield f"{prefix}{f.name}", f.default
 
