@@ -99,6 +99,7 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state:
             sd = full if full is not None else model.state_dict()
             model.save_pretrained(tmp, safe_serialization=True, state_dict={
                 k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()})
+            _record_dtype(os.path.join(tmp, "config.json"), dtype)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         if sharded:
@@ -126,6 +127,17 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state:
     if sharded:
         distributed.barrier(dist)
     return final
+
+
+def _record_dtype(config_json: str, dtype: torch.dtype) -> None:
+    """config.json's dtype = the tensors' (transformers writes the parameters' own, here
+    the fp32 masters'), so dtype="auto" loads the checkpoint as it was trained."""
+    import json
+    with open(config_json) as f:
+        cfg = json.load(f)
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    with open(config_json, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
 
 
 def latest_checkpoint(run_dir: str) -> str | None:

@@ -1,0 +1,150 @@
+"""Measured peak memory of one full training step (rollout of both attempts, rewards,
+reference forward, policy forward + backward, optimizer step) against score_fast.memory's
+prediction, for a Qwen2-0.5B-shaped model (its config.json values, random weights) in
+fp32, bf16, bf16 + LoRA and bf16 + optimizer offload. Also the step time of each.
+
+    python bench/bench_memory.py                 # all four settings, a table on stdout
+    python bench/bench_memory.py --quick         # a tiny Llama instead (seconds; the CI smoke)
+
+Each setting runs in a fresh process. On a CPU there is one memory pool: measured = the
+peak of the process's anonymous resident memory (RssAnon, sampled every 2 ms, so the
+allocator's own pages count and the mmapped safetensors do not) during Trainer construction
+and the step, less the same figure before; predicted = the device peak + host bytes (the
+offload's host memory is the same RAM here). On a GPU bench/gpu_check.sh has the device
+number (torch.cuda.max_memory_allocated)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+SETTINGS = {"fp32": {"dtype": "fp32"}, "bf16": {"dtype": "bf16"},
+            "bf16+LoRA": {"dtype": "bf16", "lora_rank": 16},
+            "bf16+offload": {"dtype": "bf16", "offload": True}}
+# the step: 4 prompts x 2 samples, 48 new tokens an attempt, one 1024-token micro-batch
+PROMPTS, SAMPLES, NEW, BUDGET = 4, 2, 48, 1024
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+
+
+def _model(quick: bool):
+    import transformers
+    if quick:
+        from score_fast import demo_task
+        return transformers.LlamaForCausalLM(
+            demo_task.tiny_model_config(demo_task.build_tokenizer()))
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(  # Qwen2-0.5B's shape
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+        tie_word_embeddings=True, rope_theta=1e6))
+
+
+def child(workdir: str, name: str) -> dict:
+    """One setting in this (fresh) process: build the Trainer, run one step."""
+    import torch
+    from score_fast import memory
+    from score_fast.config import (Config, DataConfig, ModelConfig, RewardConfig,
+                                   RolloutConfig, Stage1Config, Stage2Config, TrainConfig)
+    from score_fast.trainer import Trainer
+    s = SETTINGS[name]
+    torch.manual_seed(0)
+    c = Config(model=ModelConfig(path=os.path.join(workdir, "model"), dtype=s["dtype"],
+                                 offload_optimizer=s.get("offload", False)),
+               data=DataConfig(train_file=os.path.join(workdir, "train.jsonl")),
+               rollout=RolloutConfig(samples_per_prompt=SAMPLES, max_new_tokens=NEW,
+                                     instruction="Check it and answer again."),
+               reward=RewardConfig(kind="custom",
+                                   function=os.path.join(workdir, "reward.py") + ":parity"),
+               stage1=Stage1Config(steps=1), stage2=Stage2Config(steps=1),
+               train=TrainConfig(run_dir=os.path.join(workdir, "run-" + name),
+                                 prompts_per_step=PROMPTS, max_tokens=BUDGET, lr=1e-5,
+                                 save_every=10**9))
+    c.model.lora.rank = s.get("lora_rank", 0)
+    peak, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_anon())
+            time.sleep(0.002)
+
+    base = _rss_anon()
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    tr = Trainer(c)
+    t0 = time.perf_counter()
+    m = tr.train_step()
+    step_s = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    eps = PROMPTS * SAMPLES
+    prompt = max(len(tr.formatter.prompt_ids(p)) for p in tr.prompt_texts)
+    shape = memory.StepShape(max_tokens=max(BUDGET, 0), episodes=eps, gen_batch_size=eps,
+                             in_flight=eps, prompt_tokens=prompt, max_new_tokens=NEW,
+                             instruction_tokens=len(tr.tokenizer(c.rollout.instruction)
+                                                    ["input_ids"]) + 8)
+    plan = memory.predict(tr.policy.config.get_text_config(), dtype=s["dtype"],
+                          lora_rank=c.model.lora.rank, offload=c.model.offload_optimizer,
+                          shape=shape)
+    return {"setting": name, "measured": peak[0] - base, "predicted": plan.device_peak + plan.host,
+            "device": plan.device_peak, "host": plan.host, "phase": plan.peak_phase,
+            "step_s": step_s, "loss": m["loss"], "params": plan.params}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a tiny Llama (CI smoke)")
+    ap.add_argument("--settings", nargs="*", default=list(SETTINGS))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        print("RESULT " + json.dumps(child(a.workdir, a.child)), flush=True)
+        return 0
+    import torch
+    from score_fast import demo_task
+    with tempfile.TemporaryDirectory() as work:
+        torch.manual_seed(0)
+        _model(a.quick).save_pretrained(os.path.join(work, "model"))  # fp32 on disk
+        demo_task.build_tokenizer().save_pretrained(os.path.join(work, "model"))
+        with open(os.path.join(work, "train.jsonl"), "w") as f:
+            for r in demo_task.make_problems(16, seed=1):
+                f.write(json.dumps(r) + "\n")
+        with open(os.path.join(work, "reward.py"), "w") as f:
+            f.write("def parity(completions, **_):\n"
+                    "    return [float(len(c) % 2 == 0) for c in completions]\n")
+        rows = []
+        for name in a.settings:
+            out = subprocess.run([sys.executable, __file__, "--child", name, "--workdir", work],
+                                 capture_output=True, text=True)
+            res = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode or not res:
+                sys.stderr.write(out.stderr[-3000:])
+                raise SystemExit(f"{name}: the step failed (rc {out.returncode})")
+            rows.append(json.loads(res[-1][len("RESULT "):]))
+    G = 2**30
+    print(f"model: {'tiny Llama' if a.quick else 'Qwen2-0.5B shape'} "
+          f"({rows[0]['params'] / 1e6:.0f}M params), {PROMPTS} prompts x {SAMPLES} samples, "
+          f"{NEW} new tokens an attempt, micro-batch budget {BUDGET}, CPU")
+    print("| setting | measured GiB | predicted GiB (device + host) | error | step s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        err = r["predicted"] / r["measured"] - 1
+        print(f"| {r['setting']} | {r['measured'] / G:.2f} | {r['predicted'] / G:.2f} "
+              f"({r['device'] / G:.2f} + {r['host'] / G:.2f}, {r['phase']}) | {err:+.1%} | "
+              f"{r['step_s']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
