@@ -10,8 +10,8 @@ Each setting runs in a fresh process. On a CPU there is one memory pool: measure
 peak of the process's anonymous resident memory (RssAnon, sampled every 2 ms, so the
 allocator's own pages count and the mmapped safetensors do not) during Trainer construction
 and the step, less the same figure before; predicted = the device peak + host bytes (the
-offload's host memory is the same RAM here). On a GPU bench/gpu_check.sh has the device
-number (torch.cuda.max_memory_allocated)."""
+offload's host memory is the same RAM here). On a GPU (bench/gpu_check.sh runs it):
+measured = torch.cuda.max_memory_allocated over the same span, predicted = the device peak."""
 from __future__ import annotations
 
 import argparse
@@ -78,15 +78,21 @@ def child(workdir: str, name: str) -> dict:
             peak[0] = max(peak[0], _rss_anon())
             time.sleep(0.002)
 
-    base = _rss_anon()
+    cuda = torch.cuda.is_available()
+    base = 0 if cuda else _rss_anon()
     th = threading.Thread(target=watch, daemon=True)
-    th.start()
+    if not cuda:
+        th.start()
     tr = Trainer(c)
     t0 = time.perf_counter()
     m = tr.train_step()
+    if cuda:
+        torch.cuda.synchronize()
+        peak[0] = torch.cuda.max_memory_allocated()
     step_s = time.perf_counter() - t0
     stop.set()
-    th.join()
+    if not cuda:
+        th.join()
     eps = PROMPTS * SAMPLES
     prompt = max(len(tr.formatter.prompt_ids(p)) for p in tr.prompt_texts)
     shape = memory.StepShape(max_tokens=max(BUDGET, 0), episodes=eps, gen_batch_size=eps,
@@ -96,7 +102,9 @@ def child(workdir: str, name: str) -> dict:
     plan = memory.predict(tr.policy.config.get_text_config(), dtype=s["dtype"],
                           lora_rank=c.model.lora.rank, offload=c.model.offload_optimizer,
                           shape=shape)
-    return {"setting": name, "measured": peak[0] - base, "predicted": plan.device_peak + plan.host,
+    # one pool on a CPU (device + host); torch's allocator peak on a GPU (the device only)
+    predicted = plan.device_peak + (0 if cuda else plan.host)
+    return {"setting": name, "measured": peak[0] - base, "predicted": predicted,
             "device": plan.device_peak, "host": plan.host, "phase": plan.peak_phase,
             "step_s": step_s, "loss": m["loss"], "params": plan.params}
 
@@ -104,7 +112,8 @@ def child(workdir: str, name: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a tiny Llama (CI smoke)")
-    ap.add_argument("--settings", nargs="*", default=list(SETTINGS))
+    ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -133,16 +142,21 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{name}: the step failed (rc {out.returncode})")
             rows.append(json.loads(res[-1][len("RESULT "):]))
     G = 2**30
-    print(f"model: {'tiny Llama' if a.quick else 'Qwen2-0.5B shape'} "
-          f"({rows[0]['params'] / 1e6:.0f}M params), {PROMPTS} prompts x {SAMPLES} samples, "
-          f"{NEW} new tokens an attempt, micro-batch budget {BUDGET}, CPU")
-    print("| setting | measured GiB | predicted GiB (device + host) | error | step s |")
-    print("|---|---|---|---|---|")
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (RssAnon)"
+    lines = [f"model: {'tiny Llama' if a.quick else 'Qwen2-0.5B shape'} "
+             f"({rows[0]['params'] / 1e6:.0f}M params), {PROMPTS} prompts x {SAMPLES} "
+             f"samples, {NEW} new tokens an attempt, micro-batch budget {BUDGET}, {dev}", "",
+             "| setting | measured GiB | predicted GiB (device + host) | error | step s |",
+             "|---|---|---|---|---|"]
     for r in rows:
         err = r["predicted"] / r["measured"] - 1
-        print(f"| {r['setting']} | {r['measured'] / G:.2f} | {r['predicted'] / G:.2f} "
-              f"({r['device'] / G:.2f} + {r['host'] / G:.2f}, {r['phase']}) | {err:+.1%} | "
-              f"{r['step_s']:.1f} |")
+        lines.append(f"| {r['setting']} | {r['measured'] / G:.2f} | {r['predicted'] / G:.2f} "
+                     f"({r['device'] / G:.2f} + {r['host'] / G:.2f}, {r['phase']}) | "
+                     f"{err:+.1%} | {r['step_s']:.1f} |")
+    print("\n".join(lines))
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
     return 0
 
 

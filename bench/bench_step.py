@@ -14,7 +14,7 @@ model and the same rollouts, two ways:
 Metric: real (unpadded) episode tokens per second, in extra_info as tokens_per_s =
 tokens / median (tokens: the real tokens of the step's episodes, the same every call). Episode
 lengths are uniform in [lo, hi] (a prompt, two attempts and an instruction). CPU: the demo's
-tiny Llama (fp32). CUDA: a random Qwen2-0.5B-shaped model (Qwen2Config, bf16 autocast)."""
+tiny Llama (fp32). CUDA: a random Qwen2-0.5B-shaped model (Qwen2Config) in bf16."""
 import types
 
 import pytest
@@ -57,19 +57,21 @@ def _episodes(vocab: int) -> tuple[list[Episode], torch.Tensor]:
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    dtype = torch.float32
+    # CUDA: both paths run a bf16 model (the trainer's compute dtype; its fp32 masters live
+    # in the optimizer step, which neither path times)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     policy = transformers.AutoModelForCausalLM.from_config(MODEL, dtype=dtype).to(DEVICE)
     ref = transformers.AutoModelForCausalLM.from_config(MODEL, dtype=dtype).to(DEVICE)
     ref.load_state_dict(policy.state_dict())
     ref.requires_grad_(False)
     config = Config()
     config.train.max_tokens = BUDGET
-    config.model.bf16 = DEVICE == "cuda"
     trainer = Trainer.__new__(Trainer)  # the trainer's step without its data and reward
     dist = Dist(device=torch.device(DEVICE))
     for m in (policy, ref):
-        prepare_model(m, dist, bf16=config.model.bf16)
+        prepare_model(m, dist)
     trainer.config, trainer.policy, trainer.ref, trainer.dist = config, policy, ref, dist
+    trainer.scaler = None
     trainer.device, trainer.tokenizer, trainer.step = dist.device, None, 0
     eps, adv = _episodes(MODEL.vocab_size)
     return types.SimpleNamespace(trainer=trainer, policy=policy, ref=ref, eps=eps, adv=adv)
@@ -77,7 +79,6 @@ def setup():
 
 def _padded_step(s):
     """Padded batches under the same budget, plain PyTorch losses, same objective."""
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=DEVICE == "cuda")
     eps = s.eps
     batches, cur = [], []
     for i, e in enumerate(eps):
@@ -101,12 +102,11 @@ def _padded_step(s):
         ids, mask, turn = ids.to(DEVICE), mask.to(DEVICE), turn.to(DEVICE)
         targets = torch.roll(ids, -1, 1)
         episode = torch.tensor(idx, device=DEVICE)[:, None].expand_as(ids)
-        with torch.no_grad(), amp:
+        with torch.no_grad():
             ref_logits = s.ref(input_ids=ids, attention_mask=mask).logits.float()
         ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, targets[..., None])[..., 0]
         del ref_logits
-        with amp:
-            logits = s.policy(input_ids=ids, attention_mask=mask).logits.float()
+        logits = s.policy(input_ids=ids, attention_mask=mask).logits.float()
         logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
         loss, _ = score_loss_ref(logp.flatten(), ref_logp.flatten(), turn.flatten(),
                                  episode.flatten(), s.adv.to(DEVICE), stage=2)

@@ -6,7 +6,8 @@
 #    are there, else the pure-Python packing path, and it says which);
 # 2. runs the compile gate (bench/compile_gate.py) under the image's triton;
 # 3. runs every test marked `gpu` (CUDA tensors, compiled Triton, not the interpreter);
-# 4. runs every benchmark in its GPU mode and prints the tables last.
+# 4. runs every benchmark in its GPU mode (bench_memory.py: a full step per precision
+#    setting, measured vs predicted memory) and prints the tables last.
 # Logs, CSV rows and markdown tables go to $OUT when set, bench/results/ otherwise.
 # Budget: under 8 minutes on an H100.
 set -uo pipefail
@@ -50,6 +51,10 @@ tests_line=$(tail -n 1 "$out/gpu_tests.log")
 # it stays out of the 8 minutes.
 benches=$(ls bench/bench_*.py | grep -v bench_rewards)
 bash bench/run.sh $benches 2>&1 | tee "$out/gpu_bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+# one full training step per precision setting: measured peak vs score_fast.memory
+python3 bench/bench_memory.py --out "$out/bench_memory_gpu.md" 2>&1 | tee "$out/bench_memory.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 __all__ = ["MATH_INSTRUCTION", "CODE_INSTRUCTION", "KL_ESTIMATORS", "DTYPES", "check_kl",
-           "LoraConfig", "ModelConfig",
-           "DataConfig", "RolloutConfig", "RewardConfig", "Stage1Config", "Stage2Config", "TrainConfig",
-           "EvalConfig", "Config", "config_from_dict"]
+           "LoraConfig", "ModelConfig", "DataConfig", "RolloutConfig", "RewardConfig",
+           "Stage1Config", "Stage2Config", "TrainConfig", "EvalConfig", "Config",
+           "config_from_dict"]
 
 # The paper's self-correction instructions (Appendix C), quoted.
 MATH_INSTRUCTION = (

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 from score_fast.models import GC_AUTO_PARAMS
 
-__all__ = ["GC_AUTO_PARAMS", "DEVICES", "HEADROOM", "RESERVE", "usable", "SHAPES", "StepShape", "Plan",  # noqa: F822
+__all__ = ["GC_AUTO_PARAMS", "DEVICES", "HEADROOM", "RESERVE", "usable",  # noqa: F822
+           "SHAPES", "StepShape", "Plan",
            "count_params", "lora_params", "predict", "fits", "load_config", "plan_table",
            "plan_text"]
 
@@ -235,8 +236,9 @@ def predict(cfg, dtype: str = "bf16", lora_rank: int = 0, lora_targets=("all-lin
     # cache (prefix + instruction + attempt 2); its prefill's one-layer working set under
     # no_grad (residual + normed input + gate, up, act*up: 64 x 1024 tokens = 7.8 GiB at
     # 7B); logits, softmax probs and a copy of the last position, fp32 (0.1 GiB)
-    kv_tokens = (min(s.episodes, s.in_flight) * (s.prompt_tokens + s.max_new_tokens) + s.gen_batch_size
-                 * (s.prompt_tokens + 2 * s.max_new_tokens + s.instruction_tokens))
+    kv_tokens = (min(s.episodes, s.in_flight) * (s.prompt_tokens + s.max_new_tokens)
+                 + s.gen_batch_size * (s.prompt_tokens + 2 * s.max_new_tokens
+                                       + s.instruction_tokens))
     roll["kv_cache"] = 2 * L * kv * b * kv_tokens
     roll["activations"] = s.gen_batch_size * (s.prompt_tokens * b * (2 * H + 3 * inter)
                                               + 3 * 4 * V)

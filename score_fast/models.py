@@ -26,9 +26,9 @@ import os
 
 import torch
 
-__all__ = ["DTYPES", "GC_AUTO_PARAMS", "resolve_dtype", "load_model", "load_tokenizer", "apply_lora",
-           "load_lora", "is_lora", "lora_base", "compute_dtype", "model_device", "uses_fsdp",
-           "merged_state_dict"]
+__all__ = ["DTYPES", "GC_AUTO_PARAMS", "resolve_dtype", "load_model", "load_tokenizer",
+           "apply_lora", "load_lora", "is_lora", "lora_base", "compute_dtype", "model_device",
+           "uses_fsdp", "merged_state_dict"]
 
 # model.gradient_checkpointing=None turns it on from here: at 1B parameters (Qwen2.5-1.5B:
 # H 1536, I 8960, 28 layers) the saved activations of one 8192-token bf16 micro-batch are
@@ -138,16 +138,20 @@ def _peft():
     return peft
 
 
-def apply_lora(model, lora):
+def apply_lora(model, lora, seed: int = 0):
     """base + fresh adapters (a score_fast.config.LoraConfig); the base is frozen in its
-    dtype, the adapters are fp32 (peft's autocast_adapter_dtype)."""
+    dtype, the adapters are fp32 (peft's autocast_adapter_dtype). lora_A's random init
+    draws from `seed` alone, so every rank (and every world size) starts from the same
+    adapters: the trainer seeds each rank differently for sampling."""
     peft = _peft()
     targets = lora.targets[0] if list(lora.targets) == ["all-linear"] else list(lora.targets)
     cfg = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha or 2 * lora.rank,
                           lora_dropout=lora.dropout, target_modules=targets, bias="none",
                           task_type="CAUSAL_LM")
     try:
-        return peft.get_peft_model(model, cfg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return peft.get_peft_model(model, cfg)
     except ValueError as e:  # e.g. a target name the model does not have
         raise ValueError(f"model.lora.targets={list(lora.targets)}: {e}") from None
 

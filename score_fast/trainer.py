@@ -48,8 +48,8 @@ from score_fast.checkpoint import (latest_checkpoint, load_state, rotate_checkpo
                                    save_checkpoint, set_rng_state)
 from score_fast.config import Config, check_kl
 from score_fast.flops import matmul_params, peak_flops, step_flops
-from score_fast.models import (apply_lora, is_lora, load_lora, load_model, load_tokenizer,
-                               GC_AUTO_PARAMS, lora_base, resolve_dtype, uses_fsdp)
+from score_fast.models import (GC_AUTO_PARAMS, apply_lora, is_lora, load_lora, load_model,
+                               load_tokenizer, lora_base, resolve_dtype, uses_fsdp)
 from score_fast.prompts import PromptBuilder
 from score_fast.rollout import Episode, Formatter, rollout
 
@@ -323,7 +323,8 @@ class Trainer:
         if self.lora:
             base = load_model(m.path, dtype=self.dtype, **load)
             disable_dropout(base)  # before the adapters: theirs is model.lora.dropout
-            self.policy = load_lora(base, ckpt) if ckpt else apply_lora(base, m.lora)
+            self.policy = (load_lora(base, ckpt) if ckpt else
+                           apply_lora(base, m.lora, seed=c.train.seed))
             self.ref = self.policy
         else:
             self.ref = load_model(m.path, dtype=self.dtype, **load)

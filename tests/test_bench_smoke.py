@@ -29,3 +29,15 @@ def test_bench_runs_and_reports(bench, tmp_path):
     assert len(providers) >= 2, providers  # alternatives side by side in one run
     assert any(r["ratio"] == "1" for r in rows)  # the baseline row
     assert (tmp_path / f"{stem}.md").read_text().count("|") > 10
+
+
+def test_bench_memory_runs(tmp_path):
+    """bench_memory.py end to end on the tiny Llama: a real step per setting, a table."""
+    out = tmp_path / "memory.md"
+    proc = subprocess.run([sys.executable, "bench/bench_memory.py", "--quick", "--settings",
+                           "fp32", "bf16+LoRA", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| fp32")
+            or ln.startswith("| bf16+LoRA")]
+    assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 for r in rows)
