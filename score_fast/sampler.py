@@ -177,9 +177,10 @@ class TwoTurnSampler:
                  decode: Callable[[list[int]], str] | None = None, batch_size: int = 64,
                  compact_at: float = 0.125):
         from score_fast.models import compute_dtype, lora_base
-        # a peft model runs as its base (the adapters sit in the base's layers), whose
-        # forward takes the cache and logits_to_keep
-        self.model = model = lora_base(model) if model is not None else None
+        # a peft model is called as itself (under FSDP2 it is the root unit whose hooks
+        # gather the embeddings), its keyword arguments reaching its base's forward: the
+        # base's signature says which (cache, logits_to_keep)
+        self.model = model
         if eos_id is None:
             self.eos = set()
         elif isinstance(eos_id, int):
@@ -198,7 +199,7 @@ class TwoTurnSampler:
             raise NotImplementedError("TwoTurnSampler supports full-attention models only; "
                                       f"this one has layer types {sorted(types)}")
         try:
-            params = inspect.signature(model.forward).parameters
+            params = inspect.signature(lora_base(model).forward).parameters
         except (TypeError, ValueError):  # pragma: no cover
             params = {}
         # transformers >= 5.2x names the argument `cache`; earlier 5.x `past_key_values`

@@ -338,9 +338,11 @@ class Trainer:
         if gc is None:
             gc = n_params >= GC_AUTO_PARAMS
         if gc:  # transformers >= 5.2x renamed it; 5.17 (the GPU image) has the old name
-            enable = (getattr(self.policy, "activation_checkpointing_enable", None)
-                      or self.policy.gradient_checkpointing_enable)
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kw = {"use_reentrant": False}
+            if hasattr(self.policy, "activation_checkpointing_enable"):
+                self.policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         self.flops_shape, self.peak_flops = matmul_params(self.policy), peak_flops(d.device)
         if self.ref is not self.policy:  # frozen, in its compute dtype: sharded only to split
             prepare_model(self.ref, d, shard=d.enabled)

@@ -202,12 +202,17 @@ def test_fp16_scales_the_loss(tmp_path):
     assert state["scaler"]["scale"] == tr.scaler.get_scale()
 
 
+def _checkpointing(model) -> bool:  # the attribute's name changed in transformers 5.2x
+    return getattr(model, "is_activation_checkpointing", None) or \
+        model.is_gradient_checkpointing
+
+
 def test_gradient_checkpointing_auto_and_forced(tmp_path):
     c = make_run(tmp_path)
-    assert not Trainer(c).policy.is_gradient_checkpointing  # 0.2M parameters < 1B
+    assert not _checkpointing(Trainer(c).policy)  # 0.2M parameters < 1B
     c.model.gradient_checkpointing = True
     tr = Trainer(c)
-    assert tr.policy.is_gradient_checkpointing
+    assert _checkpointing(tr.policy)
     assert tr.train(until=1, progress=False)[0]["grad_norm"] > 0
 
 
@@ -243,3 +248,29 @@ def test_hub_id_from_the_local_cache_only(tmp_path):
     assert out.stdout.startswith(f"LlamaForCausalLM {len(demo_task.build_tokenizer())}")
     assert "ERR model.path: 'acme/absent' is not a local directory and not in the local " \
            "Hugging Face cache" in out.stdout
+
+
+def test_lora_under_fsdp_offload_trains_saves_merged_and_resumes(tmp_path):
+    """LoRA with the optimizer offloaded: the PeftModel is FSDP2's root unit (bf16 base and
+    fp32 adapters in the same units), sampled through, checkpointed from a gathered state
+    dict (adapters, merged/, DCP optimizer) and resumed."""
+    c = make_run(tmp_path)
+    c.model.dtype, c.model.offload_optimizer = "bf16", True
+    c.model.lora.rank, c.model.lora.save_merged = 4, True
+    tr = Trainer(c)
+    assert tr.dist.fsdp and tr.ref is tr.policy
+    hist = tr.train(until=2, progress=False)
+    assert hist[0]["kl_t1"] == hist[0]["kl_t2"] == 0.0  # B = 0: the first step's policy = ref
+    ckpt = os.path.join(c.train.run_dir, "checkpoint-2")
+    assert {"adapter_model.safetensors", "merged", "optimizer"} <= set(os.listdir(ckpt))
+    ids = torch.tensor([tr.formatter.prompt_ids("12+30")])
+    with torch.no_grad():
+        want = tr.policy(input_ids=ids).logits.float()
+        merged = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "merged"))
+        assert merged.dtype == torch.bfloat16
+        # the merged bf16 weights W + BA, against the policy's bf16 base + fp32 adapters
+        assert (merged(input_ids=ids).logits.float() - want).abs().max() < 0.1
+    c.train.resume = True
+    tr2 = Trainer(c)
+    assert tr2.step == 2
+    assert tr2.train(until=3, progress=False)[0]["step"] == 3
