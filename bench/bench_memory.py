@@ -7,9 +7,9 @@ fp32, bf16, bf16 + LoRA and bf16 + optimizer offload. Also the step time of each
     python bench/bench_memory.py --quick         # a tiny Llama instead (seconds; the CI smoke)
 
 Each setting runs in a fresh process. On a CPU there is one memory pool: measured = the
-peak of the process's anonymous resident memory (RssAnon, sampled every 2 ms, so the
-allocator's own pages count and the mmapped safetensors do not) during Trainer construction
-and the step, less the same figure before; predicted = the device peak + host bytes (the
+peak of the process's resident memory (VmRSS, sampled every 2 ms: the allocator's pages and
+the weights from_pretrained leaves mmapped) during Trainer construction and the step, less
+the same figure before; predicted = the device peak + host bytes (the
 offload's host memory is the same RAM here). On a GPU (bench/gpu_check.sh runs it):
 measured = torch.cuda.max_memory_allocated over the same span, predicted = the device peak."""
 from __future__ import annotations
@@ -30,12 +30,15 @@ SETTINGS = {"fp32": {"dtype": "fp32"}, "bf16": {"dtype": "bf16"},
 PROMPTS, SAMPLES, NEW, BUDGET = 4, 2, 48, 1024
 
 
-def _rss_anon() -> int:
+def _rss() -> int:
+    """Resident bytes (VmRSS): anonymous pages and the file pages of weights that
+    from_pretrained leaves mmapped (an fp32 model read from an fp32 file stays file-backed
+    until written)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssAnon:"):
+            if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
 
 
 def _model(quick: bool):
@@ -75,11 +78,19 @@ def child(workdir: str, name: str) -> dict:
 
     def watch():
         while not stop.is_set():
-            peak[0] = max(peak[0], _rss_anon())
+            peak[0] = max(peak[0], _rss())
             time.sleep(0.002)
 
+    # the modules the step imports lazily, before the baseline: their code pages are not
+    # the step's memory
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    import transformers.models.qwen2.modeling_qwen2  # noqa: F401
+    if c.model.lora.rank:
+        import peft  # noqa: F401
     cuda = torch.cuda.is_available()
-    base = 0 if cuda else _rss_anon()
+    base = 0 if cuda else _rss()
     th = threading.Thread(target=watch, daemon=True)
     if not cuda:
         th.start()
@@ -142,7 +153,7 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{name}: the step failed (rc {out.returncode})")
             rows.append(json.loads(res[-1][len("RESULT "):]))
     G = 2**30
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (RssAnon)"
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (VmRSS)"
     lines = [f"model: {'tiny Llama' if a.quick else 'Qwen2-0.5B shape'} "
              f"({rows[0]['params'] / 1e6:.0f}M params), {PROMPTS} prompts x {SAMPLES} "
              f"samples, {NEW} new tokens an attempt, micro-batch budget {BUDGET}, {dev}", "",
