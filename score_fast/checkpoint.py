@@ -95,10 +95,9 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state:
                 tokenizer.save_pretrained(os.path.join(tmp, "merged"))
             model.save_pretrained(tmp, safe_serialization=True,
                                   **({"state_dict": full} if full is not None else {}))
-        elif full is not None or dtype != next(model.parameters()).dtype:
-            sd = full if full is not None else model.state_dict()
+        elif full is not None:  # FSDP2: the gathered masters, written in the model's dtype
             model.save_pretrained(tmp, safe_serialization=True, state_dict={
-                k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()})
+                k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()})
             _record_dtype(os.path.join(tmp, "config.json"), dtype)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
