@@ -6,6 +6,8 @@ fp32, bf16, bf16 + LoRA and bf16 + optimizer offload. Also the step time of each
 
     python bench/bench_memory.py                 # all four settings, a table on stdout
     python bench/bench_memory.py --quick         # a tiny Llama instead (seconds; the CI smoke)
+    python bench/bench_memory.py --shape qwen2.5-7b --layers 4 --save-dtype bf16 \
+        --settings bf16 bf16+LoRA                # a 7B's widths, 4 of its 28 layers (GPU)
 
 Each setting runs in a fresh process. On a CPU there is one memory pool: measured = the
 peak of the process's resident memory (VmRSS, sampled every 2 ms: the allocator's pages and
@@ -46,16 +48,22 @@ def _rss() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
 
 
-def _model(quick: bool):
+def _model(quick: bool, shape: str, layers: int | None):
+    import torch
     import transformers
     if quick:
         from score_fast import demo_task
         return transformers.LlamaForCausalLM(
             demo_task.tiny_model_config(demo_task.build_tokenizer()))
-    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(  # Qwen2-0.5B's shape
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
-        tie_word_embeddings=True, rope_theta=1e6))
+    from score_fast import memory
+    cfg = memory.load_config(shape)  # the hub repo's config.json values
+    cfg.max_position_embeddings = 4096
+    if layers:  # the real widths with fewer layers: a 7B's vocab, hidden and MLP on any host
+        cfg.num_hidden_layers = layers
+    # random init on the GPU where there is one: a 7B-wide model's 2B params are seconds
+    # there and a minute on 16 CPU cores
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        return transformers.Qwen2ForCausalLM(cfg)
 
 
 def child(workdir: str, name: str) -> dict:
@@ -79,7 +87,7 @@ def child(workdir: str, name: str) -> dict:
                                  prompts_per_step=PROMPTS, max_tokens=BUDGET, lr=1e-5,
                                  save_every=10**9))
     c.model.lora.rank = s.get("lora_rank", 0)
-    peak, stop = [0], threading.Event()
+    peak, stop, reserved = [0], threading.Event(), 0
 
     def watch():
         while not stop.is_set():
@@ -108,6 +116,9 @@ def child(workdir: str, name: str) -> dict:
     if cuda:
         torch.cuda.synchronize()
         peak[0] = torch.cuda.max_memory_allocated()
+        # what the caching allocator held at most: allocated + its fragmentation, the
+        # figure memory.HEADROOM estimates
+        reserved = torch.cuda.max_memory_reserved()
     step_s = (time.perf_counter() - t0) / STEPS
     stop.set()
     if not cuda:
@@ -125,12 +136,18 @@ def child(workdir: str, name: str) -> dict:
     predicted = plan.device_peak + (0 if cuda else plan.host)
     return {"setting": name, "measured": peak[0] - base, "predicted": predicted,
             "device": plan.device_peak, "host": plan.host, "phase": plan.peak_phase,
-            "step_s": step_s, "loss": m["loss"], "params": plan.params}
+            "step_s": step_s, "loss": m["loss"], "params": plan.params, "reserved": reserved}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a tiny Llama (CI smoke)")
+    ap.add_argument("--shape", default="qwen2-0.5b",
+                    help="a score_fast.memory shape (qwen2-0.5b, qwen2.5-7b, ...)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="keep only this many decoder layers (the widths stay the shape's)")
+    ap.add_argument("--save-dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="the checkpoint's dtype on disk (model.dtype auto would take it)")
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -143,7 +160,11 @@ def main(argv=None) -> int:
     from score_fast import demo_task
     with tempfile.TemporaryDirectory() as work:
         torch.manual_seed(0)
-        _model(a.quick).save_pretrained(os.path.join(work, "model"))  # fp32 on disk
+        model = _model(a.quick, a.shape, a.layers)
+        if a.save_dtype == "bf16":
+            model = model.to(torch.bfloat16)
+        model.save_pretrained(os.path.join(work, "model"))
+        del model
         demo_task.build_tokenizer().save_pretrained(os.path.join(work, "model"))
         with open(os.path.join(work, "train.jsonl"), "w") as f:
             for r in demo_task.make_problems(16, seed=1):
@@ -162,17 +183,21 @@ def main(argv=None) -> int:
             rows.append(json.loads(res[-1][len("RESULT "):]))
     G = 2**30
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (VmRSS)"
-    lines = [f"model: {'tiny Llama' if a.quick else 'Qwen2-0.5B shape'} "
+    cuda = torch.cuda.is_available()
+    layers = f", {a.layers} layers" if a.layers else ""
+    lines = [f"model: {'tiny Llama' if a.quick else a.shape + ' shape' + layers} "
              f"({rows[0]['params'] / 1e6:.0f}M params), {PROMPTS} prompts x {SAMPLES} "
              f"samples, {NEW} new tokens an attempt, micro-batch budget {BUDGET}, peak over "
-             f"{STEPS} steps, {dev}", "",
-             "| setting | measured GiB | predicted GiB (device + host) | error | s/step |",
-             "|---|---|---|---|---|"]
+             f"{STEPS} steps, {dev}, {a.save_dtype} on disk", "",
+             "| setting | measured GiB | predicted GiB (device + host) | error | s/step |"
+             + (" reserved GiB |" if cuda else ""),
+             "|---|---|---|---|---|" + ("---|" if cuda else "")]
     for r in rows:
         err = r["predicted"] / r["measured"] - 1
         lines.append(f"| {r['setting']} | {r['measured'] / G:.2f} | {r['predicted'] / G:.2f} "
                      f"({r['device'] / G:.2f} + {r['host'] / G:.2f}, {r['phase']}) | "
-                     f"{err:+.1%} | {r['step_s']:.1f} |")
+                     f"{err:+.1%} | {r['step_s']:.1f} |"
+                     + (f" {r['reserved'] / G:.2f} |" if cuda else ""))
     print("\n".join(lines))
     if a.out:
         with open(a.out, "w") as f:

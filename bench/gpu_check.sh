@@ -2,63 +2,101 @@
 # The one command for a machine with an NVIDIA GPU (H100/H200 class) that has its own
 # torch, triton and transformers and nothing else (no installs, no network):
 #   bash bench/gpu_check.sh
-# 1. builds score_fast into a private folder (the C++ extension if pybind11 and a compiler
-#    are there, else the pure-Python packing path, and it says which);
-# 2. runs the compile gate (bench/compile_gate.py) under the image's triton;
-# 3. runs every test marked `gpu` (CUDA tensors, compiled Triton, not the interpreter);
-# 4. runs every benchmark in its GPU mode (bench_memory.py: a full step per precision
-#    setting, measured vs predicted memory) and prints the tables last.
-# Logs, CSV rows and markdown tables go to $OUT when set, bench/results/ otherwise.
-# Budget: under 8 minutes on an H100.
+# Phases, most important first, each under its own time limit so that one slow or hung
+# phase cannot take the others' time (a lent GPU comes with ~15 minutes, start included):
+#   build    score_fast into a private folder (the C++ extension if pybind11 and a compiler
+#            are there, else the pure-Python packing path, and it says which)
+#   tests    every test marked `gpu`: CUDA tensors, compiled Triton, not the interpreter
+#   memory   bench_memory.py: two full training steps per precision setting of a
+#            Qwen2-0.5B shape, measured vs predicted memory
+#   losses, lmhead   the kernels' timings against eager, torch.compile and Liger
+#   memory7b a 7B's widths (4 of its 28 layers) in bf16 and bf16 + LoRA
+#   step, rollout   the remaining GPU benchmarks (bench_packing and bench_rewards time host
+#            code: GPU_CHECK_PHASES=packing runs the first here too)
+#   gate     (GPU_CHECK_GATE=1 only) the compile gate under the image's triton; it needs no
+#            GPU, so it is run on the CPU machine with the image's triton version instead
+# GPU_CHECK_DEADLINE (seconds, default 480) caps the whole script; GPU_CHECK_PHASES
+# (e.g. "tests memory") runs only the phases named. Logs and tables go to bench/results/,
+# or, where $OUT is set (the device tool), into $OUT/gpu_check.tgz, refreshed after every
+# phase so that a run cut short still returns what it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-out=${OUT:-$root/bench/results}
-mkdir -p "$out"
-export OUT=$out TRITON_INTERPRET=0 SCORE_FAST_BENCH_DEVICE=cuda PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+start=$SECONDS
+deadline=${GPU_CHECK_DEADLINE:-480}
+phases=${GPU_CHECK_PHASES:-build tests memory losses lmhead memory7b step rollout}
+if [ -n "${OUT:-}" ]; then res=$(mktemp -d); tgz=$OUT/gpu_check.tgz; else res=$root/bench/results; tgz=; fi
+mkdir -p "$res"
+export OUT=$res TRITON_INTERPRET=0 SCORE_FAST_BENCH_DEVICE=cuda PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
 # PYTHONSAFEPATH: `python -m` must import the staged build below, not ./score_fast.
+summary=$res/gpu_check_summary.txt
+: > "$summary"
+status=0
+
+pack() { [ -z "$tgz" ] || tar czf "$tgz" -C "$res" . ; }
+# phase NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, time left), log it, record the outcome
+phase() {
+  local name=$1 limit=$2 left rc t0=$SECONDS
+  shift 2
+  case " $phases " in *" $name "*) ;; *) return 0 ;; esac
+  left=$((deadline - (SECONDS - start) - 10))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then
+    echo "phase $name: skipped (${left}s left of the ${deadline}s deadline)" | tee -a "$summary"
+    return 0
+  fi
+  echo "== phase $name (limit ${limit}s) =="
+  timeout -k 5 "$limit" "$@" > "$res/$name.log" 2>&1
+  rc=$?
+  tail -n 25 "$res/$name.log"
+  [ "$rc" -eq 0 ] || status=1
+  local what="rc $rc"; [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && what="TIMED OUT"
+  echo "phase $name: $what, $((SECONDS - t0))s" | tee -a "$summary"
+  pack
+}
+
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.mem \
+  --format=csv > "$res/gpu_info.txt" 2>&1
 
 stage=$(mktemp -d)
-if python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$stage" . \
-    > "$out/gpu_build.log" 2>&1; then
-  echo "build: installed into $stage"
-else
-  echo "build: pip install failed (see gpu_build.log); staging the sources without _C"
+phase build 120 python3 -m pip install --no-index --no-deps --no-build-isolation --target "$stage" .
+if [ ! -d "$stage/score_fast" ]; then  # no build: the sources, packing without _C
+  echo "build: staging the sources without _C" | tee -a "$summary"
   cp -r score_fast "$stage/" && cp -r kernels "$stage/score_fast/kernels"
 fi
 export PYTHONPATH=$stage${PYTHONPATH:+:$PYTHONPATH}
-python3 - <<'PY'
-import torch, triton, score_fast.packing as p
-print(f"torch {torch.__version__}, triton {triton.__version__}, "
-      f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE'}, "
+python3 - <<'PY' 2>&1 | tee -a "$res/gpu_info.txt"
+import torch, triton, transformers, score_fast.packing as p
+print(f"torch {torch.__version__}, triton {triton.__version__}, transformers "
+      f"{transformers.__version__}, device "
+      f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE'}, "
       f"packing backend {p.backend()}")
 PY
 
-status=0
-# the compile gate under the image's own triton: every kernel at every launch configuration
-# compiled for sm_80/90a/100a (registers, spills, shared memory), before anything runs
-python3 bench/compile_gate.py --report "$out/kernel_report_gpu_image.md" 2>&1 \
-  | tee "$out/compile_gate.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# xdist (in the image): test processes compile their kernels in parallel; Triton compiles
+# serially within one process and the gpu tests are ~100 specialisations
+par=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+tmo=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
 # --continue-on-collection-errors: the GPU image lacks CPU-only test dependencies
 # (jsonargparse for the CLI tests); a module that cannot import must not stop the GPU tests
-python3 -m pytest tests -m gpu -q -p no:cacheprovider -rs --continue-on-collection-errors \
-  2>&1 | tee "$out/gpu_tests.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-tests_line=$(tail -n 1 "$out/gpu_tests.log")
-
-# Every benchmark with a GPU mode; bench_rewards times host processes only (CPU pools), so
-# it stays out of the 8 minutes.
-benches=$(ls bench/bench_*.py | grep -v bench_rewards)
-bash bench/run.sh $benches 2>&1 | tee "$out/gpu_bench.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-# one full training step per precision setting: measured peak vs score_fast.memory
-python3 bench/bench_memory.py --out "$out/bench_memory_gpu.md" 2>&1 | tee "$out/bench_memory.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+phase tests 180 python3 -m pytest tests -m gpu -q -p no:cacheprovider -rs $par $tmo \
+  --continue-on-collection-errors
+phase memory 120 python3 bench/bench_memory.py --out "$res/bench_memory_gpu.md"
+phase losses 150 bash bench/run.sh bench/bench_losses.py
+phase lmhead 150 bash bench/run.sh bench/bench_lmhead.py
+phase memory7b 90 python3 bench/bench_memory.py --shape qwen2.5-7b --layers 4 \
+  --save-dtype bf16 --settings bf16 bf16+LoRA --out "$res/bench_memory_gpu_7b.md"
+phase step 90 bash bench/run.sh bench/bench_step.py
+phase rollout 60 bash bench/run.sh bench/bench_rollout.py
+phase packing 40 bash bench/run.sh bench/bench_packing.py
+[ "${GPU_CHECK_GATE:-0}" = 1 ] && phases="$phases gate" && phase gate 120 \
+  python3 bench/compile_gate.py --report "$res/kernel_report_gpu_image.md"
 
 echo
-echo "== gpu_check summary =="
-echo "gpu tests: $tests_line"
-grep -h '^|' "$out"/bench_*.md 2>/dev/null || echo "no benchmark tables"
+echo "== gpu_check summary ($((SECONDS - start))s) =="
+cat "$res/gpu_info.txt"
+cat "$summary"
+grep -h -E "passed|failed|error" "$res/tests.log" 2>/dev/null | tail -n 3
+grep -h '^|' "$res"/bench_*.md 2>/dev/null || echo "no benchmark tables"
+pack
 exit $status

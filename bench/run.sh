@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 json=$(mktemp --suffix=.json)
 trap 'rm -f "$json"' EXIT
-python -m pytest "${@:-bench/}" -q -p no:cacheprovider --benchmark-only \
+python3 -m pytest "${@:-bench/}" -q -p no:cacheprovider --benchmark-only \
   --benchmark-save-data --benchmark-json="$json" --benchmark-columns=median,iqr,rounds
-python bench/report.py "$json"
+python3 bench/report.py "$json"
