@@ -60,15 +60,27 @@ def _model(quick: bool, shape: str, layers: int | None):
     cfg.max_position_embeddings = 4096
     if layers:  # the real widths with fewer layers: a 7B's vocab, hidden and MLP on any host
         cfg.num_hidden_layers = layers
+        if getattr(cfg, "layer_types", None):  # transformers checks one type per layer
+            cfg.layer_types = cfg.layer_types[:layers]
     # random init on the GPU where there is one: a 7B-wide model's 2B params are seconds
     # there and a minute on 16 CPU cores
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         return transformers.Qwen2ForCausalLM(cfg)
 
 
+def _progress(name: str, what: str) -> None:
+    print(f"[{name}] {what}", file=sys.stderr, flush=True)
+
+
 def child(workdir: str, name: str) -> dict:
-    """One setting in this (fresh) process: build the Trainer, run one step."""
+    """One setting in this (fresh) process: build the Trainer, run the steps. Progress goes
+    to stderr; BENCH_MEMORY_TRACE_S=N also dumps every thread's stack there every N s (where
+    a run on a lent GPU spends its minutes)."""
+    import faulthandler
+
     import torch
+    if os.environ.get("BENCH_MEMORY_TRACE_S"):
+        faulthandler.dump_traceback_later(float(os.environ["BENCH_MEMORY_TRACE_S"]), repeat=True)
     from score_fast import memory
     from score_fast.config import (Config, DataConfig, ModelConfig, RewardConfig,
                                    RolloutConfig, Stage1Config, Stage2Config, TrainConfig)
@@ -107,12 +119,16 @@ def child(workdir: str, name: str) -> dict:
     th = threading.Thread(target=watch, daemon=True)
     if not cuda:
         th.start()
+    t0 = time.perf_counter()
     tr = Trainer(c)
+    _progress(name, f"trainer built in {time.perf_counter() - t0:.1f}s")
     t0 = time.perf_counter()
     # AdamW allocates its state in the first step's optimizer.step, after the backward:
     # the steady-state peak (state + gradients + activations at once) is a later step's
-    for _ in range(STEPS):
+    for i in range(STEPS):
         m = tr.train_step()
+        _progress(name, f"step {i}: {m['step_s']:.1f}s, sampling {m['gen_tok_s']:.0f} tok/s, "
+                  f"training {m['train_tok_s']:.0f} tok/s")
     if cuda:
         torch.cuda.synchronize()
         peak[0] = torch.cuda.max_memory_allocated()
@@ -174,11 +190,11 @@ def main(argv=None) -> int:
                     "    return [float(len(c) % 2 == 0) for c in completions]\n")
         rows = []
         for name in a.settings:
+            # stderr passes through: the child's progress and any traceback, as they happen
             out = subprocess.run([sys.executable, __file__, "--child", name, "--workdir", work],
-                                 capture_output=True, text=True)
+                                 stdout=subprocess.PIPE, text=True)
             res = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode or not res:
-                sys.stderr.write(out.stderr[-3000:])
                 raise SystemExit(f"{name}: the step failed (rc {out.returncode})")
             rows.append(json.loads(res[-1][len("RESULT "):]))
     G = 2**30

@@ -28,6 +28,9 @@ phases=${GPU_CHECK_PHASES:-build tests memory losses lmhead memory7b step rollou
 if [ -n "${OUT:-}" ]; then res=$(mktemp -d); tgz=$OUT/gpu_check.tgz; else res=$root/bench/results; tgz=; fi
 mkdir -p "$res"
 export OUT=$res TRITON_INTERPRET=0 SCORE_FAST_BENCH_DEVICE=cuda PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+# where a slow phase spends its time, in its log: a test running over 60 s dumps its stacks,
+# as does a bench_memory child every 30 s
+export PYTEST_ADDOPTS="-o faulthandler_timeout=60" BENCH_MEMORY_TRACE_S=30
 # PYTHONSAFEPATH: `python -m` must import the staged build below, not ./score_fast.
 summary=$res/gpu_check_summary.txt
 : > "$summary"

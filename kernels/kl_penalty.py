@@ -39,6 +39,27 @@ _BLOCK = 1024  # elementwise: 1024 fp32 per program, 4 warps -> 8 elements per t
 
 
 @triton.jit
+def _exp(x):
+    """exp in fp32 to ~2 ulp on a GPU too. tl.exp compiles to ex2.approx(x * log2(e)), whose
+    product rounds with an error of |x| * 6e-8 in the exponent: at x = 7 that is 1e-6
+    relative, 1e-3 absolute on exp(7) ~ 1100, 7x torch's own error on an H200 (seen in
+    test_gpu_matches_reference[k3]). Here the exponent is split first (Cody-Waite):
+    x = k ln2 + r, |r| <= ln2 / 2, with ln2 in two parts so k * LN2_HI is exact for
+    |k| < 2^11; exp(r) by tl.exp is then within ~2 ulp, and 2^k is built exactly from its
+    bits (two factors, so that k down to -252 still gives the denormals torch gives).
+    The interpreter lacks libdevice.exp, which would serve as well."""
+    xc = tl.minimum(tl.maximum(x, -104.0), 89.0)  # exp(89) = inf, exp(-104) = 0 in fp32
+    k = tl.floor(xc * 1.4426950408889634 + 0.5)
+    r = xc - k * 0.693145751953125  # LN2_HI: 17 significant bits
+    r = r - k * 1.4286068203094172e-06  # LN2_LO = ln 2 - LN2_HI
+    k1 = (k * 0.5).to(tl.int32)
+    k2 = k.to(tl.int32) - k1
+    s1 = ((k1 + 127) << 23).to(tl.float32, bitcast=True)
+    s2 = ((k2 + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(x == x, tl.exp(r) * s1 * s2, x)  # NaN stays NaN
+
+
+@triton.jit
 def _kl_and_grad(d, KIND: tl.constexpr):
     """(KL_KIND(d), dKL/dd) in fp32 for a block of d = logp - ref_logp."""
     if KIND == "k1":
@@ -63,7 +84,7 @@ def _kl_and_grad(d, KIND: tl.constexpr):
         s = 1.0 / 24.0 - ds * s
         s = 1.0 / 6.0 - ds * s
         s = 0.5 - ds * s  # s = k3 / d^2 (series through d^9)
-        e = tl.exp(-d)
+        e = _exp(-d)
         kl = tl.where(small, ds * ds * s, e - 1.0 + d)
         # 1 - exp(-d) = d * (1 - d/2 + d^2/6 - ...): same cancellation, same cure
         g = 1.0 / 3628800.0

@@ -2,9 +2,11 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import assert_within_rule
 
-from score_fast.kernels.kl_penalty import kl_penalty, kl_penalty_ref
+from score_fast.kernels.kl_penalty import _exp, kl_penalty, kl_penalty_ref
 
 KINDS = ("k1", "k2", "k3")
 
@@ -119,6 +121,45 @@ def test_errors():
         kl_penalty(logp, torch.zeros(3))
     with pytest.raises(ValueError, match="floating"):
         kl_penalty(torch.zeros(4, dtype=torch.long), logp)
+
+
+@triton.jit
+def _exp_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(o_ptr + offs, _exp(tl.load(x_ptr + offs, mask=m)), mask=m)
+
+
+def _run_exp(x):
+    out = torch.empty_like(x)
+    _exp_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    return out
+
+
+def _check_exp(device):
+    """The kernels' exp (range reduction, exact 2^k) against fp64 over fp32's whole range:
+    within 4 ulp where torch.exp is within 1 (|x| < 88), the same inf / 0 / NaN at the ends."""
+    x = torch.cat([torch.linspace(-110, 95, 40_001), torch.randn(10_000) * 30,
+                   torch.tensor([0.0, -0.0, 1e-30, 88.72, 88.73, -87.4, -103.9, -104.5,
+                                 float("inf"), -float("inf"), float("nan")])]).to(device)
+    out = _run_exp(x).cpu().double()
+    ref = x.cpu().double().exp().float().double()  # fp64 exp, then fp32's range
+    x = x.cpu()
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    normal = ref.isfinite() & (ref.abs() >= torch.finfo(torch.float32).tiny)
+    rel = ((out - x.double().exp()) / x.double().exp())[normal].abs().max().item()
+    assert rel <= 4 * torch.finfo(torch.float32).eps, rel
+    sub = ref.isfinite() & ~normal  # denormals: an absolute error of a few 2^-149
+    assert (out - ref)[sub].abs().max().item() <= 8 * 2.0**-149
+
+
+def test_exp_accuracy(monkeypatch):
+    _check_exp("cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_exp_accuracy():
+    _check_exp("cuda")
 
 
 @pytest.mark.gpu
