@@ -197,9 +197,21 @@ def main(argv=None) -> int:
             if out.returncode or not res:
                 raise SystemExit(f"{name}: the step failed (rc {out.returncode})")
             rows.append(json.loads(res[-1][len("RESULT "):]))
+            # the table so far, after every setting: a run cut short keeps what it measured
+            table = _table(rows, a)
+            print(table.splitlines()[-1], file=sys.stderr, flush=True)
+            if a.out:
+                with open(a.out, "w") as f:
+                    f.write(table + "\n")
+    print(table)
+    return 0
+
+
+def _table(rows: list[dict], a) -> str:
+    import torch
     G = 2**30
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (VmRSS)"
     cuda = torch.cuda.is_available()
+    dev = torch.cuda.get_device_name() if cuda else "CPU (VmRSS)"
     layers = f", {a.layers} layers" if a.layers else ""
     lines = [f"model: {'tiny Llama' if a.quick else a.shape + ' shape' + layers} "
              f"({rows[0]['params'] / 1e6:.0f}M params), {PROMPTS} prompts x {SAMPLES} "
@@ -214,11 +226,7 @@ def main(argv=None) -> int:
                      f"({r['device'] / G:.2f} + {r['host'] / G:.2f}, {r['phase']}) | "
                      f"{err:+.1%} | {r['step_s']:.1f} |"
                      + (f" {r['reserved'] / G:.2f} |" if cuda else ""))
-    print("\n".join(lines))
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,14 @@ import csv
 import datetime
 import json
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import git_commit  # noqa: E402
 
 COLUMNS = ["benchmark", "provider", "shape", "dtype", "median_ms", "p20_ms", "p80_ms",
-           "ratio", "gbps", "bw_vs_copy", "tflops", "peak_mem_mb", "extra", "device", "commit", "date"]
+           "ratio", "gbps", "bw_vs_copy", "tflops", "peak_mem_mb", "extra", "device", "commit",
+           "date"]
 KNOWN = {"provider", "shape", "dtype", "baseline", "bytes", "flops", "peak_mem", "device"}
 
 

@@ -109,3 +109,19 @@ def test_world_size_must_divide_prompts(tmp_path):
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode != 0
     assert "train.prompts_per_step=3 does not divide over 2 ranks" in p.stderr
+
+
+def test_allocator_defaults_respects_the_users_choice(monkeypatch):
+    from score_fast.distributed import allocator_defaults
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.setenv(name, "")  # so that monkeypatch restores the original afterwards
+        monkeypatch.delenv(name)
+    allocator_defaults()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    allocator_defaults()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:False")
+    allocator_defaults()
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ

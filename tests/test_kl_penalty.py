@@ -138,7 +138,7 @@ def _run_exp(x):
 
 def _check_exp(device):
     """The kernels' exp (range reduction, exact 2^k) against fp64 over fp32's whole range:
-    within 4 ulp where torch.exp is within 1 (|x| < 88), the same inf / 0 / NaN at the ends."""
+    within 2 ulp (~0.8 measured; torch.exp: 0.5), the same inf / 0 / NaN at the ends."""
     x = torch.cat([torch.linspace(-110, 95, 40_001), torch.randn(10_000) * 30,
                    torch.tensor([0.0, -0.0, 1e-30, 88.72, 88.73, -87.4, -103.9, -104.5,
                                  float("inf"), -float("inf"), float("nan")])]).to(device)
@@ -148,7 +148,7 @@ def _check_exp(device):
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
     normal = ref.isfinite() & (ref.abs() >= torch.finfo(torch.float32).tiny)
     rel = ((out - x.double().exp()) / x.double().exp())[normal].abs().max().item()
-    assert rel <= 4 * torch.finfo(torch.float32).eps, rel
+    assert rel <= 2 * torch.finfo(torch.float32).eps, rel
     sub = ref.isfinite() & ~normal  # denormals: an absolute error of a few 2^-149
     assert (out - ref)[sub].abs().max().item() <= 8 * 2.0**-149
 
