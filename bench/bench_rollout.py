@@ -1,10 +1,13 @@
 """Rollout benchmark: the KV-cache engine (score_fast.sampler.TwoTurnSampler) against
 `model.generate` run once per attempt (score_fast.rollout.generate, the old path: attempt 2
-re-prefills prompt + attempt 1), same tiny model, prompts, instruction and lengths.
+re-prefills prompt + attempt 1) and, where vLLM is installed, rollout.backend=vllm
+(score_fast.vllm_engine) with its prefix cache on (vllm) and off (vllm_nocache); same tiny
+model, prompts, instruction and lengths.
 
     SCORE_FAST_BENCH_QUICK=1 OUT=/tmp/ro bash bench/run.sh bench/bench_rollout.py
 
-A random tiny Llama (hidden 64, 2 layers, vocab 48), sampled at temperature 1.0 from torch's
+A random tiny Llama (hidden 64, 2 heads of 32: vLLM's CPU attention takes no smaller head,
+2 layers, vocab 48), sampled at temperature 1.0 from torch's
 global RNG seeded 0 before each call: with near-uniform logits the eos (1 of 48 ids) ends
 about 2% of rows per step, so attempts end at mixed lengths. 64 episodes of 8..48-token
 prompts, a 12-token instruction, up to 64 new tokens per attempt (QUICK: 8 episodes, 8).
@@ -16,7 +19,12 @@ engine from attempt 1's saved cache, generate from the full context).  both: the
 two-attempt rollout.  extra: tokens = tokens generated, tok_s = tokens / median seconds,
 prefill_tokens / prefill_slots = real / padded tokens in prefill forwards,
 decode_tokens = tokens run through decode forwards (generate keeps finished rows: batch x
-steps), forwards, tok_per_decode_fwd = decode_tokens / decode forwards."""
+steps), forwards, tok_per_decode_fwd = decode_tokens / decode forwards.
+vLLM rows: engine seeded once (per-request seeds stop its CPU engine), so each round samples
+other tokens; tokens and tok_s are of the first call. cached_tokens: prompt tokens its
+prefix cache served (reset before every call); startup_s and sync_s (one push of the
+weights, score_fast.models.policy_weights) are per engine. Not in attempt2: vLLM's cache
+holds what vLLM computed, not the fixed attempt-1 outputs that row starts from."""
 import pytest
 import torch
 import transformers
@@ -30,17 +38,18 @@ EPISODES = 8 if QUICK else 64
 NEW = 8 if QUICK else 64
 VOCAB, EOS, PAD, INSTR = 48, 1, 0, 12
 SHAPE = f"B={EPISODES},new={NEW}"
-PROVIDERS = ["engine", "generate"]
+PROVIDERS = ["engine", "generate", "vllm", "vllm_nocache"]
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=4, max_position_embeddings=512)
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2, max_position_embeddings=512,
+                                   bos_token_id=2, eos_token_id=EOS, pad_token_id=PAD)
     model = transformers.LlamaForCausalLM(cfg).eval().to(DEVICE)
     g = torch.Generator().manual_seed(0)
     lens = torch.randint(8, 49, (EPISODES,), generator=g).tolist()
@@ -49,8 +58,30 @@ def setup():
     torch.manual_seed(0)
     a1, state = TwoTurnSampler(model, EOS, PAD, batch_size=EPISODES).attempt1(
         prompts, max_new_tokens=NEW, temperature=1.0)
-    yield model, prompts, instr, a1, state
+    yield model, prompts, instr, a1, state, tmp_path_factory.mktemp("rollout")
     torch.set_num_threads(threads)
+    _ENGINES.clear()
+
+
+_ENGINES: dict = {}
+
+
+def _engine(provider, model, tmp):
+    """One vLLM engine per provider for the module (start-up is seconds), fed the model."""
+    if provider not in _ENGINES:
+        pytest.importorskip("vllm")
+        from score_fast import models
+        from score_fast.config import VLLMConfig
+        from score_fast.vllm_engine import VLLMEngine
+        path = str(tmp / "model")
+        if not (tmp / "model").exists():
+            model.save_pretrained(path)
+        # 32-token blocks: 8..48-token prompts and <= 64-token attempts fill a few each
+        e = VLLMEngine(path, dtype=torch.float32, seed=0, config=VLLMConfig(
+            block_size=32, prefix_caching=provider == "vllm"))
+        e.sync_s_once = e.sync(models.policy_weights(model, torch.float32))
+        _ENGINES[provider] = e
+    return _ENGINES[provider]
 
 
 def _generate(model, contexts):
@@ -74,8 +105,27 @@ def _engine_counts(sampler) -> dict:
                 tok_per_decode_fwd=round(s["decode_tokens"] / max(s["decode_forwards"], 1), 2))
 
 
-def _case(which, provider, model, prompts, instr, a1, state):
+def _case(which, provider, model, prompts, instr, a1, state, tmp):
     """(fn, outputs-and-counts of one call)"""
+    if provider.startswith("vllm"):
+        if which == "attempt2":
+            pytest.skip("vLLM's prefix cache holds what vLLM sampled, not fixed attempts")
+        e = _engine(provider, model, tmp)
+
+        def fn():
+            e.llm.reset_prefix_cache()
+            before = dict(e.stats)
+            kw = dict(max_new_tokens=NEW, temperature=1.0, greedy=False, eos=EOS)
+            out = e.generate(prompts, **kw)
+            if which == "both":
+                out = out + e.generate([p + a + x for p, a, x in zip(prompts, out, instr)],
+                                       **kw)
+            st = {k: e.stats[k] - before[k] for k in ("prompt_tokens", "cached_tokens")}
+            return out, dict(prefill_tokens=st["prompt_tokens"] - st["cached_tokens"],
+                             cached_tokens=st["cached_tokens"],
+                             startup_s=round(e.startup_s, 2),
+                             sync_s=round(e.sync_s_once, 4))
+        return fn
     if provider == "engine":
         def fn():
             torch.manual_seed(0)

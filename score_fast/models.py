@@ -28,7 +28,7 @@ import torch
 
 __all__ = ["DTYPES", "GC_AUTO_PARAMS", "resolve_dtype", "load_model", "load_tokenizer",
            "apply_lora", "load_lora", "is_lora", "lora_base", "compute_dtype", "model_device",
-           "uses_fsdp", "merged_state_dict"]
+           "uses_fsdp", "merged_state_dict", "policy_weights", "weights_path"]
 
 # model.gradient_checkpointing=None turns it on from here: at 1B parameters (Qwen2.5-1.5B:
 # H 1536, I 8960, 28 layers) the saved activations of one 8192-token bf16 micro-batch are
@@ -107,6 +107,14 @@ def load_model(path: str, what: str = "model.path", dtype: torch.dtype = torch.f
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **extra, **kw)
     model.config.dtype = dtype  # what checkpoints record (they are written in this dtype)
     return model
+
+
+def weights_path(path: str, revision=None, trust_remote_code=False) -> str:
+    """Where the full weights of model.path are (a LoRA checkpoint: its base model's), as a
+    directory or a cached hub id, for another loader (the vLLM engine) to read."""
+    name, _ = _locate(path, "model.path", **_hub_kwargs(revision, trust_remote_code))
+    base = _adapter_base(name)
+    return weights_path(base, revision, trust_remote_code) if base else name
 
 
 def _adapter_base(name: str) -> str | None:
@@ -192,13 +200,14 @@ def uses_fsdp(world: int, dtype: torch.dtype, lora: bool, offload: bool) -> bool
     return world > 1 or offload or (not lora and dtype != torch.float32)
 
 
-def merged_state_dict(state: dict, scaling: float, dtype: torch.dtype) -> dict:
-    """A PeftModel's (full) state dict -> the base model's, each adapted Linear merged
-    (W + scaling B A, in fp32, then `dtype`), under the base model's own key names."""
-    out = {}
+def _merged_items(state: dict, scaling: float | None, dtype: torch.dtype, full=lambda t: t):
+    """(base model key, tensor in `dtype`) of a model's state dict, one entry at a time:
+    peft's key prefixes dropped, each LoRA Linear merged (W + scaling B A, in fp32) when
+    scaling is given; `full` turns a stored entry (an FSDP2 shard) into the whole tensor."""
     for key, value in state.items():
         if ".lora_" in key:
             continue
+        value = full(value)
         if key.endswith(".base_layer.weight"):
             prefix = key[:-len(".base_layer.weight")]
             a, b = state.get(f"{prefix}.lora_A.default.weight"), state.get(
@@ -206,9 +215,36 @@ def merged_state_dict(state: dict, scaling: float, dtype: torch.dtype) -> dict:
             if a is None or b is None:
                 raise ValueError(f"merging LoRA: {prefix} has no lora_A/lora_B (only Linear "
                                  f"adapters are merged)")
-            value = value.float() + scaling * (b.float() @ a.float())
+            value = value.float() + scaling * (full(b).float() @ full(a).float())
         key = key.replace(".base_layer.", ".")
         if key.startswith("base_model.model."):
             key = key[len("base_model.model."):]
-        out[key] = value.to(dtype) if value.is_floating_point() else value
-    return out
+        yield key, value.to(dtype) if value.is_floating_point() else value
+
+
+def merged_state_dict(state: dict, scaling: float, dtype: torch.dtype) -> dict:
+    """A PeftModel's (full) state dict -> the base model's, each adapted Linear merged
+    (W + scaling B A, in fp32, then `dtype`), under the base model's own key names."""
+    return dict(_merged_items(state, scaling, dtype))
+
+
+def policy_weights(model, dtype: torch.dtype):
+    """The policy's current weights as the base model's checkpoint would hold them (its key
+    names, LoRA merged, `dtype`), yielded one tensor at a time, for an inference engine
+    (score_fast.vllm_engine) to load. FSDP2 shards are gathered one parameter at a time
+    (a collective: every rank iterates in the same order), never the whole model at once."""
+    from torch.distributed.tensor import DTensor
+
+    def full(t):
+        if not isinstance(t, DTensor):
+            return t.detach()
+        if t.device_mesh.size() == 1:  # one rank: the shard is the tensor, no collective
+            return t.to_local().detach()
+        return t.full_tensor().detach()
+
+    scaling = None
+    if is_lora(model):
+        cfg = model.peft_config["default"]
+        scaling = cfg.lora_alpha / cfg.r
+    with torch.no_grad():
+        yield from _merged_items(model.state_dict(), scaling, dtype, full)

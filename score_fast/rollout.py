@@ -136,7 +136,7 @@ def generate(model, contexts: list[list[int]], *, max_new_tokens: int, temperatu
 def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samples: int,
             max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
             batch_size: int = 64, max_prompt_tokens: int | None = None,
-            row_names: list[str] | None = None, in_flight: int | None = None
+            row_names: list[str] | None = None, in_flight: int | None = None, engine=None
             ) -> tuple[list[Episode], dict]:
     """`samples` two-attempt episodes per problem (problem-major order), sampled with the
     KV-cache engine (score_fast.sampler.TwoTurnSampler; `generate` above is the plain
@@ -144,7 +144,10 @@ def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samp
     attempt-1 KV cache the sampler keeps for attempt 2 covers only those (a 7B model's is
     ~57 KB a token: 512 episodes of 2048 tokens would hold 60 GB). Returns the episodes and
     timing: {"gen_tokens", "gen_seconds", "prefill_tokens", "decode_tokens"} (the last two:
-    tokens the model was run on)."""
+    tokens the model was run on). engine: a score_fast.vllm_engine.VLLMEngine to sample with
+    instead (`model` is then unused): the same episodes, attempt 2 requested as [prompt |
+    attempt 1 | instruction] for its prefix cache, every episode at once (vLLM schedules
+    its own KV cache, so in_flight does not apply)."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prompts = [formatter.prompt_ids(p) for p in problems]
@@ -158,24 +161,37 @@ def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samp
     t0 = time.perf_counter()
     episodes = [Episode(i, prompts[i], [], []) for i in range(len(problems))
                 for _ in range(samples)]
-    # attempt 2 continues from attempt 1's KV cache: only the instruction is prefilled
-    sampler = TwoTurnSampler(model, eos, pad, batch_size=batch_size)
-    step = in_flight or max(len(episodes), 1)
-    for lo in range(0, len(episodes), step):
-        chunk = episodes[lo:lo + step]
-        attempts1, state = sampler.attempt1([e.prompt_ids for e in chunk], **gen_kw)
-        for ep, a1 in zip(chunk, attempts1):
+    if engine is not None:
+        before = dict(engine.stats)
+        attempts1 = engine.generate([e.prompt_ids for e in episodes], eos=eos, **gen_kw)
+        for ep, a1 in zip(episodes, attempts1):
             ep.attempt1_ids = a1
             ep.instruction_ids = formatter.instruction_ids(problems[ep.prompt_index], a1)
-        attempts2 = sampler.attempt2(state, [e.instruction_ids for e in chunk], **gen_kw)
-        del state  # the chunk's cache: free it before the next chunk or the training step
-        for ep, a2 in zip(chunk, attempts2):
+        attempts2 = engine.generate([e.prompt_ids + e.attempt1_ids + e.instruction_ids
+                                     for e in episodes], eos=eos, **gen_kw)
+        for ep, a2 in zip(episodes, attempts2):
             ep.attempt2_ids = a2
+        st = {k: engine.stats[k] - before[k] for k in before}
+        prefill, decode = st["prompt_tokens"] - st["cached_tokens"], st["generated_tokens"]
+    else:
+        # attempt 2 continues from attempt 1's KV cache: only the instruction is prefilled
+        sampler = TwoTurnSampler(model, eos, pad, batch_size=batch_size)
+        step = in_flight or max(len(episodes), 1)
+        for lo in range(0, len(episodes), step):
+            chunk = episodes[lo:lo + step]
+            attempts1, state = sampler.attempt1([e.prompt_ids for e in chunk], **gen_kw)
+            for ep, a1 in zip(chunk, attempts1):
+                ep.attempt1_ids = a1
+                ep.instruction_ids = formatter.instruction_ids(problems[ep.prompt_index], a1)
+            attempts2 = sampler.attempt2(state, [e.instruction_ids for e in chunk], **gen_kw)
+            del state  # the chunk's cache: free it before the next chunk or the training step
+            for ep, a2 in zip(chunk, attempts2):
+                ep.attempt2_ids = a2
+        prefill, decode = sampler.stats.prefill_tokens, sampler.stats.decode_tokens
     seconds = time.perf_counter() - t0
     for ep in episodes:
         ep.text1 = tokenizer.decode(ep.attempt1_ids, skip_special_tokens=True)
         ep.text2 = tokenizer.decode(ep.attempt2_ids, skip_special_tokens=True)
     n_gen = sum(len(e.attempt1_ids) + len(e.attempt2_ids) for e in episodes)
     return episodes, {"gen_tokens": n_gen, "gen_seconds": seconds,
-                      "prefill_tokens": sampler.stats.prefill_tokens,
-                      "decode_tokens": sampler.stats.decode_tokens}
+                      "prefill_tokens": prefill, "decode_tokens": decode}

@@ -49,7 +49,8 @@ from score_fast.checkpoint import (latest_checkpoint, load_state, rotate_checkpo
 from score_fast.config import Config, check_kl
 from score_fast.flops import matmul_params, peak_flops, step_flops
 from score_fast.models import (GC_AUTO_PARAMS, apply_lora, is_lora, load_lora, load_model,
-                               load_tokenizer, lora_base, resolve_dtype, uses_fsdp)
+                               load_tokenizer, lora_base, policy_weights, resolve_dtype,
+                               uses_fsdp, weights_path)
 from score_fast.prompts import PromptBuilder
 from score_fast.rollout import Episode, Formatter, rollout
 
@@ -311,6 +312,23 @@ class Trainer:
             if self.scaler is not None and "scaler" in state:
                 self.scaler.load_state_dict(state["scaler"])
             log.info("resumed from %s at step %d", ckpt, self.step)
+        self.engine = None
+        if c.rollout.backend == "vllm":
+            if d.enabled:  # each rank would need its engine on torch.distributed's terms
+                raise NotImplementedError(
+                    "rollout.backend=vllm runs in one process for now (an in-process engine "
+                    f"per rank under torchrun is not built); WORLD_SIZE is {d.world}")
+            from score_fast.vllm_engine import VLLMEngine
+            self.engine = VLLMEngine(weights_path(m.path, **self.hub), dtype=self.dtype,
+                                     seed=c.train.seed + d.rank, config=c.rollout.vllm,
+                                     **self.hub)
+            # the files are not the policy after a resume, nor with LoRA's own init
+            self.sync_engine()
+            log.info("vLLM engine up in %.1fs", self.engine.startup_s)
+
+    def sync_engine(self) -> float:
+        """Push the policy's weights into the vLLM engine (after every optimizer step)."""
+        return self.engine.sync(policy_weights(self.policy, self.dtype))
 
     def load_models(self, ckpt: str | None) -> None:
         """The policy, the frozen reference and the optimizer, per the precision plan
@@ -371,7 +389,10 @@ class Trainer:
         idx = pick.choice(len(self.rows), size=n, replace=False).tolist()[d.rank::d.world]
         rows = [self.rows[i] for i in idx]
         self.policy.eval()
-        with distributed.generation(self.policy, d):
+        # the hf sampler runs the policy (kept gathered for it); vLLM has its own copy
+        gen = (contextlib.nullcontext() if self.engine else
+               distributed.generation(self.policy, d))
+        with gen:
             episodes, timing = rollout(
                 self.policy, self.tokenizer, self.formatter,
                 [self.prompt_texts[i] for i in idx],
@@ -379,7 +400,8 @@ class Trainer:
                 temperature=c.rollout.temperature, batch_size=c.rollout.gen_batch_size,
                 max_prompt_tokens=c.data.max_prompt_tokens,
                 row_names=[f"row {i + 1} of {c.data.train_file}" for i in idx],
-                in_flight=c.rollout.episodes_in_flight or c.rollout.gen_batch_size)
+                in_flight=c.rollout.episodes_in_flight or c.rollout.gen_batch_size,
+                engine=self.engine)
         return episodes, [rows[e.prompt_index] for e in episodes], timing
 
     def loss_and_backward(self, episodes: list[Episode], objective: Objective) -> dict:
@@ -514,6 +536,7 @@ class Trainer:
         t1 = time.perf_counter()
         out, norm = self.optimize(episodes, objective)
         train_s = time.perf_counter() - t1
+        extra = {"engine_sync_s": self.sync_engine()} if self.engine else {}
         self.step += 1
         from score_fast.metrics import self_correction_metrics
         # the step's own samples (temperature rollout.temperature), not the paper's greedy
@@ -534,7 +557,7 @@ class Trainer:
                 "grad_norm": norm, "reward_errors": e1 + e2,
                 "zeros_t1": dict(fail1), "zeros_t2": dict(fail2),  # why rewards were 0
                 "gen_tok_s": timing["gen_tokens"] / max(timing["gen_seconds"], 1e-9),
-                "train_tok_s": out["tokens"] / max(train_s, 1e-9),
+                "train_tok_s": out["tokens"] / max(train_s, 1e-9), **extra,
                 "step_s": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ the run

