@@ -29,7 +29,11 @@ this lists the measurements):
     sampling policy (kept for a future off-policy correction).
   * vLLM's CPU attention supports head sizes 32..512 (not 16): a model it cannot serve is
     an error here that names its head size.
-  * vLLM lowers torch's thread count for serving; the trainer's is restored after start-up.
+  * vLLM lowers torch's thread count for serving; the trainer's is set back after start-up.
+    On a CPU, vLLM's worker binds the OpenMP threads and then ignores set_num_threads (it
+    logs so): training shares the engine's threads there (OMP_NUM_THREADS decides).
+  * vLLM logs a "Chat template warmup failed" traceback at start-up: its renderer tries the
+    tokenizer this engine does not have. Harmless: no request goes through a template.
 """
 from __future__ import annotations
 
@@ -84,7 +88,7 @@ class VLLMEngine:
         t0 = time.perf_counter()
         self.llm = vllm.LLM(**kw)
         self.startup_s = time.perf_counter() - t0
-        torch.set_num_threads(threads)  # vLLM lowers it for serving; training needs them
+        torch.set_num_threads(threads)  # vLLM lowers it for serving (module doc)
         self._params = vllm.SamplingParams
         from vllm.inputs import TokensPrompt
         self._prompt = TokensPrompt

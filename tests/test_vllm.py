@@ -130,3 +130,34 @@ def test_trainer_samples_with_vllm_and_keeps_it_in_sync(tmp_path):
     ref, _ = _greedy(tr.policy, tr.tokenizer)
     ours, _ = _greedy(tr.policy, tr.tokenizer, tr.engine)
     assert [e.ids for e in ours] == [e.ids for e in ref]
+
+
+def test_bf16_full_fine_tune_with_fsdp_feeds_the_engine(tmp_path):
+    """bf16 full fine-tune: the policy is an FSDP2 module of fp32 masters in a one-rank group
+    the trainer starts before the engine (vLLM then reuses that group). The engine gets the
+    masters rounded to bf16: its weights equal the policy's after each sync."""
+    from test_trainer import make_run
+
+    from score_fast.trainer import Trainer
+    _save(str(tmp_path / "model"))
+    c = make_run(tmp_path)
+    c.model.dtype = "bf16"
+    c.rollout.backend = "vllm"
+    tr = Trainer(c)
+    assert tr.dist.fsdp
+    tr.train_step()
+    with torch.no_grad():  # a visible update of every fp32 master (a step may be tiny)
+        for p in tr.policy.parameters():
+            p.to_local().add_(0.01)
+    tr.sync_engine()
+    pushed = dict(models.policy_weights(tr.policy, torch.bfloat16))
+    worker = tr.engine.llm.llm_engine.model_executor.driver_worker.worker
+    served = dict(worker.model_runner.model.named_parameters())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    q = pushed[name]
+    start = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model").state_dict()
+    assert not torch.equal(start[name].to(torch.bfloat16), q)
+    # vLLM stacks q, k and v into one matrix, q's rows first
+    assert torch.equal(served["model.layers.0.self_attn.qkv_proj.weight"][:len(q)], q)
+    emb = pushed["model.embed_tokens.weight"]
+    assert torch.equal(served["model.embed_tokens.weight"][:len(emb)], emb)
