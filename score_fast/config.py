@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 __all__ = ["MATH_INSTRUCTION", "CODE_INSTRUCTION", "KL_ESTIMATORS", "DTYPES", "check_kl",
+           "REDUCTIONS", "BASELINES",
            "LoraConfig", "ModelConfig", "DataConfig", "VLLMConfig", "RolloutConfig", "RewardConfig",
            "Stage1Config", "Stage2Config", "TrainConfig", "EvalConfig", "Config",
            "config_from_dict"]
@@ -26,6 +27,24 @@ CODE_INSTRUCTION = (
 
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+# the choices of fields the kernels take (score_loss.REDUCTIONS, score_advantages.BASELINES;
+# tests/test_config.py keeps them equal): checked here, before any model loads
+REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+BASELINES = ("rloo", "mean", "none")
+
+
+def _at_least(section: str, low, **values) -> None:
+    for name, v in values.items():
+        if v is not None and not v >= low:
+            raise ValueError(f"{section}.{name} must be >= {low:g}, got {v!r}")
+
+
+def _above_zero(section: str, **values) -> None:
+    for name, v in values.items():
+        if not v > 0:
+            raise ValueError(f"{section}.{name} must be > 0, got {v!r}")
 
 
 @dataclass
@@ -163,6 +182,10 @@ class RolloutConfig:
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def __post_init__(self):
+        _at_least("rollout", 1, samples_per_prompt=self.samples_per_prompt,
+                  max_new_tokens=self.max_new_tokens, gen_batch_size=self.gen_batch_size,
+                  episodes_in_flight=self.episodes_in_flight)
+        _above_zero("rollout", temperature=self.temperature)
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"rollout.backend must be hf or vllm, got {self.backend!r}")
         if isinstance(self.vllm, dict):  # config_from_dict passes the nested section as is
@@ -254,6 +277,17 @@ class TrainConfig:
 
     def __post_init__(self):  # before any model loads
         check_kl(self.kl)
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"train.reduction must be one of {REDUCTIONS}, got "
+                             f"{self.reduction!r}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"train.baseline must be one of {BASELINES}, got "
+                             f"{self.baseline!r}")
+        _at_least("train", 1, rounds=self.rounds, prompts_per_step=self.prompts_per_step,
+                  max_tokens=self.max_tokens, log_every=self.log_every,
+                  save_every=self.save_every)
+        _above_zero("train", lr=self.lr, max_grad_norm=self.max_grad_norm)
+        _at_least("train", 0, weight_decay=self.weight_decay)
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"train.keep_last must be >= 1 or unset (keep all), got "
                              f"{self.keep_last}")
@@ -297,6 +331,13 @@ class Config:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):  # what no single section can check
+        if self.train.baseline == "rloo" and self.rollout.samples_per_prompt < 2:
+            raise ValueError("rollout.samples_per_prompt must be >= 2 with train.baseline=rloo: "
+                             "the baseline of a sample is the mean reward of the prompt's other "
+                             "samples, so with one sample every advantage would be 0 (use "
+                             "train.baseline=mean or none for one sample a prompt)")
 
     # resolved defaults that depend on the reward kind
     def problem_field(self) -> str:

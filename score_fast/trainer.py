@@ -46,7 +46,7 @@ from score_fast import distributed
 from score_fast.attention import use_varlen_attention
 from score_fast.checkpoint import (latest_checkpoint, load_state, rotate_checkpoints,
                                    save_checkpoint, set_rng_state)
-from score_fast.config import Config, check_kl
+from score_fast.config import Config, check_kl, config_from_dict
 from score_fast.flops import matmul_params, peak_flops, step_flops
 from score_fast.models import (GC_AUTO_PARAMS, apply_lora, is_lora, load_lora, load_model,
                                load_tokenizer, lora_base, policy_weights, resolve_dtype,
@@ -267,6 +267,8 @@ class Trainer:
 
     def __init__(self, config: Config):
         from score_fast.data import load_rows
+        # every check once more: fields set after construction skipped __post_init__
+        config_from_dict(dataclasses.asdict(config))
         self.config = c = config
         m = c.model
         self.hub = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}

@@ -99,7 +99,7 @@ def test_training_and_eval_give_the_same_token_ids(kind, rows, model_dir, tmp_pa
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = Config(model=ModelConfig(path=str(model_dir)),
                     data=DataConfig(train_file=str(data), max_prompt_tokens=4096),
-                    rollout=RolloutConfig(samples_per_prompt=1), reward=RewardConfig(kind=kind),
+                    rollout=RolloutConfig(samples_per_prompt=2), reward=RewardConfig(kind=kind),
                     train=TrainConfig(run_dir=str(tmp_path / "run"),
                                       prompts_per_step=len(rows)))
     seen = {}

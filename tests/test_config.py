@@ -1,0 +1,61 @@
+"""Config values are checked where they are made, before any model loads, each error naming
+its field; a Trainer checks its config again (fields set after construction)."""
+import dataclasses
+
+import pytest
+
+from score_fast.config import (BASELINES, REDUCTIONS, Config, ModelConfig, RolloutConfig,
+                               TrainConfig, config_from_dict)
+
+
+@pytest.mark.parametrize("section,field,value,match", [
+    (TrainConfig, "save_every", 0, "train.save_every must be >= 1"),
+    (TrainConfig, "log_every", 0, "train.log_every must be >= 1"),
+    (TrainConfig, "prompts_per_step", 0, "train.prompts_per_step must be >= 1"),
+    (TrainConfig, "max_tokens", -5, "train.max_tokens must be >= 1"),
+    (TrainConfig, "rounds", 0, "train.rounds must be >= 1"),
+    (TrainConfig, "lr", 0.0, "train.lr must be > 0"),
+    (TrainConfig, "max_grad_norm", -1.0, "train.max_grad_norm must be > 0"),
+    (TrainConfig, "weight_decay", -0.1, "train.weight_decay must be >= 0"),
+    (TrainConfig, "reduction", "mean", "train.reduction must be one of"),
+    (TrainConfig, "baseline", "grpo", "train.baseline must be one of"),
+    (TrainConfig, "kl", "k4", "train.kl must be one of"),
+    (RolloutConfig, "samples_per_prompt", 0, "rollout.samples_per_prompt must be >= 1"),
+    (RolloutConfig, "max_new_tokens", 0, "rollout.max_new_tokens must be >= 1"),
+    (RolloutConfig, "gen_batch_size", 0, "rollout.gen_batch_size must be >= 1"),
+    (RolloutConfig, "episodes_in_flight", 0, "rollout.episodes_in_flight must be >= 1"),
+    (RolloutConfig, "temperature", 0.0, "rollout.temperature must be > 0"),
+    (RolloutConfig, "backend", "sglang", "rollout.backend must be hf or vllm"),
+])
+def test_a_bad_value_names_its_field(section, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        section(**{field: value})
+
+
+def test_rloo_needs_two_samples_a_prompt():
+    with pytest.raises(ValueError, match="samples_per_prompt must be >= 2 with train.baseline"):
+        Config(rollout=RolloutConfig(samples_per_prompt=1))
+    Config(rollout=RolloutConfig(samples_per_prompt=1), train=TrainConfig(baseline="mean"))
+
+
+def test_choices_are_the_kernels():
+    from score_fast.kernels.score_advantages import BASELINES as kernel_baselines
+    from score_fast.kernels.score_loss import REDUCTIONS as kernel_reductions
+    assert REDUCTIONS == kernel_reductions and BASELINES == kernel_baselines
+
+
+def test_trainer_checks_a_config_changed_after_construction(tmp_path):
+    from score_fast.trainer import Trainer
+    c = Config(model=ModelConfig(path=str(tmp_path / "no-such-model")))
+    c.train.save_every = 0  # no __post_init__ ran for this
+    # the value error, not the missing model: nothing was loaded first
+    with pytest.raises(ValueError, match="train.save_every must be >= 1"):
+        Trainer(c)
+
+
+def test_round_trip_keeps_nested_sections():
+    c = Config()
+    c.rollout.vllm.block_size = 32
+    c.model.lora.rank = 8
+    again = config_from_dict(dataclasses.asdict(c))
+    assert again == c
