@@ -47,7 +47,7 @@ def build_parser() -> ArgumentParser:
     train.add_class_arguments(Config, None)
     sub.add_subcommand("train", train, help="train from a YAML config and overrides")
     ev = ArgumentParser(description="greedy two-attempt evaluation of a checkpoint "
-                                     "(MATH / HumanEval / MBPP files detected by their fields)")
+                                    "(MATH / HumanEval / MBPP files detected by their fields)")
     ev.add_class_arguments(EvalConfig, None)
     sub.add_subcommand("eval", ev, help="evaluate a checkpoint on a data file")
     demo = ArgumentParser(description="the built-in arithmetic demo (tiny Llama, CPU)")
@@ -132,9 +132,26 @@ def parse_config(argv) -> Config | EvalConfig | dict:
     return {"command": args.command, **ns}
 
 
+# what a wrong config, path or install raises: one line on stderr, exit status 2
+# (SCORE_FAST_DEBUG=1: the traceback instead)
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError,
+                ImportError)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return _run(argv)
+    except _USER_ERRORS as e:
+        if os.environ.get("SCORE_FAST_DEBUG", "0") not in ("", "0"):
+            raise
+        print(f"score-fast: error: {e} ({type(e).__name__}; SCORE_FAST_DEBUG=1 shows the "
+              f"traceback)", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str]) -> int:
     config = parse_config(argv)
     if isinstance(config, Config):
         from score_fast.trainer import Trainer
@@ -196,6 +213,7 @@ def run_eval(ec: EvalConfig) -> dict:
             print()
             print(ev.format_scaling(scaling))
     return {"kind": task.kind, "metrics": metrics, "scaling": scaling}
+
 
 if __name__ == "__main__":
     sys.exit(main())

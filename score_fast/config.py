@@ -272,8 +272,9 @@ class TrainConfig:
     keep_last: Optional[int] = None
     """keep only the newest N complete checkpoints (None: all); the newest complete one is
     never removed"""
-    resume: bool = False
-    """continue from the last complete checkpoint in run_dir"""
+    resume: Optional[bool] = False
+    """true: continue from the last complete checkpoint in run_dir (an error when there is
+    none); false: start at step 0; null: continue when there is one"""
 
     def __post_init__(self):  # before any model loads
         check_kl(self.kl)

@@ -44,7 +44,8 @@ import yaml
 import score_fast as sf
 from score_fast import distributed
 from score_fast.attention import use_varlen_attention
-from score_fast.checkpoint import (latest_checkpoint, load_state, rotate_checkpoints,
+from score_fast.checkpoint import (STATE_FILE, latest_checkpoint, load_state,
+                                   rotate_checkpoints,
                                    save_checkpoint, set_rng_state)
 from score_fast.config import Config, check_kl, config_from_dict
 from score_fast.flops import matmul_params, peak_flops, step_flops
@@ -269,6 +270,10 @@ class Trainer:
         from score_fast.data import load_rows
         # every check once more: fields set after construction skipped __post_init__
         config_from_dict(dataclasses.asdict(config))
+        for name, value in (("model.path", config.model.path),
+                            ("data.train_file", config.data.train_file)):
+            if not value:
+                raise ValueError(f"{name} is required (score-fast train --help)")
         self.config = c = config
         m = c.model
         self.hub = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
@@ -302,7 +307,12 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(self.config_yaml)
-        ckpt = latest_checkpoint(self.run_dir) if c.train.resume else None
+        ckpt = latest_checkpoint(self.run_dir) if c.train.resume is not False else None
+        if c.train.resume is True and ckpt is None:
+            raise FileNotFoundError(
+                f"train.resume=true but {self.run_dir} holds no complete checkpoint "
+                f"(checkpoint-N/ with {STATE_FILE}); train.resume=null resumes only when "
+                f"there is one")
         self.load_models(ckpt)
         self.formatter = Formatter(self.tokenizer, self.prompts.instruction)
         self.step = 0

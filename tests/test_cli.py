@@ -41,7 +41,7 @@ def test_help_lists_every_field_with_its_default():
         assert m and len(m.group(1)) > 5, (name, m and m.group(1))
     assert ("--stage2.alpha ALPHA shaping bonus alpha * (r2 - r1) on attempt 2 (type: float, "
             "default: 10.0)") in text
-    assert "--train.resume {true,false} continue from the last complete" in text
+    assert "--train.resume {true,false,null} true: continue from the last complete" in text
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -81,9 +81,10 @@ def test_train_then_eval(tmp_path, capsys):
     assert "checkpoint-3" in table and "Acc@t1" in table and "Delta_i->c" in table
 
 
-def test_eval_missing_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--checkpoint: model directory .*nowhere"):
-        main(["eval", "--checkpoint", str(tmp_path / "nowhere"), "--data", "x.jsonl"])
+def test_eval_missing_checkpoint(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path / "nowhere"), "--data", "x.jsonl"]) == 2
+    assert re.search("--checkpoint: model directory .*nowhere.*FileNotFoundError",
+                     capsys.readouterr().err)
 
 
 def test_demo_runs_end_to_end_small(tmp_path):

@@ -59,3 +59,28 @@ def test_round_trip_keeps_nested_sections():
     c.model.lora.rank = 8
     again = config_from_dict(dataclasses.asdict(c))
     assert again == c
+
+
+def test_resume_true_without_a_checkpoint_is_an_error(tmp_path):
+    from test_trainer import make_run
+
+    from score_fast.trainer import Trainer
+    c = make_run(tmp_path, resume=True)
+    with pytest.raises(FileNotFoundError, match="train.resume=true but .* holds no complete"):
+        Trainer(c)
+    c.train.resume = None  # auto: nothing to resume, a fresh start
+    assert Trainer(c).step == 0
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from score_fast.cli import main
+    monkeypatch.delenv("SCORE_FAST_DEBUG", raising=False)
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.path is required" in err
+    assert main(["train", "--model.path", "/m", "--data.train_file", "x.jsonl",
+                 "--train.save_every=0"]) == 2
+    assert "train.save_every must be >= 1" in capsys.readouterr().err
+    monkeypatch.setenv("SCORE_FAST_DEBUG", "1")
+    with pytest.raises(ValueError, match="model.path is required"):
+        main(["train"])

@@ -4,6 +4,7 @@ HumanEval-style files, greedy and with --samples (a tiny random model for the re
 scripted rollout where the numbers must be hand-checkable)."""
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from score_fast import demo_task
 from score_fast import evaluation as ev
 from score_fast.prompts import MATH_PROMPT
 pytest.importorskip("jsonargparse")  # the GPU image (bench/gpu_check.sh) does not have it
-from score_fast.cli import main, parse_config  # noqa: E402
+from score_fast.cli import main, parse_config, run_eval  # noqa: E402
 from score_fast.config import (CODE_INSTRUCTION, Config, DataConfig, RewardConfig,
                                RolloutConfig)
 from score_fast.data import DataError
@@ -296,7 +297,6 @@ def test_cli_real_model_math_and_humaneval(tmp_path, checkpoint, capsys, caplog)
     """The tiny random model end to end: MATH500 and MATH files (breakdowns), HumanEval (the
     saved math kind gives way, logged), and --samples 4. The greedy numbers must equal the
     trainer's own greedy evaluator on the same rows."""
-    from score_fast.cli import run_eval
     from score_fast.trainer import evaluate, load_model, load_tokenizer, make_reward_from
     m500 = write_jsonl(tmp_path / "math500.jsonl", MATH500)
     res = run_eval(parse_config(["eval", "--checkpoint", checkpoint, "--data", m500,
@@ -334,14 +334,19 @@ def test_cli_real_model_math_and_humaneval(tmp_path, checkpoint, capsys, caplog)
         in caplog.text
 
 
-def test_cli_errors(tmp_path, checkpoint):
+def test_cli_errors(tmp_path, checkpoint, capsys):
     with pytest.raises(ValueError, match="--samples must be an even number >= 2"):
         parse_config(["eval", "--checkpoint", checkpoint, "--data", "x", "--samples", "3"])
     with pytest.raises(ValueError, match="eval kind must be math, code or unset"):
         parse_config(["eval", "--checkpoint", checkpoint, "--data", "x", "--kind", "maths"])
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "?", "label": "1"}])
-    with pytest.raises(DataError, match=r"bad\.jsonl: cannot evaluate as math or code.*"
-                                        r"the fields every row has: label, question"):
-        main(["eval", "--checkpoint", checkpoint, "--data", bad])
+    # the CLI prints the error on one line (exit 2); the API raises it
+    assert main(["eval", "--checkpoint", checkpoint, "--data", bad]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
+    assert re.match(r"score-fast: error: .*bad\.jsonl: cannot evaluate as math or code.*the "
+                    r"fields every row has: label, question.*DataError", last)
+    assert main(["eval", "--checkpoint", checkpoint, "--data", bad, "--kind", "code"]) == 2
+    assert re.search(r"bad\.jsonl: cannot evaluate as code", capsys.readouterr().err)
     with pytest.raises(DataError, match=r"bad\.jsonl: cannot evaluate as code"):
-        main(["eval", "--checkpoint", checkpoint, "--data", bad, "--kind", "code"])
+        run_eval(parse_config(["eval", "--checkpoint", checkpoint, "--data", bad, "--kind",
+                               "code"]))
