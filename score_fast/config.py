@@ -118,7 +118,11 @@ class DataConfig:
     limit: Optional[int] = None
     """keep the first `limit` rows"""
     max_prompt_tokens: int = 1024
-    """a longer (templated) prompt is an error naming its row"""
+    """prompt length budget (tokens, after the template), checked for every row when the run
+    starts (data.overlong says what happens to longer ones)"""
+    overlong: str = "error"
+    """error: a row over max_prompt_tokens stops the run before it trains, naming the first
+    few | skip: such rows are dropped, their count and first row numbers logged"""
     prompt: str = "auto"
     """how a row becomes attempt 1's prompt, the same in training and eval (score_fast.prompts):
     math (the paper's first-turn prompt + the problem) | humaneval | mbpp (the task + its
@@ -127,6 +131,11 @@ class DataConfig:
     prompt_template: Optional[str] = None
     """replaces `prompt`: a string with {field} placeholders, or a .jinja / .j2 file, rendered
     with the row's fields"""
+
+    def __post_init__(self):
+        _at_least("data", 1, max_prompt_tokens=self.max_prompt_tokens, limit=self.limit)
+        if self.overlong not in ("error", "skip"):
+            raise ValueError(f"data.overlong must be error or skip, got {self.overlong!r}")
 
 
 @dataclass
@@ -397,10 +406,9 @@ class EvalConfig:
 def config_from_dict(d: dict) -> Config:
     """A Config from its nested-dict form (yaml.safe_load of a saved config.yaml); unknown
     keys raise TypeError naming them."""
-    parts = {f: t for f, t in (("model", ModelConfig), ("data", DataConfig),
-                                ("rollout", RolloutConfig), ("reward", RewardConfig),
-                                ("stage1", Stage1Config), ("stage2", Stage2Config),
-                                ("train", TrainConfig))}
+    parts = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig,
+             "reward": RewardConfig, "stage1": Stage1Config, "stage2": Stage2Config,
+             "train": TrainConfig}
     unknown = set(d) - set(parts)
     if unknown:
         raise TypeError(f"unknown config sections: {sorted(unknown)}")

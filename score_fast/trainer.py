@@ -296,6 +296,10 @@ class Trainer:
         self.prompts = PromptBuilder.from_config(c)
         self.prompt_texts = [self.prompts.render(r, f"row {i + 1} of {c.data.train_file}")
                              for i, r in enumerate(self.rows)]
+        self.row_numbers = list(range(1, len(self.rows) + 1))  # in the file, for messages
+        self.tokenizer = load_tokenizer(m.path, **self.hub)
+        self.formatter = Formatter(self.tokenizer, self.prompts.instruction)
+        self._check_prompt_lengths()
         self.reward = make_reward_from(c)
         if c.reward.kind == "math" and c.reward.lenient_math and d.main:
             log.warning("math reward: lenient (reward.lenient_math): a response that states no "
@@ -314,7 +318,6 @@ class Trainer:
                 f"(checkpoint-N/ with {STATE_FILE}); train.resume=null resumes only when "
                 f"there is one")
         self.load_models(ckpt)
-        self.formatter = Formatter(self.tokenizer, self.prompts.instruction)
         self.step = 0
         self.total_steps = c.train.rounds * (c.stage1.steps + c.stage2.steps)
         if ckpt:
@@ -342,6 +345,30 @@ class Trainer:
         """Push the policy's weights into the vLLM engine (after every optimizer step)."""
         return self.engine.sync(policy_weights(self.policy, self.dtype))
 
+    def _check_prompt_lengths(self) -> None:
+        """Every row's prompt against data.max_prompt_tokens, before any model loads:
+        data.overlong=error stops here naming the first rows, skip drops them (logged)."""
+        c = self.config
+        budget = c.data.max_prompt_tokens
+        lengths = [len(self.formatter.prompt_ids(t)) for t in self.prompt_texts]
+        over = [i for i, n in enumerate(lengths) if n > budget]
+        if not over:
+            return
+        first = ", ".join(f"row {i + 1} ({lengths[i]} tokens)" for i in over[:5])
+        more = f" and {len(over) - 5} more" if len(over) > 5 else ""
+        what = (f"{c.data.train_file}: {len(over)} of {len(lengths)} prompts are longer than "
+                f"data.max_prompt_tokens={budget}: {first}{more}")
+        if c.data.overlong == "error":
+            raise ValueError(f"{what}; raise the budget or set data.overlong=skip")
+        keep = [i for i, n in enumerate(lengths) if n <= budget]
+        if len(keep) < c.train.prompts_per_step and self.dist.enabled or not keep:
+            raise ValueError(f"{what}; skipping them leaves {len(keep)} rows, too few for "
+                             f"train.prompts_per_step={c.train.prompts_per_step}")
+        log.warning("%s; skipped (data.overlong=skip)", what)
+        self.rows = [self.rows[i] for i in keep]
+        self.prompt_texts = [self.prompt_texts[i] for i in keep]
+        self.row_numbers = [self.row_numbers[i] for i in keep]
+
     def load_models(self, ckpt: str | None) -> None:
         """The policy, the frozen reference and the optimizer, per the precision plan
         (score_fast.models): full fine-tune: an fp32 policy (FSDP2-gathered in model.dtype
@@ -349,7 +376,6 @@ class Trainer:
         adapters, which is its own reference with the adapters off."""
         c, d, m = self.config, self.dist, self.config.model
         load = dict(self.hub, attn_implementation=m.attn_implementation)
-        self.tokenizer = load_tokenizer(m.path, **self.hub)
         if self.lora:
             base = load_model(m.path, dtype=self.dtype, **load)
             disable_dropout(base)  # before the adapters: theirs is model.lora.dropout
@@ -411,7 +437,7 @@ class Trainer:
                 samples=c.rollout.samples_per_prompt, max_new_tokens=c.rollout.max_new_tokens,
                 temperature=c.rollout.temperature, batch_size=c.rollout.gen_batch_size,
                 max_prompt_tokens=c.data.max_prompt_tokens,
-                row_names=[f"row {i + 1} of {c.data.train_file}" for i in idx],
+                row_names=[f"row {self.row_numbers[i]} of {c.data.train_file}" for i in idx],
                 in_flight=c.rollout.episodes_in_flight or c.rollout.gen_batch_size,
                 engine=self.engine)
         return episodes, [rows[e.prompt_index] for e in episodes], timing

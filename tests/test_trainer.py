@@ -17,6 +17,7 @@ from score_fast.trainer import (NonFiniteLossError, Objective, RewardError, Trai
                                 build_step_tensors,
                                 score_episodes, stage_at)
 
+
 def make_run(tmp_path, n_rows=12, **train):
     """A tiny random Llama + char tokenizer saved to tmp_path/model, a JSONL of arithmetic
     problems, and a Config for them (2 Stage I + 2 Stage II steps)."""
@@ -263,10 +264,32 @@ def test_bad_inputs_name_the_problem(tmp_path):
     open(c.data.train_file, "w").close()
     with pytest.raises(DataError, match="empty file"):
         Trainer(c)
-    c = make_run(tmp_path)
-    c.data.max_prompt_tokens = 5
-    with pytest.raises(ValueError, match=r"row \d+ of .*train.jsonl: the prompt is \d+ tokens"):
-        Trainer(c).train(progress=False)
+
+
+def test_overlong_prompts_found_when_the_run_starts(tmp_path, monkeypatch):
+    """Every row's prompt is measured before any model loads: an error naming the first rows,
+    or (data.overlong=skip) the rows dropped and logged, never a failure at a later step."""
+    import score_fast.trainer as trainer_module
+    c = make_run(tmp_path, n_rows=12)
+    rows = [json.loads(x) for x in open(c.data.train_file)]
+    rows[3]["problem"] = rows[3]["problem"] * 20  # rows 4 and 9 far over a 40-token budget
+    rows[8]["problem"] = rows[8]["problem"] * 20
+    with open(c.data.train_file, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    c.data.max_prompt_tokens = 40
+
+    def no_models(*a, **k):
+        raise AssertionError("a model was loaded before the prompts were checked")
+    monkeypatch.setattr(trainer_module, "load_model", no_models)
+    with pytest.raises(ValueError, match=r"train.jsonl: 2 of 12 prompts are longer than data."
+                                         r"max_prompt_tokens=40: row 4 \(\d+ tokens\), row 9"):
+        Trainer(c)
+    monkeypatch.undo()
+    c.data.overlong = "skip"
+    tr = Trainer(c)
+    assert len(tr.rows) == 10 and 4 not in tr.row_numbers and 9 not in tr.row_numbers
+    assert tr.row_numbers[3] == 5
+    tr.train(until=1, progress=False)
 
 
 def test_end_to_end_train_logs_metrics(tmp_path):
