@@ -134,8 +134,8 @@ def parse_config(argv) -> Config | EvalConfig | dict:
 
 # what a wrong config, path or install raises: one line on stderr, exit status 2
 # (SCORE_FAST_DEBUG=1: the traceback instead)
-_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError,
-                ImportError)
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                NotImplementedError, ImportError)
 
 
 def main(argv=None) -> int:

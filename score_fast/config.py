@@ -284,6 +284,9 @@ class TrainConfig:
     resume: Optional[bool] = False
     """true: continue from the last complete checkpoint in run_dir (an error when there is
     none); false: start at step 0; null: continue when there is one"""
+    overwrite: bool = False
+    """start over in a run_dir that already holds a run (metrics.jsonl or checkpoints, which
+    are removed first); without it, and without resume, such a run_dir is an error"""
 
     def __post_init__(self):  # before any model loads
         check_kl(self.kl)

@@ -177,8 +177,10 @@ def demo_config(base: str, train_file: str, run_dir: str, *, seed: int = 0,
         reward=RewardConfig(kind="custom", function="score_fast.demo_task:exact_reward"),
         stage1=Stage1Config(steps=stage1_steps),
         stage2=Stage2Config(steps=stage2_steps),
+        # overwrite: running the demo (or an ablation arm) again starts it over
         train=TrainConfig(run_dir=run_dir, seed=seed, prompts_per_step=prompts_per_step,
-                          lr=lr, max_tokens=max_tokens, save_every=10**9, log_every=10))
+                          lr=lr, max_tokens=max_tokens, save_every=10**9, log_every=10,
+                          overwrite=True))
 
 
 def write_problems(run_dir: str, held_out: int = 50) -> tuple[str, list[dict], list[dict]]:

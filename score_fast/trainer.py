@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 import types
 
@@ -306,17 +307,19 @@ class Trainer:
                         "final answer is scored on its last number; the paper's checker "
                         "scores it 0")
         self.run_dir = c.train.run_dir
-        self.config_yaml = yaml.safe_dump(dataclasses.asdict(c), sort_keys=False)
-        if d.main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-                f.write(self.config_yaml)
         ckpt = latest_checkpoint(self.run_dir) if c.train.resume is not False else None
         if c.train.resume is True and ckpt is None:
             raise FileNotFoundError(
                 f"train.resume=true but {self.run_dir} holds no complete checkpoint "
                 f"(checkpoint-N/ with {STATE_FILE}); train.resume=null resumes only when "
                 f"there is one")
+        if ckpt is None:
+            self._fresh_run_dir(d)
+        self.config_yaml = yaml.safe_dump(dataclasses.asdict(c), sort_keys=False)
+        if d.main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(self.config_yaml)
         self.load_models(ckpt)
         self.step = 0
         self.total_steps = c.train.rounds * (c.stage1.steps + c.stage2.steps)
@@ -344,6 +347,29 @@ class Trainer:
     def sync_engine(self) -> float:
         """Push the policy's weights into the vLLM engine (after every optimizer step)."""
         return self.engine.sync(policy_weights(self.policy, self.dtype))
+
+    def _fresh_run_dir(self, d) -> None:
+        """A run starting at step 0 must not append to another run's metrics.jsonl or replace
+        its checkpoints one by one: refused, or (train.overwrite) those removed first."""
+        held = []
+        if os.path.isdir(self.run_dir):
+            held = [n for n in sorted(os.listdir(self.run_dir))
+                    if n == "metrics.jsonl" or n.startswith(("checkpoint-", ".tmp-checkpoint-"))]
+        if not held:
+            return
+        if not self.config.train.overwrite:
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run ({', '.join(held[:4])}"
+                f"{', ...' if len(held) > 4 else ''}): train.resume=true (or null) continues "
+                f"it, train.overwrite=true starts over and removes those, or pick another "
+                f"train.run_dir")
+        if d.main:
+            for n in held:
+                path = os.path.join(self.run_dir, n)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            log.warning("train.overwrite: removed %d entries of the run in %s", len(held),
+                        self.run_dir)
+        distributed.barrier(d)
 
     def _check_prompt_lengths(self) -> None:
         """Every row's prompt against data.max_prompt_tokens, before any model loads:

@@ -1,6 +1,7 @@
 """Config values are checked where they are made, before any model loads, each error naming
 its field; a Trainer checks its config again (fields set after construction)."""
 import dataclasses
+import os
 
 import pytest
 
@@ -84,3 +85,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SCORE_FAST_DEBUG", "1")
     with pytest.raises(ValueError, match="model.path is required"):
         main(["train"])
+
+
+def test_a_run_dir_holding_a_run_is_not_silently_reused(tmp_path):
+    from test_trainer import make_run
+
+    from score_fast.trainer import Trainer
+    c = make_run(tmp_path, save_every=1)
+    Trainer(c).train(until=2, progress=False)
+    lines = open(os.path.join(c.train.run_dir, "metrics.jsonl")).readlines()
+    assert len(lines) == 2
+    with pytest.raises(FileExistsError, match="already holds a run .*checkpoint-1, "
+                                              "checkpoint-2, metrics.jsonl"):
+        Trainer(c)
+    c.train.resume = None  # auto: there is a checkpoint, so continue
+    assert Trainer(c).step == 2
+    c.train.resume, c.train.overwrite = False, True
+    tr = Trainer(c)
+    assert tr.step == 0 and sorted(os.listdir(c.train.run_dir)) == ["config.yaml"]
