@@ -206,7 +206,9 @@ class RewardConfig:
     kind: str = "math"
     """math | code | custom"""
     function: str = ""
-    """custom only: module:function (a file path or module, then the function name)"""
+    """custom only: module:function (a file path or module, then the function name); through
+    the Python API also the callable itself. Called as fn(completions, **row_fields), or, when
+    it has a `completions` parameter, TRL's way: fn(prompts=, completions=, **row_fields)"""
     lenient_math: bool = False
     """math only: a response that states no final answer (the paper's sentence, \\boxed, or
     "final answer is X") is scored on its last number instead of 0. Not the paper's checker;

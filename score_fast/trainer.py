@@ -235,7 +235,8 @@ def make_reward_from(config: Config):
     from score_fast.rewards import make_reward
     r = config.reward
     if r.kind == "custom":
-        return make_reward({"kind": "custom", "function": r.function})
+        return make_reward({"kind": "custom", "function": r.function,
+                            "problem_field": config.problem_field()})
     if r.kind == "math":
         return make_reward({"kind": "math", "answer_field": config.answer_field() or "answer",
                             "lenient": r.lenient_math})
@@ -315,7 +316,11 @@ class Trainer:
                 f"there is one")
         if ckpt is None:
             self._fresh_run_dir(d)
-        self.config_yaml = yaml.safe_dump(dataclasses.asdict(c), sort_keys=False)
+        saved = dataclasses.asdict(c)
+        if callable(c.reward.function):  # an API callable: config.yaml records its name
+            from score_fast.rewards.custom import function_name
+            saved["reward"]["function"] = function_name(c.reward.function)
+        self.config_yaml = yaml.safe_dump(saved, sort_keys=False)
         if d.main:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:

@@ -76,3 +76,47 @@ def test_factory_errors():
     with pytest.raises(TypeError):
         make_reward("math", no_such_field=1)
     assert math.isfinite(make_reward("math").config.timeout_s)
+
+
+def test_trl_signature_gets_prompts_and_completions_by_keyword():
+    seen = {}
+
+    def trl_reward(prompts, completions, answer, **kwargs):
+        seen.update(prompts=prompts, kwargs=kwargs)
+        return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+    r = make_reward("custom", function=trl_reward, problem_field="question")
+    rows = [{"question": "2+2?", "answer": "4", "level": 1},
+            {"question": "3+3?", "answer": "5", "level": 2}]
+    assert r.evaluate(["4", "6"], rows).scores == [1.0, 0.0]
+    assert seen == {"prompts": ["2+2?", "3+3?"], "kwargs": {"question": ["2+2?", "3+3?"],
+                                                           "level": [1, 2]}}
+
+
+def test_first_convention_with_a_completions_parameter_still_works():
+    def strict(completions, answer):  # no **kwargs: nothing it does not name is passed
+        return [float(c == a) for c, a in zip(completions, answer)]
+
+    r = make_reward("custom", function=strict)
+    assert r.evaluate(["4"], [{"answer": "4"}]).scores == [1.0]
+
+
+def test_a_callable_through_the_api_trains_and_is_named_in_config_yaml(tmp_path):
+    import yaml
+    from test_trainer import make_run
+
+    from score_fast.trainer import Trainer
+    calls = []
+
+    def parity(prompts, completions, **kwargs):
+        calls.append(len(completions))
+        return [float(len(c) % 2 == 0) for c in completions]
+
+    c = make_run(tmp_path)
+    c.reward.function = parity
+    tr = Trainer(c)
+    tr.train(until=1, progress=False)
+    assert calls and sum(calls) >= 2 * c.train.prompts_per_step * c.rollout.samples_per_prompt
+    saved = yaml.safe_load(open(tmp_path / "run" / "config.yaml"))
+    assert saved["reward"]["function"].endswith(":test_a_callable_through_the_api_trains_and_"
+                                                "is_named_in_config_yaml.<locals>.parity")
