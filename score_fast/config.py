@@ -256,6 +256,11 @@ class TrainConfig:
     batch of 512 on MATH; 128 on MBPP)"""
     lr: float = 5e-6
     """AdamW, weight decay 0 = the paper's Adam (5e-6 on MATH, 1e-5 on MBPP)"""
+    lr_schedule: str = "constant"
+    """constant | linear | cosine: the lr over the run's steps, after warmup_steps of linear
+    warmup from 0 (not stated; constant is the paper's plain Adam)"""
+    warmup_steps: int = 0
+    """steps of linear lr warmup at the start (not stated)"""
     weight_decay: float = 0.0
     """AdamW weight decay (not stated)"""
     max_grad_norm: float = 1.0
@@ -302,6 +307,10 @@ class TrainConfig:
                   max_tokens=self.max_tokens, log_every=self.log_every,
                   save_every=self.save_every)
         _above_zero("train", lr=self.lr, max_grad_norm=self.max_grad_norm)
+        _at_least("train", 0, warmup_steps=self.warmup_steps)
+        if self.lr_schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"train.lr_schedule must be constant, linear or cosine, got "
+                             f"{self.lr_schedule!r}")
         _at_least("train", 0, weight_decay=self.weight_decay)
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"train.keep_last must be >= 1 or unset (keep all), got "

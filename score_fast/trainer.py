@@ -231,6 +231,17 @@ def score_episodes(reward, texts: list[str], rows: list[dict], name: str = "rewa
         return scores, len(errors), errors
 
 
+def lr_scheduler(optimizer, train, total_steps: int):
+    """train.lr_schedule over the run's steps, after train.warmup_steps of linear warmup
+    (transformers' schedulers; constant with no warmup is the paper's Adam)."""
+    from transformers import get_scheduler
+    name = train.lr_schedule
+    if name == "constant" and train.warmup_steps:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=train.warmup_steps,
+                         num_training_steps=max(total_steps, 1))
+
+
 def make_reward_from(config: Config):
     from score_fast.rewards import make_reward
     r = config.reward
@@ -328,12 +339,15 @@ class Trainer:
         self.load_models(ckpt)
         self.step = 0
         self.total_steps = c.train.rounds * (c.stage1.steps + c.stage2.steps)
+        self.scheduler = lr_scheduler(self.optimizer, c.train, self.total_steps)
         if ckpt:
             state = load_state(ckpt, self.policy, self.optimizer, d)
             self.step = state["step"]
             set_rng_state(state["rng"])
             if self.scaler is not None and "scaler" in state:
                 self.scaler.load_state_dict(state["scaler"])
+            if "scheduler" in state:
+                self.scheduler.load_state_dict(state["scheduler"])
             log.info("resumed from %s at step %d", ckpt, self.step)
         self.engine = None
         if c.rollout.backend == "vllm":
@@ -570,6 +584,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self.scheduler.step()
         # gradients are not kept into the next rollout (4 bytes a parameter, full fine-tune)
         self.optimizer.zero_grad(set_to_none=True)
         return out, norm
@@ -603,6 +618,7 @@ class Trainer:
             fail1, fail2 = sum((p[7] for p in parts), collections.Counter()), sum(
                 (p[8] for p in parts), collections.Counter())
         t1 = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's (the schedule moves after it)
         out, norm = self.optimize(episodes, objective)
         train_s = time.perf_counter() - t1
         extra = {"engine_sync_s": self.sync_engine()} if self.engine else {}
@@ -623,7 +639,7 @@ class Trainer:
                 "kl_t2": out["kl_sum2"] / max(out["n2"], 1),
                 "len_t1": float(np.mean([len(e.attempt1_ids) for e in episodes])),
                 "len_t2": float(np.mean([len(e.attempt2_ids) for e in episodes])),
-                "grad_norm": norm, "reward_errors": e1 + e2,
+                "grad_norm": norm, "lr": lr, "reward_errors": e1 + e2,
                 "zeros_t1": dict(fail1), "zeros_t2": dict(fail2),  # why rewards were 0
                 "gen_tok_s": timing["gen_tokens"] / max(timing["gen_seconds"], 1e-9),
                 "train_tok_s": out["tokens"] / max(train_s, 1e-9), **extra,
@@ -631,7 +647,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def save(self) -> str:
-        state = {"stage": stage_at(self.config, self.step - 1)}
+        state = {"stage": stage_at(self.config, self.step - 1),
+                 "scheduler": self.scheduler.state_dict()}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         path = save_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer,

@@ -39,16 +39,24 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     assert latest_checkpoint(str(run)) == str(run / "checkpoint-2")
 
 
-def test_resume_gives_the_same_parameters(tmp_path):
-    straight = Trainer(make_run(tmp_path, run_dir=str(tmp_path / "a")))
-    straight.train(progress=False)  # 4 steps: 2 Stage I + 2 Stage II
-    first = Trainer(make_run(tmp_path, run_dir=str(tmp_path / "b")))
+@pytest.mark.parametrize("schedule", [{}, {"lr_schedule": "linear", "warmup_steps": 2}],
+                         ids=["constant", "linear_warmup"])
+def test_resume_gives_the_same_parameters(tmp_path, schedule):
+    straight = Trainer(make_run(tmp_path, run_dir=str(tmp_path / "a"), **schedule))
+    full = straight.train(progress=False)  # 4 steps: 2 Stage I + 2 Stage II
+    first = Trainer(make_run(tmp_path, run_dir=str(tmp_path / "b"), **schedule))
     first.train(until=2, progress=False)  # "crash" after the step-2 checkpoint
     del first
-    resumed = Trainer(make_run(tmp_path, run_dir=str(tmp_path / "b"), resume=True))
+    resumed = Trainer(make_run(tmp_path, run_dir=str(tmp_path / "b"), resume=True,
+                               **schedule))
     assert resumed.step == 2
     hist = resumed.train(progress=False)
     assert [m["step"] for m in hist] == [3, 4] and [m["stage"] for m in hist] == [2, 2]
+    lr = 1e-2  # make_run's
+    expect = ([lr] * 4 if not schedule else  # warmup from 0 over 2 steps, then linear to 0
+              [0.0, lr / 2, lr, lr / 2])
+    assert [m["lr"] for m in full] == pytest.approx(expect)
+    assert [m["lr"] for m in hist] == pytest.approx(expect[2:])
     a, b = straight.policy.state_dict(), resumed.policy.state_dict()
     moved = any(not torch.equal(a[n], p) for n, p in Trainer(make_run(
         tmp_path, run_dir=str(tmp_path / "c"))).policy.state_dict().items())

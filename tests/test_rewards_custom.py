@@ -89,8 +89,8 @@ def test_trl_signature_gets_prompts_and_completions_by_keyword():
     rows = [{"question": "2+2?", "answer": "4", "level": 1},
             {"question": "3+3?", "answer": "5", "level": 2}]
     assert r.evaluate(["4", "6"], rows).scores == [1.0, 0.0]
-    assert seen == {"prompts": ["2+2?", "3+3?"], "kwargs": {"question": ["2+2?", "3+3?"],
-                                                           "level": [1, 2]}}
+    assert seen == {"prompts": ["2+2?", "3+3?"],
+                    "kwargs": {"question": ["2+2?", "3+3?"], "level": [1, 2]}}
 
 
 def test_first_convention_with_a_completions_parameter_still_works():
