@@ -27,7 +27,7 @@ from score_fast.config import Config
 from score_fast.kernels.score_loss import score_loss_ref
 from score_fast.rollout import Episode
 from score_fast.distributed import Dist
-from score_fast.trainer import Objective, Trainer, prepare_model
+from score_fast.trainer import Objective, PhaseTimer, Trainer, prepare_model
 
 DEVICE = bench_device()
 if DEVICE == "cuda":
@@ -72,6 +72,7 @@ def setup():
         prepare_model(m, dist)
     trainer.config, trainer.policy, trainer.ref, trainer.dist = config, policy, ref, dist
     trainer.scaler = None
+    trainer.timer = PhaseTimer(dist.device)
     trainer.device, trainer.tokenizer, trainer.step = dist.device, None, 0
     eps, adv = _episodes(MODEL.vocab_size)
     return types.SimpleNamespace(trainer=trainer, policy=policy, ref=ref, eps=eps, adv=adv)

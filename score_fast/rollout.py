@@ -143,11 +143,12 @@ def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samp
     reference). in_flight: episodes taken through both attempts at a time (None: all); the
     attempt-1 KV cache the sampler keeps for attempt 2 covers only those (a 7B model's is
     ~57 KB a token: 512 episodes of 2048 tokens would hold 60 GB). Returns the episodes and
-    timing: {"gen_tokens", "gen_seconds", "prefill_tokens", "decode_tokens"} (the last two:
-    tokens the model was run on). engine: a score_fast.vllm_engine.VLLMEngine to sample with
-    instead (`model` is then unused): the same episodes, attempt 2 requested as [prompt |
-    attempt 1 | instruction] for its prefix cache, every episode at once (vLLM schedules
-    its own KV cache, so in_flight does not apply)."""
+    timing: {"gen_tokens", "gen_seconds", "attempt1_seconds", "attempt2_seconds",
+    "prefill_tokens", "decode_tokens"} (the last two: tokens the model was run on).
+    engine: a score_fast.vllm_engine.VLLMEngine to sample with instead (`model` is then
+    unused): the same episodes, attempt 2 requested as [prompt | attempt 1 | instruction]
+    for its prefix cache, every episode at once (vLLM schedules its own KV cache, so
+    in_flight does not apply)."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prompts = [formatter.prompt_ids(p) for p in problems]
@@ -161,14 +162,19 @@ def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samp
     t0 = time.perf_counter()
     episodes = [Episode(i, prompts[i], [], []) for i in range(len(problems))
                 for _ in range(samples)]
+    spent = [0.0, 0.0]  # seconds in attempt 1's and attempt 2's sampling
     if engine is not None:
         before = dict(engine.stats)
+        t = time.perf_counter()
         attempts1 = engine.generate([e.prompt_ids for e in episodes], eos=eos, **gen_kw)
+        spent[0] += time.perf_counter() - t
         for ep, a1 in zip(episodes, attempts1):
             ep.attempt1_ids = a1
             ep.instruction_ids = formatter.instruction_ids(problems[ep.prompt_index], a1)
+        t = time.perf_counter()
         attempts2 = engine.generate([e.prompt_ids + e.attempt1_ids + e.instruction_ids
                                      for e in episodes], eos=eos, **gen_kw)
+        spent[1] += time.perf_counter() - t
         for ep, a2 in zip(episodes, attempts2):
             ep.attempt2_ids = a2
         st = {k: engine.stats[k] - before[k] for k in before}
@@ -179,11 +185,15 @@ def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samp
         step = in_flight or max(len(episodes), 1)
         for lo in range(0, len(episodes), step):
             chunk = episodes[lo:lo + step]
+            t = time.perf_counter()  # the sampler returns host lists: its device work is done
             attempts1, state = sampler.attempt1([e.prompt_ids for e in chunk], **gen_kw)
+            spent[0] += time.perf_counter() - t
             for ep, a1 in zip(chunk, attempts1):
                 ep.attempt1_ids = a1
                 ep.instruction_ids = formatter.instruction_ids(problems[ep.prompt_index], a1)
+            t = time.perf_counter()
             attempts2 = sampler.attempt2(state, [e.instruction_ids for e in chunk], **gen_kw)
+            spent[1] += time.perf_counter() - t
             del state  # the chunk's cache: free it before the next chunk or the training step
             for ep, a2 in zip(chunk, attempts2):
                 ep.attempt2_ids = a2
@@ -194,4 +204,5 @@ def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samp
         ep.text2 = tokenizer.decode(ep.attempt2_ids, skip_special_tokens=True)
     n_gen = sum(len(e.attempt1_ids) + len(e.attempt2_ids) for e in episodes)
     return episodes, {"gen_tokens": n_gen, "gen_seconds": seconds,
+                      "attempt1_seconds": spent[0], "attempt2_seconds": spent[1],
                       "prefill_tokens": prefill, "decode_tokens": decode}

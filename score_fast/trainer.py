@@ -231,6 +231,40 @@ def score_episodes(reward, texts: list[str], rows: list[dict], name: str = "rewa
         return scores, len(errors), errors
 
 
+class PhaseTimer:
+    """Seconds per phase of a step (`with timer("rewards"): ...`), summed over repeats. On a
+    GPU each phase ends with a device sync, so its kernels are counted in it and not in the
+    next phase (a sync per phase, a few per step)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[name] += time.perf_counter() - t0
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}_s": v for k, v in self.seconds.items()}
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """The step's peak device memory (torch's allocator, reset at each step's start) and the
+    process's peak resident host memory so far, in GiB."""
+    import resource
+    out = {"mem/host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device.type == "cuda":
+        out["mem/device_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["mem/device_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return out
+
+
 def lr_scheduler(optimizer, train, total_steps: int):
     """train.lr_schedule over the run's steps, after train.warmup_steps of linear warmup
     (transformers' schedulers; constant with no warmup is the paper's Adam)."""
@@ -340,6 +374,7 @@ class Trainer:
         self.step = 0
         self.total_steps = c.train.rounds * (c.stage1.steps + c.stage2.steps)
         self.scheduler = lr_scheduler(self.optimizer, c.train, self.total_steps)
+        self.timer = PhaseTimer(self.device)  # per step, from train_step
         if ckpt:
             state = load_state(ckpt, self.policy, self.optimizer, d)
             self.step = state["step"]
@@ -529,20 +564,23 @@ class Trainer:
                 continue
             # log-probs at the sampling temperature: the policy that sampled is
             # softmax(logits / T), so the policy gradient and the KL are on-policy for it
-            with torch.no_grad():
+            with torch.no_grad(), self.timer("reference"):
                 ref_logp = self.ref.score_fast_logprobs(ids, pos, seq, targets, live,
                                                         temperature=c.rollout.temperature)
-            loss, m = self.policy.score_fast_loss(
-                ids, pos, seq, targets, ref_logp, turn, episode, adv, stage=o.stage,
-                beta1=o.beta1, beta2=o.beta2, kl=kl, reduction=c.train.reduction,
-                temperature=c.rollout.temperature)
-            if not torch.isfinite(loss):
-                out["nonfinite"] += 1
-                if not d.enabled:  # several ranks: all of them stop together, below
-                    self._nonfinite(f"loss is {loss.item()}", o.stage, b.num_tokens)
-            # FSDP averages gradients over ranks: x world makes it the sum over micro-batches
-            weighted = loss * (u * d.world / total)
-            (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
+            with self.timer("policy"):  # forward + backward
+                loss, m = self.policy.score_fast_loss(
+                    ids, pos, seq, targets, ref_logp, turn, episode, adv, stage=o.stage,
+                    beta1=o.beta1, beta2=o.beta2, kl=kl, reduction=c.train.reduction,
+                    temperature=c.rollout.temperature)
+                if not torch.isfinite(loss):
+                    out["nonfinite"] += 1
+                    if not d.enabled:  # several ranks: all of them stop together, below
+                        self._nonfinite(f"loss is {loss.item()}", o.stage, b.num_tokens)
+                # FSDP averages gradients over ranks: x world makes it the sum over
+                # micro-batches
+                weighted = loss * (u * d.world / total)
+                (self.scaler.scale(weighted) if self.scaler is not None
+                 else weighted).backward()
             n1, n2 = int((turn == 1).sum()), int((turn == 2).sum())
             out["loss"] += loss.item() * u / total
             out["kl_sum1"] += m["kl_t1"].item() * n1
@@ -566,6 +604,11 @@ class Trainer:
         AdamW. Returns the loss statistics and the gradient norm before clipping."""
         self.optimizer.zero_grad(set_to_none=True)
         out = self.loss_and_backward(episodes, objective)
+        with self.timer("optimizer"):
+            return out, self._step_optimizer(objective)
+
+    def _step_optimizer(self, objective: Objective) -> float:
+        """Unscale (fp16), clip, AdamW, schedule; returns the norm before clipping."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.train.max_grad_norm)
@@ -587,18 +630,24 @@ class Trainer:
         self.scheduler.step()
         # gradients are not kept into the next rollout (4 bytes a parameter, full fine-tune)
         self.optimizer.zero_grad(set_to_none=True)
-        return out, norm
+        return norm
 
     def train_step(self) -> dict:
         c, d = self.config, self.dist
         stage = stage_at(c, self.step)
         t0 = time.perf_counter()
+        self.timer = PhaseTimer(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         episodes, rows, timing = self.rollouts(self.step)
+        self.timer.seconds["attempt1"] = timing["attempt1_seconds"]
+        self.timer.seconds["attempt2"] = timing["attempt2_seconds"]
         fail1, fail2 = collections.Counter(), collections.Counter()
-        s1, e1, err1 = score_episodes(self.reward, [e.text1 for e in episodes], rows,
-                                      failures=fail1)
-        s2, e2, err2 = score_episodes(self.reward, [e.text2 for e in episodes], rows,
-                                      failures=fail2)
+        with self.timer("rewards"):
+            s1, e1, err1 = score_episodes(self.reward, [e.text1 for e in episodes], rows,
+                                          failures=fail1)
+            s2, e2, err2 = score_episodes(self.reward, [e.text2 for e in episodes], rows,
+                                          failures=fail2)
         for err in (err1 + err2)[:3]:
             log.warning("reward error (scored 0): %s", err)
         r1, r2 = torch.tensor(s1), torch.tensor(s2)
@@ -613,7 +662,8 @@ class Trainer:
             objective.adv = torch.cat([p[3] for p in parts])
             objective.train = torch.cat([p[4] for p in parts])
             timing = {"gen_tokens": sum(p[5]["gen_tokens"] for p in parts),
-                      "gen_seconds": max(p[5]["gen_seconds"] for p in parts)}
+                      **{k: max(p[5][k] for p in parts) for k in
+                         ("gen_seconds", "attempt1_seconds", "attempt2_seconds")}}
             e1, e2 = sum(p[6] for p in parts), 0
             fail1, fail2 = sum((p[7] for p in parts), collections.Counter()), sum(
                 (p[8] for p in parts), collections.Counter())
@@ -621,7 +671,11 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]  # this step's (the schedule moves after it)
         out, norm = self.optimize(episodes, objective)
         train_s = time.perf_counter() - t1
-        extra = {"engine_sync_s": self.sync_engine()} if self.engine else {}
+        extra = {}
+        if self.engine:
+            with self.timer("engine_sync"):
+                extra["engine_sync_s"] = self.sync_engine()
+        extra.update(self.timer.metrics(), **memory_metrics(self.device))
         self.step += 1
         from score_fast.metrics import self_correction_metrics
         # the step's own samples (temperature rollout.temperature), not the paper's greedy
@@ -672,14 +726,17 @@ class Trainer:
         try:
             while self.step < end:
                 m = self.train_step()
+                if self.step % c.train.save_every == 0 or self.step == end:
+                    t = time.perf_counter()
+                    self.save()  # before the line: it is part of this step's time
+                    m["time/checkpoint_s"] = time.perf_counter() - t
+                    m["step_s"] += m["time/checkpoint_s"]
                 history.append(m)
                 bar.update(1)
                 if main and (self.step % c.train.log_every == 0 or self.step == end):
                     jf.write(json.dumps(m) + "\n")
                     jf.flush()
                     (bar.write if progress else log.info)(format_line(m))
-                if self.step % c.train.save_every == 0 or self.step == end:
-                    self.save()
         finally:
             bar.close()
             if jf:
@@ -695,7 +752,8 @@ def format_line(m: dict) -> str:
             f"i->c {m['sample_delta_i2c']:.3f} c->i {m['sample_delta_c2i']:.3f} "
             f"edit {m.get('sample_edit_ratio', math.nan):.3f} KL t1 {m['kl_t1']:.4f} "
             f"t2 {m['kl_t2']:.4f} len {m['len_t1']:.1f}/{m['len_t2']:.1f} "
-            f"tok/s gen {m['gen_tok_s']:.0f} train {m['train_tok_s']:.0f}"
+            f"tok/s gen {m['gen_tok_s']:.0f} train {m['train_tok_s']:.0f} "
+            f"lr {m['lr']:.3g} {m['step_s']:.2f}s"
             + (f" MFU {100 * m['mfu']:.1f}%" if "mfu" in m else "")
             + (f" reward_errors {m['reward_errors']}" if m["reward_errors"] else "")
             + "".join(f" zeros t{k} " + ",".join(f"{r}:{n}" for r, n in

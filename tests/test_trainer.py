@@ -338,3 +338,20 @@ def test_dropout_is_off_in_the_loss(tmp_path):
     train_logits = tr.policy(input_ids=ids).logits
     tr.policy.eval()  # as in sampling
     assert torch.equal(train_logits, tr.policy(input_ids=ids).logits)
+
+
+def test_step_time_breakdown_and_memory(tmp_path):
+    """Each step logs where its time went (both attempts' sampling, rewards, reference and
+    policy passes, optimizer, checkpoint when it saved), within the step's own time, and its
+    peak memory."""
+    tr = Trainer(make_run(tmp_path, save_every=2))
+    hist = tr.train(until=2, progress=False)
+    phases = ("attempt1", "attempt2", "rewards", "reference", "policy", "optimizer")
+    for m in hist:
+        for p in phases:
+            assert m[f"time/{p}_s"] > 0, p
+        spent = sum(v for k, v in m.items() if k.startswith("time/"))
+        assert spent <= m["step_s"] * 1.001 + 1e-3
+        assert spent >= 0.5 * m["step_s"]  # the named phases are most of the step
+        assert m["mem/host_peak_rss_gib"] > 0.1 and m["lr"] == tr.config.train.lr
+    assert "time/checkpoint_s" not in hist[0] and hist[1]["time/checkpoint_s"] > 0
