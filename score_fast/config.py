@@ -282,7 +282,15 @@ class TrainConfig:
     normalize: bool = False
     """divide advantages by the group std (not stated)"""
     log_every: int = 1
-    """steps between metric lines (and metrics.jsonl rows)"""
+    """steps between metric lines (and rows of every report_to backend)"""
+    report_to: list = field(default_factory=lambda: ["jsonl"])
+    """where the metrics go, any of jsonl (run_dir/metrics.jsonl) | tensorboard
+    (run_dir/tensorboard) | wandb (run_dir/wandb, offline unless WANDB_MODE=online)"""
+    log_samples_every: int = 0
+    """steps between tables of sample episodes (problem, both attempts, r1, r2) in the
+    report_to backends (jsonl: run_dir/samples.jsonl); 0: none"""
+    log_samples: int = 4
+    """episodes in each of those tables"""
     save_every: int = 50
     """steps between checkpoints (one is always written at the end)"""
     keep_last: Optional[int] = None
@@ -307,7 +315,13 @@ class TrainConfig:
                   max_tokens=self.max_tokens, log_every=self.log_every,
                   save_every=self.save_every)
         _above_zero("train", lr=self.lr, max_grad_norm=self.max_grad_norm)
-        _at_least("train", 0, warmup_steps=self.warmup_steps)
+        _at_least("train", 0, warmup_steps=self.warmup_steps,
+                  log_samples_every=self.log_samples_every)
+        _at_least("train", 1, log_samples=self.log_samples)
+        bad = [b for b in self.report_to if b not in ("jsonl", "tensorboard", "wandb")]
+        if bad:
+            raise ValueError(f"train.report_to: unknown {bad}; any of jsonl, tensorboard, "
+                             f"wandb")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"train.lr_schedule must be constant, linear or cosine, got "
                              f"{self.lr_schedule!r}")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import json
+import sys
 import logging
 import math
 import os
@@ -366,6 +366,9 @@ class Trainer:
             from score_fast.rewards.custom import function_name
             saved["reward"]["function"] = function_name(c.reward.function)
         self.config_yaml = yaml.safe_dump(saved, sort_keys=False)
+        from score_fast.reporting import Reporter
+        self.reporter = Reporter(c.train.report_to, self.run_dir, config=saved,
+                                 enabled=d.main)
         if d.main:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
@@ -651,6 +654,11 @@ class Trainer:
         for err in (err1 + err2)[:3]:
             log.warning("reward error (scored 0): %s", err)
         r1, r2 = torch.tensor(s1), torch.tensor(s2)
+        if c.train.log_samples_every:
+            from score_fast.reporting import sample_rows
+            self.last_samples = sample_rows(self.step + 1, [r.get(c.problem_field())
+                                                            for r in rows],
+                                            episodes, s1, s2, c.train.log_samples)
         group = torch.tensor([e.prompt_index for e in episodes])
         objective = plan_objective(c, stage, r1, r2, group)  # groups are whole on each rank
         if d.enabled:  # every rank gets the whole step: episodes, scores, advantages
@@ -722,7 +730,6 @@ class Trainer:
         history = []
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (progress and main),
                    desc="score", dynamic_ncols=True)
-        jf = open(os.path.join(self.run_dir, "metrics.jsonl"), "a") if main else None
         try:
             while self.step < end:
                 m = self.train_step()
@@ -734,13 +741,15 @@ class Trainer:
                 history.append(m)
                 bar.update(1)
                 if main and (self.step % c.train.log_every == 0 or self.step == end):
-                    jf.write(json.dumps(m) + "\n")
-                    jf.flush()
+                    self.reporter.log(self.step, m)
                     (bar.write if progress else log.info)(format_line(m))
+                every = c.train.log_samples_every
+                if main and every and (self.step % every == 0 or self.step == end):
+                    self.reporter.log_samples(self.step, self.last_samples)
         finally:
             bar.close()
-            if jf:
-                jf.close()
+            if self.step >= self.total_steps or sys.exc_info()[0] is not None:
+                self.reporter.close()  # the run's end (or its failure): flush and finish
         return history
 
 

@@ -1,0 +1,60 @@
+"""train.report_to with the real backends: every logged number lands in TensorBoard's event
+files and the offline wandb run, samples tables in each, and nothing is written by a
+Trainer that never steps."""
+import glob
+import json
+import os
+
+import pytest
+from test_trainer import make_run
+
+from score_fast.trainer import Trainer
+
+
+def test_tensorboard_wandb_and_jsonl_hold_the_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    c = make_run(tmp_path, report_to=["jsonl", "tensorboard", "wandb"], log_samples_every=2,
+                 log_samples=3)
+    tr = Trainer(c)
+    assert not os.path.exists(os.path.join(c.train.run_dir, "metrics.jsonl"))
+    hist = tr.train(progress=False)  # 4 steps: the run's end closes the backends
+    run = c.train.run_dir
+    assert [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))] == hist
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(os.path.join(run, "tensorboard"),
+                          size_guidance={"scalars": 0, "tensors": 0})
+    ev.Reload()
+    for key in ("loss", "reward_t1", "lr", "time/policy_s", "mem/host_peak_rss_gib"):
+        got = [(e.step, e.value) for e in ev.Scalars(key)]
+        assert got == [(m["step"], pytest.approx(float(m[key]), rel=1e-6)) for m in hist], key
+    text = [t for t in ev.Tags()["tensors"] if "samples" in t]
+    assert text  # the samples tables (add_text)
+
+    samples = [json.loads(x) for x in open(os.path.join(run, "samples.jsonl"))]
+    assert [s["step"] for s in samples] == [2, 2, 2, 4, 4, 4]
+    assert set(samples[0]) == {"step", "problem", "attempt1", "attempt2", "r1", "r2"}
+
+    files = glob.glob(os.path.join(run, "wandb", "offline-run-*", "run-*.wandb"))
+    assert len(files) == 1
+    raw = open(files[0], "rb").read()
+    for key in ("reward_t2", "time/attempt1_s", "grad_norm", "samples"):
+        assert key.encode() in raw, key
+
+
+def test_a_missing_backend_fails_before_any_model_loads(tmp_path, monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_wandb(name, *a, **k):
+        if name == "wandb":
+            raise ImportError("no wandb here")
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    import score_fast.trainer as trainer_module
+    monkeypatch.setattr(trainer_module, "load_model", lambda *a, **k: 1 / 0)
+    with pytest.raises(ImportError, match="train.report_to has wandb: pip install wandb"):
+        Trainer(make_run(tmp_path, report_to=["wandb"]))
