@@ -7,6 +7,7 @@
         [--samples 8 --temperature 0.7]   # + self-consistency vs self-correction (Fig. 1 right)
     score-fast ablate [--seeds 0 1 2] [--quick]       # the Table 4 ablations on the demo task
     score-fast plan --model qwen2.5-7b [--lora_rank 16 --offload true] | --table  # memory
+    score-fast plot runs/x                            # runs/x/curves.png from metrics.jsonl
     score-fast train --help                           # every field with its default
 
 The configuration is score_fast.config (typed dataclasses) read by jsonargparse: a YAML file
@@ -80,6 +81,12 @@ def build_parser() -> ArgumentParser:
     plan.add_argument("--table", action="store_true",
                       help="the 1.5B / 7B / 14B x settings x devices table (markdown)")
     sub.add_subcommand("plan", plan, help="memory plan: does a model fit a device")
+    plot = ArgumentParser(description="a run's curves from its metrics.jsonl as a PNG "
+                                      "(score_fast.plots)")
+    plot.add_argument("run_dir", type=str, help="the run's train.run_dir")
+    plot.add_argument("--out", type=Optional[str], default=None,
+                      help="the PNG (default: RUN_DIR/curves.png)")
+    sub.add_subcommand("plot", plot, help="plot a run's metrics")
     return parser
 
 
@@ -162,6 +169,9 @@ def _run(argv: list[str]) -> int:
         from score_fast.ablate import run_ablation
         run_ablation(config["out"], seeds=tuple(config["seeds"]), quick=config["quick"],
                      workers=config["workers"])
+    elif config["command"] == "plot":
+        from score_fast.plots import plot_run
+        print(plot_run(config["run_dir"], config["out"]))
     elif config["command"] == "plan":
         from score_fast.memory import plan_text
         print(plan_text(config))

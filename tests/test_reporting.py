@@ -58,3 +58,19 @@ def test_a_missing_backend_fails_before_any_model_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "load_model", lambda *a, **k: 1 / 0)
     with pytest.raises(ImportError, match="train.report_to has wandb: pip install wandb"):
         Trainer(make_run(tmp_path, report_to=["wandb"]))
+
+
+def test_plot_draws_a_runs_curves(tmp_path, capsys):
+    from PIL import Image
+
+    from score_fast.cli import main
+    c = make_run(tmp_path)
+    Trainer(c).train(progress=False)
+    assert main(["plot", c.train.run_dir]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == os.path.join(c.train.run_dir, "curves.png")
+    img = Image.open(out)
+    assert img.size == (880, 800)
+    assert len(set(img.convert("L").getdata())) > 20  # drawn, not blank
+    assert main(["plot", str(tmp_path / "nowhere")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
