@@ -17,12 +17,14 @@ _LAZY = {  # public name -> module under score_fast.kernels
     "linear_logprobs": "linear_logprobs",
     "linear_score_loss": "linear_score_loss",
 }
-__all__ = ["PackedBatch", "balanced_partition", "pack", "plan_bins", *_LAZY]
+_LAZY_API = {"Trainer": "score_fast.trainer", "Config": "score_fast.config"}
+__all__ = ["PackedBatch", "balanced_partition", "pack", "plan_bins", *_LAZY, *_LAZY_API]
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        fn = getattr(importlib.import_module(f"score_fast.kernels.{_LAZY[name]}"), name)
+    if name in _LAZY or name in _LAZY_API:
+        module = _LAZY_API.get(name) or f"score_fast.kernels.{_LAZY[name]}"
+        fn = getattr(importlib.import_module(module), name)
         globals()[name] = fn
         return fn
     raise AttributeError(f"module 'score_fast' has no attribute {name!r}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import sys
 import logging
@@ -313,18 +314,39 @@ def evaluate(model, tokenizer, config: Config, rows: list[dict], reward,
 class Trainer:
     """Holds the policy, the frozen reference, the optimizer and the data of one run."""
 
-    def __init__(self, config: Config):
-        from score_fast.data import load_rows
+    def __init__(self, config: Config, *, model=None, tokenizer=None, rows=None, reward=None,
+                 callbacks=()):
+        """config: the run. The Python API may pass objects instead of what the config names:
+        model + tokenizer (a transformers causal LM and its tokenizer) instead of model.path;
+        rows (dicts) instead of data.train_file; reward (a score_fast Reward, or a function
+        in either custom-reward convention) instead of the reward section. callbacks:
+        f(trainer, metrics) after every step, on every rank; one that sets
+        trainer.should_stop = True ends train() after that step."""
+        from score_fast.data import check_row, load_rows
         # every check once more: fields set after construction skipped __post_init__
         config_from_dict(dataclasses.asdict(config))
-        for name, value in (("model.path", config.model.path),
-                            ("data.train_file", config.data.train_file)):
-            if not value:
+        for name, value, given in (("model.path", config.model.path, model),
+                                   ("data.train_file", config.data.train_file, rows)):
+            if not value and given is None:
                 raise ValueError(f"{name} is required (score-fast train --help)")
+        if (model is None) != (tokenizer is None):
+            raise ValueError("model and tokenizer go together: pass both or neither")
+        if model is not None and config.rollout.backend == "vllm" and not config.model.path:
+            raise ValueError("rollout.backend=vllm loads the weights from files: set "
+                             "model.path (the engine then gets the policy's weights)")
         self.config = c = config
+        self.callbacks, self.should_stop = list(callbacks), False
+        self._given_model = model
         m = c.model
         self.hub = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
-        self.dtype = resolve_dtype(m.dtype, m.path, **self.hub)
+        if model is None:
+            self.dtype = resolve_dtype(m.dtype, m.path, **self.hub)
+        elif m.dtype == "auto":  # the given model's own dtype
+            own = next(model.parameters()).dtype
+            self.dtype = own if own in (torch.bfloat16, torch.float16) else torch.float32
+        else:
+            self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16,
+                          "fp32": torch.float32}[m.dtype]
         self.lora = m.lora.rank > 0
         self.dist = d = distributed.setup(fsdp=uses_fsdp(
             int(os.environ.get("WORLD_SIZE", "1")), self.dtype, self.lora, m.offload_optimizer))
@@ -334,20 +356,40 @@ class Trainer:
                              f"divide over {d.world} ranks: each rank samples whole prompt "
                              f"groups, so it must be a multiple of the world size")
         torch.manual_seed(c.train.seed + d.rank)  # ranks sample different rollouts
-        self.rows = load_rows(c.data.train_file, c.required_fields(), limit=c.data.limit)
+        self.data_name = c.data.train_file or "the rows passed to Trainer"
+        if rows is None:
+            self.rows = load_rows(c.data.train_file, c.required_fields(), limit=c.data.limit)
+        else:
+            self.rows = list(rows)[:c.data.limit]
+            if not self.rows:
+                raise ValueError("Trainer(rows=...) got no rows")
+            for i, r in enumerate(self.rows):
+                check_row(r, f"row {i + 1}", self.data_name, c.required_fields())
         if len(self.rows) < c.train.prompts_per_step and d.enabled:
-            raise ValueError(f"{c.data.train_file} has {len(self.rows)} rows, fewer than "
+            raise ValueError(f"{self.data_name} has {len(self.rows)} rows, fewer than "
                              f"train.prompts_per_step={c.train.prompts_per_step}")
         # every row's prompt once, up front: a row the format cannot render fails here,
         # naming it, not at the step that first samples it
         self.prompts = PromptBuilder.from_config(c)
-        self.prompt_texts = [self.prompts.render(r, f"row {i + 1} of {c.data.train_file}")
+        self.prompt_texts = [self.prompts.render(r, f"row {i + 1} of {self.data_name}")
                              for i, r in enumerate(self.rows)]
         self.row_numbers = list(range(1, len(self.rows) + 1))  # in the file, for messages
-        self.tokenizer = load_tokenizer(m.path, **self.hub)
+        self.tokenizer = tokenizer or load_tokenizer(m.path, **self.hub)
+        if self.tokenizer.pad_token_id is None:  # as load_tokenizer does
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.formatter = Formatter(self.tokenizer, self.prompts.instruction)
         self._check_prompt_lengths()
-        self.reward = make_reward_from(c)
+        if reward is None:
+            self.reward = make_reward_from(c)
+        elif hasattr(reward, "evaluate") or hasattr(reward, "score"):  # a Reward object
+            self.reward = reward
+        elif callable(reward):
+            from score_fast.rewards import make_reward
+            self.reward = make_reward({"kind": "custom", "function": reward,
+                                       "problem_field": c.problem_field()})
+        else:
+            raise TypeError(f"Trainer(reward=...) takes a score_fast Reward or a function, "
+                            f"got {type(reward).__name__}")
         if c.reward.kind == "math" and c.reward.lenient_math and d.main:
             log.warning("math reward: lenient (reward.lenient_math): a response that states no "
                         "final answer is scored on its last number; the paper's checker "
@@ -362,9 +404,16 @@ class Trainer:
         if ckpt is None:
             self._fresh_run_dir(d)
         saved = dataclasses.asdict(c)
+        from score_fast.rewards.custom import function_name
         if callable(c.reward.function):  # an API callable: config.yaml records its name
-            from score_fast.rewards.custom import function_name
             saved["reward"]["function"] = function_name(c.reward.function)
+        if reward is not None:
+            saved["reward"] = {"kind": "passed to Trainer",
+                               "function": function_name(reward) if callable(reward)
+                               else type(reward).__name__}
+        if model is not None:
+            saved["model"]["path"] = saved["model"]["path"] or "passed to Trainer: " + str(
+                getattr(model.config, "_name_or_path", "") or type(model).__name__)
         self.config_yaml = yaml.safe_dump(saved, sort_keys=False)
         from score_fast.reporting import Reporter
         self.reporter = Reporter(c.train.report_to, self.run_dir, config=saved,
@@ -439,7 +488,7 @@ class Trainer:
             return
         first = ", ".join(f"row {i + 1} ({lengths[i]} tokens)" for i in over[:5])
         more = f" and {len(over) - 5} more" if len(over) > 5 else ""
-        what = (f"{c.data.train_file}: {len(over)} of {len(lengths)} prompts are longer than "
+        what = (f"{self.data_name}: {len(over)} of {len(lengths)} prompts are longer than "
                 f"data.max_prompt_tokens={budget}: {first}{more}")
         if c.data.overlong == "error":
             raise ValueError(f"{what}; raise the budget or set data.overlong=skip")
@@ -459,17 +508,24 @@ class Trainer:
         adapters, which is its own reference with the adapters off."""
         c, d, m = self.config, self.dist, self.config.model
         load = dict(self.hub, attn_implementation=m.attn_implementation)
+        given = self._given_model
         if self.lora:
-            base = load_model(m.path, dtype=self.dtype, **load)
+            base = (given.to(self.dtype) if given is not None else
+                    load_model(m.path, dtype=self.dtype, **load))
             disable_dropout(base)  # before the adapters: theirs is model.lora.dropout
             self.policy = (load_lora(base, ckpt) if ckpt else
                            apply_lora(base, m.lora, seed=c.train.seed))
             self.ref = self.policy
+        elif given is not None:  # the reference is a copy, made before the policy upcasts
+            self.ref = copy.deepcopy(given).to(self.dtype).requires_grad_(False)
+            self.policy = (load_model(ckpt, "checkpoint", torch.float32, **load) if ckpt else
+                           given.float())
         else:
             self.ref = load_model(m.path, dtype=self.dtype, **load)
             self.ref.requires_grad_(False)
             self.policy = (load_model(ckpt, "checkpoint", torch.float32, **load) if ckpt else
                            load_model(m.path, dtype=torch.float32, **load))
+        if not self.lora:
             self.policy.config.dtype = self.dtype  # checkpoints are written in it
         self.ref.eval()
         n_params = sum(p.numel() for p in self.policy.parameters())
@@ -520,7 +576,7 @@ class Trainer:
                 samples=c.rollout.samples_per_prompt, max_new_tokens=c.rollout.max_new_tokens,
                 temperature=c.rollout.temperature, batch_size=c.rollout.gen_batch_size,
                 max_prompt_tokens=c.data.max_prompt_tokens,
-                row_names=[f"row {self.row_numbers[i]} of {c.data.train_file}" for i in idx],
+                row_names=[f"row {self.row_numbers[i]} of {self.data_name}" for i in idx],
                 in_flight=c.rollout.episodes_in_flight or c.rollout.gen_batch_size,
                 engine=self.engine)
         return episodes, [rows[e.prompt_index] for e in episodes], timing
@@ -746,6 +802,11 @@ class Trainer:
                 every = c.train.log_samples_every
                 if main and every and (self.step % every == 0 or self.step == end):
                     self.reporter.log_samples(self.step, self.last_samples)
+                for callback in self.callbacks:
+                    callback(self, m)
+                if self.should_stop:
+                    self.should_stop = False  # a later train() call continues
+                    break
         finally:
             bar.close()
             if self.step >= self.total_steps or sys.exc_info()[0] is not None:
