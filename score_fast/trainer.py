@@ -407,10 +407,11 @@ class Trainer:
         from score_fast.rewards.custom import function_name
         if callable(c.reward.function):  # an API callable: config.yaml records its name
             saved["reward"]["function"] = function_name(c.reward.function)
-        if reward is not None:
-            saved["reward"] = {"kind": "passed to Trainer",
-                               "function": function_name(reward) if callable(reward)
-                               else type(reward).__name__}
+        if callable(reward) and not hasattr(reward, "evaluate"):
+            # a function passed to Trainer: a custom reward by its name (a module-level one
+            # loads again by that name, e.g. in score-fast eval); a Reward object is not
+            # recorded (the config's own reward section stays)
+            saved["reward"].update(kind="custom", function=function_name(reward))
         if model is not None:
             saved["model"]["path"] = saved["model"]["path"] or "passed to Trainer: " + str(
                 getattr(model.config, "_name_or_path", "") or type(model).__name__)
