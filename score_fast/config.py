@@ -6,7 +6,7 @@ run as `--recipe math` / `--recipe mbpp`, each value with its source."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 __all__ = ["MATH_INSTRUCTION", "CODE_INSTRUCTION", "KL_ESTIMATORS", "DTYPES", "check_kl",
            "REDUCTIONS", "BASELINES",
@@ -79,7 +79,7 @@ class ModelConfig:
     path: str = ""
     """local HF model directory, or a hub id already in the local Hugging Face cache
     (nothing is downloaded): the policy's initial weights and the frozen reference"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto (the checkpoint's own torch_dtype; fp32 where it has none) | bf16 | fp16 | fp32.
     Compute dtype of the policy forward/backward, the reference and sampling (KV cache).
     Below fp32 a full fine-tune keeps fp32 master weights, gradients and AdamW state (FSDP2
@@ -120,7 +120,7 @@ class DataConfig:
     max_prompt_tokens: int = 1024
     """prompt length budget (tokens, after the template), checked for every row when the run
     starts (data.overlong says what happens to longer ones)"""
-    overlong: str = "error"
+    overlong: Literal["error", "skip"] = "error"
     """error: a row over max_prompt_tokens stops the run before it trains, naming the first
     few | skip: such rows are dropped, their count and first row numbers logged"""
     prompt: str = "auto"
@@ -183,7 +183,7 @@ class RolloutConfig:
     """episodes taken through attempt 1 and attempt 2 before the next ones start (None:
     gen_batch_size); attempt 1's KV cache is kept for attempt 2 only for these, which
     bounds rollout memory (score_fast.memory)"""
-    backend: str = "hf"
+    backend: Literal["hf", "vllm"] = "hf"
     """hf: score_fast's own KV-cache sampler over the transformers model (runs anywhere,
     no extra dependency) | vllm: a vLLM engine, attempt 2 through its prefix cache, the
     policy's weights pushed into it after every optimizer step (pip install vllm, or
@@ -203,7 +203,7 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    kind: str = "math"
+    kind: Literal["math", "code", "custom"] = "math"
     """math | code | custom"""
     function: str = ""
     """custom only: module:function (a file path or module, then the function name); through
@@ -233,7 +233,7 @@ class Stage2Config:
     """shaping bonus alpha * (r2 - r1) on attempt 2"""
     beta1: float = 0.01
     """KL weight on both attempts"""
-    method: str = "reinforce"
+    method: Literal["reinforce", "star"] = "reinforce"
     """reinforce: the paper's Stage II. star: the Table 4 ablation "STaR instead of REINFORCE
     in Stage II": supervised fine-tuning on the step's own successful corrections (attempt 2
     of the episodes with r1 = 0 and r2 = 1), no KL"""
@@ -256,7 +256,7 @@ class TrainConfig:
     batch of 512 on MATH; 128 on MBPP)"""
     lr: float = 5e-6
     """AdamW, weight decay 0 = the paper's Adam (5e-6 on MATH, 1e-5 on MBPP)"""
-    lr_schedule: str = "constant"
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     """constant | linear | cosine: the lr over the run's steps, after warmup_steps of linear
     warmup from 0 (not stated; constant is the paper's plain Adam)"""
     warmup_steps: int = 0
@@ -272,9 +272,9 @@ class TrainConfig:
     (log pi - log pi_ref)^2 / 2, whose expected gradient is that of the paper's per-token
     KL(pi || pi_ref); k3_reverse = k3, whose expected gradient is that of KL(pi_ref || pi).
     k1 (zero expected gradient) and a bare k3 are refused (not stated by the paper)"""
-    reduction: str = "token_mean"
+    reduction: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
     """loss averaging (not stated)"""
-    baseline: str = "rloo"
+    baseline: Literal["rloo", "mean", "none"] = "rloo"
     """rloo | mean | none"""
     single_turn: bool = False
     """the Table 4 ablation "without multi-turn training": REINFORCE + beta1 KL on attempt 1
