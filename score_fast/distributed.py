@@ -26,8 +26,8 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "setup", "allocator_defaults", "shard", "is_sharded", "gather_objects", "all_reduce_sum", "barrier",
-           "register_method", "generation"]
+__all__ = ["Dist", "setup", "allocator_defaults", "shard", "is_sharded", "gather_objects",
+           "all_reduce_sum", "barrier", "register_method", "generation"]
 
 
 @dataclasses.dataclass
