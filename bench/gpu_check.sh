@@ -21,6 +21,12 @@
 # (e.g. "tests memory") runs only the phases named. Logs and tables go to bench/results/,
 # or, where $OUT is set (the device tool), into $OUT/gpu_check.tgz, refreshed after every
 # phase so that a run cut short still returns what it finished.
+# Liger-Kernel (the losses' third alternative) is not in the GPU image: download its wheel
+# here (pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl
+# liger-kernel), carry .whl, and start the command with
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+#   export PYTHONPATH=/tmp/site;
+# 2026-11-30: liger-kernel 0.8.5 ran there with triton 3.6.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
