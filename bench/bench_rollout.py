@@ -7,7 +7,7 @@ model, prompts, instruction and lengths.
     SCORE_FAST_BENCH_QUICK=1 OUT=/tmp/ro bash bench/run.sh bench/bench_rollout.py
 
 A random tiny Llama (hidden 64, 2 heads of 32: vLLM's CPU attention takes no smaller head,
-2 layers, vocab 48), sampled at temperature 1.0 from torch's
+2 layers, vocab 48; SCORE_FAST_BENCH_ROLLOUT_SIZE=5m: hidden 256, 8 layers), sampled at temperature 1.0 from torch's
 global RNG seeded 0 before each call: with near-uniform logits the eos (1 of 48 ids) ends
 about 2% of rows per step, so attempts end at mixed lengths. 64 episodes of 8..48-token
 prompts, a 12-token instruction, up to 64 new tokens per attempt (QUICK: 8 episodes, 8).
@@ -25,6 +25,8 @@ other tokens; tokens and tok_s are of the first call. cached_tokens: prompt toke
 prefix cache served (reset before every call); startup_s and sync_s (one push of the
 weights, score_fast.models.policy_weights) are per engine. Not in attempt2: vLLM's cache
 holds what vLLM computed, not the fixed attempt-1 outputs that row starts from."""
+import os
+
 import pytest
 import torch
 import transformers
@@ -39,6 +41,11 @@ NEW = 8 if QUICK else 64
 VOCAB, EOS, PAD, INSTR = 48, 1, 0, 12
 SHAPE = f"B={EPISODES},new={NEW}"
 PROVIDERS = ["engine", "generate", "vllm", "vllm_nocache"]
+# SCORE_FAST_BENCH_ROLLOUT_SIZE: tiny (hidden 64, 2 layers, 88k parameters: per-step overheads
+# decide) or 5m (hidden 256, 8 layers, 5.3M parameters, the size vLLM was first measured at)
+SIZES = {"tiny": (64, 2), "5m": (256, 8)}
+SIZE = os.environ.get("SCORE_FAST_BENCH_ROLLOUT_SIZE", "tiny")
+SHAPE += f",model={SIZE}"
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +53,11 @@ def setup(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=2, max_position_embeddings=512,
+    hidden, layers = SIZES[SIZE]
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden,
+                                   intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                   num_attention_heads=hidden // 32,
+                                   num_key_value_heads=hidden // 32, max_position_embeddings=512,
                                    bos_token_id=2, eos_token_id=EOS, pad_token_id=PAD)
     model = transformers.LlamaForCausalLM(cfg).eval().to(DEVICE)
     g = torch.Generator().manual_seed(0)
