@@ -318,10 +318,10 @@ class TrainConfig:
         _at_least("train", 0, warmup_steps=self.warmup_steps,
                   log_samples_every=self.log_samples_every)
         _at_least("train", 1, log_samples=self.log_samples)
-        bad = [b for b in self.report_to if b not in ("jsonl", "tensorboard", "wandb")]
+        from score_fast.reporting import BACKENDS  # light: no backend is imported
+        bad = [b for b in self.report_to if b not in BACKENDS]
         if bad:
-            raise ValueError(f"train.report_to: unknown {bad}; any of jsonl, tensorboard, "
-                             f"wandb")
+            raise ValueError(f"train.report_to: unknown {bad}; any of {', '.join(BACKENDS)}")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"train.lr_schedule must be constant, linear or cosine, got "
                              f"{self.lr_schedule!r}")

@@ -42,9 +42,6 @@ class Reporter:
 
     def __init__(self, backends, run_dir: str, config: dict | None = None,
                  enabled: bool = True):
-        unknown = [b for b in backends if b not in BACKENDS]
-        if unknown:
-            raise ValueError(f"train.report_to: unknown {unknown}; choose from {BACKENDS}")
         self.backends, self.run_dir, self.config = list(backends), run_dir, config
         self.enabled = enabled
         self._jsonl = self._samples = self._tb = self._wandb = None
