@@ -10,7 +10,8 @@ from typing import Literal, Optional
 
 __all__ = ["MATH_INSTRUCTION", "CODE_INSTRUCTION", "KL_ESTIMATORS", "DTYPES", "check_kl",
            "REDUCTIONS", "BASELINES",
-           "LoraConfig", "ModelConfig", "DataConfig", "VLLMConfig", "RolloutConfig", "RewardConfig",
+           "LoraConfig", "ModelConfig", "DataConfig", "VLLMConfig", "RolloutConfig", "SandboxConfig",
+           "RewardConfig",
            "Stage1Config", "Stage2Config", "TrainConfig", "EvalConfig", "Config",
            "config_from_dict"]
 
@@ -202,6 +203,29 @@ class RolloutConfig:
 
 
 @dataclass
+class SandboxConfig:
+    """reward.kind=code: each candidate program's limits (score_fast.rewards.code). Worst-case
+    memory of a batch: reward.workers x (nproc x memory_mb + disk_mb)"""
+    cpu_s: int = 10
+    """CPU seconds per process (RLIMIT_CPU)"""
+    memory_mb: int = 1024
+    """address space per process (RLIMIT_AS); CPython and the preloaded stdlib map ~40 MB"""
+    nproc: int = 8
+    """processes + threads at once, the candidate's own included"""
+    file_size_mb: int = 16
+    """largest file it may write"""
+    disk_mb: int = 64
+    """its private working directory (a RAM-backed tmpfs)"""
+    open_files: int = 64
+    """file descriptors"""
+
+    def __post_init__(self):
+        _at_least("reward.sandbox", 1, cpu_s=self.cpu_s, memory_mb=self.memory_mb,
+                  nproc=self.nproc, file_size_mb=self.file_size_mb, disk_mb=self.disk_mb,
+                  open_files=self.open_files)
+
+
+@dataclass
 class RewardConfig:
     kind: Literal["math", "code", "custom"] = "math"
     """math | code | custom"""
@@ -213,6 +237,21 @@ class RewardConfig:
     """math only: a response that states no final answer (the paper's sentence, \\boxed, or
     "final answer is X") is scored on its last number instead of 0. Not the paper's checker;
     logged when a run starts"""
+    workers: int = 0
+    """math and code: worker processes scoring a batch at once (0: one a CPU core). A math
+    worker holds sympy (~150 MB resident); a code worker runs one candidate at a time"""
+    timeout_s: Optional[float] = None
+    """math: seconds per answer check (None: 5; a cold worker's first check takes ~0.3 s,
+    warm ones 1-50 ms). code: wall-clock seconds per candidate program (None: 10).
+    A check that runs out scores 0, counted as "timeout" in the step's zeros"""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+
+    def __post_init__(self):
+        _at_least("reward", 0, workers=self.workers)
+        if self.timeout_s is not None:
+            _above_zero("reward", timeout_s=self.timeout_s)
+        if isinstance(self.sandbox, dict):  # config_from_dict passes the nested section as is
+            self.sandbox = SandboxConfig(**self.sandbox)
 
 
 @dataclass

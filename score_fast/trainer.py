@@ -278,15 +278,21 @@ def lr_scheduler(optimizer, train, total_steps: int):
 
 
 def make_reward_from(config: Config):
+    """The reward the run's config names, with its workers, timeout and sandbox limits."""
     from score_fast.rewards import make_reward
     r = config.reward
     if r.kind == "custom":
         return make_reward({"kind": "custom", "function": r.function,
                             "problem_field": config.problem_field()})
+    limits = {"workers": r.workers}
     if r.kind == "math":
+        if r.timeout_s is not None:
+            limits["timeout_s"] = r.timeout_s
         return make_reward({"kind": "math", "answer_field": config.answer_field() or "answer",
-                            "lenient": r.lenient_math})
-    return make_reward(r.kind)
+                            "lenient": r.lenient_math, **limits})
+    if r.timeout_s is not None:
+        limits["wall_s"] = r.timeout_s
+    return make_reward({"kind": "code", **limits, **dataclasses.asdict(r.sandbox)})
 
 
 @torch.no_grad()

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from score_fast.config import (BASELINES, REDUCTIONS, Config, ModelConfig, RolloutConfig,
-                               TrainConfig, config_from_dict)
+from score_fast.config import (BASELINES, REDUCTIONS, Config, ModelConfig, RewardConfig,
+                               RolloutConfig, SandboxConfig, TrainConfig, config_from_dict)
 
 
 @pytest.mark.parametrize("section,field,value,match", [
@@ -27,6 +27,10 @@ from score_fast.config import (BASELINES, REDUCTIONS, Config, ModelConfig, Rollo
     (RolloutConfig, "episodes_in_flight", 0, "rollout.episodes_in_flight must be >= 1"),
     (RolloutConfig, "temperature", 0.0, "rollout.temperature must be > 0"),
     (RolloutConfig, "backend", "sglang", "rollout.backend must be hf or vllm"),
+    (RewardConfig, "workers", -1, "reward.workers must be >= 0"),
+    (RewardConfig, "timeout_s", 0.0, "reward.timeout_s must be > 0"),
+    (SandboxConfig, "memory_mb", 0, "reward.sandbox.memory_mb must be >= 1"),
+    (SandboxConfig, "nproc", 0, "reward.sandbox.nproc must be >= 1"),
 ])
 def test_a_bad_value_names_its_field(section, field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -103,3 +107,20 @@ def test_a_run_dir_holding_a_run_is_not_silently_reused(tmp_path):
     c.train.resume, c.train.overwrite = False, True
     tr = Trainer(c)
     assert tr.step == 0 and sorted(os.listdir(c.train.run_dir)) == ["config.yaml"]
+
+
+def test_reward_settings_reach_the_reward():
+    """reward.workers / timeout_s / sandbox (YAML, overrides, --help) are what the run's
+    reward object is built with: math's per-check timeout, code's wall clock and limits."""
+    from score_fast.trainer import make_reward_from
+    c = Config(reward=RewardConfig(kind="math", workers=1, timeout_s=2.5))
+    with make_reward_from(c) as r:
+        assert (r.config.workers, r.config.timeout_s) == (1, 2.5)
+    c = config_from_dict({"reward": {"kind": "code", "workers": 1, "timeout_s": 3.0,
+                                     "sandbox": {"memory_mb": 256, "nproc": 4}}})
+    with make_reward_from(c) as r:
+        assert (r.config.workers, r.config.wall_s, r.config.memory_mb, r.config.nproc,
+                r.config.cpu_s) == (1, 3.0, 256, 4, SandboxConfig.cpu_s)
+    with make_reward_from(Config(reward=RewardConfig(kind="code"))) as r:  # the defaults
+        from score_fast.rewards import CodeRewardConfig
+        assert r.config.wall_s == CodeRewardConfig.wall_s
