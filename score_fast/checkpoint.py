@@ -154,14 +154,15 @@ def _complete(run_dir: str) -> list[tuple[int, str]]:
                                                                               STATE_FILE)))
 
 
-def rotate_checkpoints(run_dir: str, keep_last: int) -> list[str]:
-    """Remove all but the newest `keep_last` (>= 1) complete checkpoints; returns the paths
-    removed. The newest complete checkpoint is never among them, so a crash during a later
-    save can always resume; directories being written (.tmp-) and incomplete ones are not
-    touched."""
+def rotate_checkpoints(run_dir: str, keep_last: int, keep=()) -> list[str]:
+    """Remove all but the newest `keep_last` (>= 1) complete checkpoints and those named in
+    `keep` (the best one); returns the paths removed. The newest complete checkpoint is
+    never among them, so a crash during a later save can always resume; directories being
+    written (.tmp-) and incomplete ones are not touched."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    gone = [os.path.join(run_dir, name) for _, name in _complete(run_dir)[:-keep_last]]
+    gone = [os.path.join(run_dir, name) for _, name in _complete(run_dir)[:-keep_last]
+            if name not in keep]
     for path in gone:
         shutil.rmtree(path)
     return gone

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 __all__ = ["MATH_INSTRUCTION", "CODE_INSTRUCTION", "KL_ESTIMATORS", "DTYPES", "check_kl",
-           "REDUCTIONS", "BASELINES",
+           "REDUCTIONS", "BASELINES", "BEST_METRICS",
            "LoraConfig", "ModelConfig", "DataConfig", "VLLMConfig", "RolloutConfig", "SandboxConfig",
            "RewardConfig",
            "Stage1Config", "Stage2Config", "TrainConfig", "EvalConfig", "Config",
@@ -32,6 +32,9 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 # the choices of fields the kernels take (score_loss.REDUCTIONS, score_advantages.BASELINES;
 # tests/test_config.py keeps them equal): checked here, before any model loads
+# train.best_metric -> whether higher is better (score_fast.metrics' names)
+BEST_METRICS = {"acc_t2": True, "acc_t1": True, "delta": True, "delta_i2c": True,
+                "delta_c2i": False}
 REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 BASELINES = ("rloo", "mean", "none")
 
@@ -335,6 +338,21 @@ class TrainConfig:
     keep_last: Optional[int] = None
     """keep only the newest N complete checkpoints (None: all); the newest complete one is
     never removed"""
+    eval_file: str = ""
+    """held-out rows (the training file's fields, or MATH / HumanEval / MBPP rows as
+    `score-fast eval` reads them), scored with the run's reward: greedy two-attempt metrics
+    (score-fast eval's code) every eval_every steps and at the end, logged as eval/acc_t1,
+    eval/acc_t2, eval/delta, ...; empty: no evaluation during training"""
+    eval_every: int = 0
+    """steps between evaluations of eval_file (0: only at the end)"""
+    eval_limit: Optional[int] = None
+    """evaluate the first eval_limit rows of eval_file"""
+    eval_max_new_tokens: Optional[int] = None
+    """per attempt in evaluation (None: rollout.max_new_tokens)"""
+    best_metric: Literal["acc_t2", "acc_t1", "delta", "delta_i2c", "delta_c2i"] = "acc_t2"
+    """the eval metric that picks the best checkpoint (c->i: lowest is best, the others
+    highest): an evaluation that beats every earlier one writes a checkpoint at that step if
+    none is due, records it in run_dir/best.json, and keep_last never removes it"""
     resume: Optional[bool] = False
     """true: continue from the last complete checkpoint in run_dir (an error when there is
     none); false: start at step 0; null: continue when there is one"""
@@ -365,6 +383,12 @@ class TrainConfig:
             raise ValueError(f"train.lr_schedule must be constant, linear or cosine, got "
                              f"{self.lr_schedule!r}")
         _at_least("train", 0, weight_decay=self.weight_decay)
+        _at_least("train", 0, eval_every=self.eval_every)
+        _at_least("train", 1, eval_limit=self.eval_limit,
+                  eval_max_new_tokens=self.eval_max_new_tokens)
+        if self.best_metric not in BEST_METRICS:
+            raise ValueError(f"train.best_metric must be one of {tuple(BEST_METRICS)}, got "
+                             f"{self.best_metric!r}")
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"train.keep_last must be >= 1 or unset (keep all), got "
                              f"{self.keep_last}")

@@ -50,7 +50,8 @@ from score_fast.trainer import score_episodes
 
 __all__ = ["GROUP_FIELDS", "Task", "last_boxed", "detect_config", "prepare_rows", "load_task",
            "breakdown_metrics", "normalize_answer", "answer_key", "program_key", "vote_key",
-           "majority_vote", "evaluate_greedy", "inference_scaling", "format_scaling"]
+           "majority_vote", "greedy_attempts", "evaluate_greedy", "inference_scaling",
+           "format_scaling"]
 
 log = logging.getLogger("score_fast")
 
@@ -284,14 +285,21 @@ def _score(reward, texts: list[str], rows: list[dict]) -> list[bool]:
     return [s > 0 for s in scores]
 
 
-def evaluate_greedy(model, tokenizer, task: Task, reward, max_new_tokens: int | None = None
-                    ) -> dict[str, dict[str, float]]:
-    """Both attempts greedy at every problem; breakdown_metrics of the result."""
+def greedy_attempts(model, tokenizer, task: Task, reward, max_new_tokens: int | None = None
+                    ) -> tuple[list[bool], list[bool], list[str], list[str]]:
+    """Both attempts greedy at every problem: (correct1, correct2, text1, text2)."""
     eps = _episodes(model, tokenizer, task, samples=1, greedy=True, temperature=1.0,
                     max_new_tokens=max_new_tokens)
     t1, t2 = [e.text1 for e in eps], [e.text2 for e in eps]
     ok = _score(reward, t1 + t2, task.rows * 2)  # one batch: one pass over the worker pool
-    return breakdown_metrics(task.rows, ok[:len(eps)], ok[len(eps):], t1, t2)
+    return ok[:len(eps)], ok[len(eps):], t1, t2
+
+
+def evaluate_greedy(model, tokenizer, task: Task, reward, max_new_tokens: int | None = None
+                    ) -> dict[str, dict[str, float]]:
+    """Both attempts greedy at every problem; breakdown_metrics of the result."""
+    return breakdown_metrics(task.rows, *greedy_attempts(model, tokenizer, task, reward,
+                                                         max_new_tokens))
 
 
 def inference_scaling(model, tokenizer, task: Task, reward, samples: int,

@@ -1,5 +1,6 @@
 """`score-fast plot RUN_DIR`: a run's curves from its metrics.jsonl as one PNG (matplotlib,
-the [plot] extra): rewards per attempt, the sampled Delta with its i->c / c->i parts, KL per
+the [plot] extra): rewards per attempt (and the held-out greedy accuracies where the run
+evaluated train.eval_file), the sampled Delta with its i->c / c->i parts, KL per
 attempt, lengths per attempt, and where each step's time went (stacked)."""
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import os
 __all__ = ["plot_run"]
 
 _PANELS = (
-    ("rewards", (("reward_t1", "attempt 1"), ("reward_t2", "attempt 2"))),
+    ("rewards", (("reward_t1", "attempt 1"), ("reward_t2", "attempt 2"),
+                 ("eval/acc_t1", "held-out t1 (greedy)"), ("eval/acc_t2", "held-out t2 (greedy)"))),
     ("self-correction (samples)", (("sample_delta", "Delta"), ("sample_delta_i2c", "i->c"),
                                    ("sample_delta_c2i", "c->i"))),
     ("KL to the reference", (("kl_t1", "attempt 1"), ("kl_t2", "attempt 2"))),
@@ -38,8 +40,10 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     fig, axes = plt.subplots(3, 2, figsize=(11, 10))
     for ax, (title, series) in zip(axes.flat, _PANELS):
         for key, label in series:
-            if any(key in r for r in rows):
-                ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=label)
+            have = [r for r in rows if key in r]  # eval/* only at the evaluated steps
+            if have:
+                ax.plot([r["step"] for r in have], [r[key] for r in have], label=label,
+                        marker="o" if len(have) < len(rows) else None)
         ax.set_title(title)
         ax.legend(fontsize=8)
     ax = axes.flat[4]  # where the time went: each phase stacked, per logged step

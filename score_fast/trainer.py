@@ -31,11 +31,12 @@ import collections
 import contextlib
 import copy
 import dataclasses
-import sys
+import json
 import logging
 import math
 import os
 import shutil
+import sys
 import time
 import types
 
@@ -49,7 +50,7 @@ from score_fast.attention import use_varlen_attention
 from score_fast.checkpoint import (STATE_FILE, latest_checkpoint, load_state,
                                    rotate_checkpoints,
                                    save_checkpoint, set_rng_state)
-from score_fast.config import Config, check_kl, config_from_dict
+from score_fast.config import BEST_METRICS, Config, check_kl, config_from_dict
 from score_fast.flops import matmul_params, peak_flops, step_flops
 from score_fast.models import (GC_AUTO_PARAMS, apply_lora, is_lora, load_lora, load_model,
                                load_tokenizer, lora_base, policy_weights, resolve_dtype,
@@ -62,6 +63,8 @@ __all__ = ["Trainer", "NonFiniteLossError", "RewardError", "Objective", "plan_ob
            "build_step_tensors", "score_episodes", "evaluate", "load_model", "stage_at"]
 
 log = logging.getLogger("score_fast")
+
+BEST_FILE = "best.json"  # run_dir/best.json: the best evaluation and its checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -385,6 +388,7 @@ class Trainer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.formatter = Formatter(self.tokenizer, self.prompts.instruction)
         self._check_prompt_lengths()
+        self.eval_task = self._load_eval_task() if c.train.eval_file else None
         if reward is None:
             self.reward = make_reward_from(c)
         elif hasattr(reward, "evaluate") or hasattr(reward, "score"):  # a Reward object
@@ -396,6 +400,11 @@ class Trainer:
         else:
             raise TypeError(f"Trainer(reward=...) takes a score_fast Reward or a function, "
                             f"got {type(reward).__name__}")
+        self.eval_reward = self.reward
+        if self.eval_task and self.eval_task.config.answer_field() != c.answer_field():
+            # a MATH file's `answer` while the run reads another field: the same reward,
+            # reading the field the eval rows carry
+            self.eval_reward = make_reward_from(self.eval_task.config)
         if c.reward.kind == "math" and c.reward.lenient_math and d.main:
             log.warning("math reward: lenient (reward.lenient_math): a response that states no "
                         "final answer is scored on its last number; the paper's checker "
@@ -443,6 +452,11 @@ class Trainer:
             if "scheduler" in state:
                 self.scheduler.load_state_dict(state["scheduler"])
             log.info("resumed from %s at step %d", ckpt, self.step)
+        self.best = None  # {"step", "metric", "value", "checkpoint"} of the best evaluation
+        best = os.path.join(self.run_dir, BEST_FILE)
+        if ckpt and os.path.isfile(best):
+            with open(best) as f:
+                self.best = json.load(f)
         self.engine = None
         if c.rollout.backend == "vllm":
             if d.enabled:  # each rank would need its engine on torch.distributed's terms
@@ -467,7 +481,8 @@ class Trainer:
         held = []
         if os.path.isdir(self.run_dir):
             held = [n for n in sorted(os.listdir(self.run_dir))
-                    if n == "metrics.jsonl" or n.startswith(("checkpoint-", ".tmp-checkpoint-"))]
+                    if n in ("metrics.jsonl", BEST_FILE)
+                    or n.startswith(("checkpoint-", ".tmp-checkpoint-"))]
         if not held:
             return
         if not self.config.train.overwrite:
@@ -484,22 +499,27 @@ class Trainer:
                         self.run_dir)
         distributed.barrier(d)
 
+    def _over_budget(self, texts: list[str]) -> tuple[list[int], str]:
+        """Indices of the prompts over data.max_prompt_tokens, and the first few named."""
+        budget = self.config.data.max_prompt_tokens
+        lengths = [len(self.formatter.prompt_ids(t)) for t in texts]
+        over = [i for i, n in enumerate(lengths) if n > budget]
+        first = ", ".join(f"row {i + 1} ({lengths[i]} tokens)" for i in over[:5])
+        more = f" and {len(over) - 5} more" if len(over) > 5 else ""
+        return over, (f"{len(over)} of {len(texts)} prompts are longer than "
+                      f"data.max_prompt_tokens={budget}: {first}{more}")
+
     def _check_prompt_lengths(self) -> None:
         """Every row's prompt against data.max_prompt_tokens, before any model loads:
         data.overlong=error stops here naming the first rows, skip drops them (logged)."""
         c = self.config
-        budget = c.data.max_prompt_tokens
-        lengths = [len(self.formatter.prompt_ids(t)) for t in self.prompt_texts]
-        over = [i for i, n in enumerate(lengths) if n > budget]
+        over, what = self._over_budget(self.prompt_texts)
         if not over:
             return
-        first = ", ".join(f"row {i + 1} ({lengths[i]} tokens)" for i in over[:5])
-        more = f" and {len(over) - 5} more" if len(over) > 5 else ""
-        what = (f"{self.data_name}: {len(over)} of {len(lengths)} prompts are longer than "
-                f"data.max_prompt_tokens={budget}: {first}{more}")
+        what = f"{self.data_name}: {what}"
         if c.data.overlong == "error":
             raise ValueError(f"{what}; raise the budget or set data.overlong=skip")
-        keep = [i for i, n in enumerate(lengths) if n <= budget]
+        keep = sorted(set(range(len(self.rows))) - set(over))
         if len(keep) < c.train.prompts_per_step and self.dist.enabled or not keep:
             raise ValueError(f"{what}; skipping them leaves {len(keep)} rows, too few for "
                              f"train.prompts_per_step={c.train.prompts_per_step}")
@@ -507,6 +527,27 @@ class Trainer:
         self.rows = [self.rows[i] for i in keep]
         self.prompt_texts = [self.prompt_texts[i] for i in keep]
         self.row_numbers = [self.row_numbers[i] for i in keep]
+
+    def _load_eval_task(self):
+        """train.eval_file read, checked against the run's reward and rendered with the
+        run's prompt format, before any model loads (score_fast.evaluation's loader)."""
+        from score_fast.data import DataError, load_rows
+        from score_fast.evaluation import Task, detect_config, prepare_rows
+        c, path = self.config, self.config.train.eval_file
+        rows = load_rows(path, [], limit=c.train.eval_limit)
+        kind = c.reward.kind
+        config = detect_config(rows, path, c, kind=None if kind == "custom" else kind)
+        if config.reward.kind != kind:
+            raise DataError(f"train.eval_file {path}: its rows lack the fields of the run's "
+                            f"{kind} reward ({', '.join(c.required_fields())})")
+        problems, rows = prepare_rows(rows, config, path)
+        over, what = self._over_budget(problems)
+        if over:  # an evaluation scores every row, so none is skipped
+            raise ValueError(f"train.eval_file {path}: {what}; raise the budget or drop them")
+        if len(rows) < self.dist.world:
+            raise ValueError(f"train.eval_file {path} has {len(rows)} rows, fewer than the "
+                             f"{self.dist.world} ranks that evaluate a share each")
+        return Task(path, config, problems, rows)
 
     def load_models(self, ckpt: str | None) -> None:
         """The policy, the frozen reference and the optimizer, per the precision plan
@@ -781,8 +822,51 @@ class Trainer:
                                merged=self.config.model.lora.save_merged)
         # after the new one is complete (save_checkpoint's rename and barrier): rotate
         if self.config.train.keep_last is not None and self.dist.main:
-            rotate_checkpoints(self.run_dir, self.config.train.keep_last)
+            rotate_checkpoints(self.run_dir, self.config.train.keep_last,
+                               keep=[self.best["checkpoint"]] if self.best else ())
         return path
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy two-attempt metrics of the policy on train.eval_file (score-fast eval's
+        code: score_fast.evaluation), each rank a share of the rows; eval/* keys."""
+        from score_fast.evaluation import Task, breakdown_metrics, greedy_attempts
+        task, d = self.eval_task, self.dist
+        mine = list(range(d.rank, len(task.rows), d.world))
+        share = Task(task.path, task.config, [task.problems[i] for i in mine],
+                     [task.rows[i] for i in mine])
+        with distributed.generation(self.policy, d):
+            results = greedy_attempts(self.policy, self.tokenizer, share, self.eval_reward,
+                                      self.config.train.eval_max_new_tokens)
+        if d.enabled:  # back into file order: rank r holds rows r, r + world, ...
+            merged = [[None] * len(task.rows) for _ in results]
+            for rows, part in distributed.gather_objects((mine, results), d):
+                for column, values in zip(merged, part):
+                    for i, x in zip(rows, values):
+                        column[i] = x
+            results = tuple(merged)
+        table = breakdown_metrics(task.rows, *results)
+        return {f"eval/{k}": v for k, v in table["all"].items()}
+
+    def _is_best(self, metrics: dict) -> bool:
+        name = self.config.train.best_metric
+        value = metrics[f"eval/{name}"]
+        if self.best is not None and self.best["metric"] == name:
+            old = self.best["value"]
+            if not (value > old if BEST_METRICS[name] else value < old):
+                return False
+        self.best = {"step": self.step, "metric": name, "value": value,
+                     "checkpoint": f"checkpoint-{self.step}"}
+        return True
+
+    def _write_best(self) -> None:
+        """run_dir/best.json, replaced atomically (after its checkpoint is complete)."""
+        if not self.dist.main:
+            return
+        path = os.path.join(self.run_dir, BEST_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.best, f)
+        os.replace(path + ".tmp", path)
 
     def train(self, until: int | None = None, progress: bool = True) -> list[dict]:
         """Steps until `until` (default: the end of the schedule); checkpoints every
@@ -796,14 +880,29 @@ class Trainer:
         try:
             while self.step < end:
                 m = self.train_step()
-                if self.step % c.train.save_every == 0 or self.step == end:
+                evaluated = self.eval_task is not None and (
+                    self.step == self.total_steps
+                    or c.train.eval_every and self.step % c.train.eval_every == 0)
+                best = False
+                if evaluated:
+                    t = time.perf_counter()
+                    m.update(self.evaluate())
+                    best = self._is_best(m)
+                    m["time/eval_s"] = time.perf_counter() - t
+                    m["step_s"] += m["time/eval_s"]
+                if best or self.step % c.train.save_every == 0 or self.step == end:
                     t = time.perf_counter()
                     self.save()  # before the line: it is part of this step's time
+                    if best:  # only once its checkpoint is complete
+                        self._write_best()
                     m["time/checkpoint_s"] = time.perf_counter() - t
                     m["step_s"] += m["time/checkpoint_s"]
                 history.append(m)
                 bar.update(1)
-                if main and (self.step % c.train.log_every == 0 or self.step == end):
+                if evaluated and main:
+                    (bar.write if progress else log.info)(format_eval(m, self.best))
+                if main and (evaluated or self.step % c.train.log_every == 0
+                             or self.step == end):
                     self.reporter.log(self.step, m)
                     (bar.write if progress else log.info)(format_line(m))
                 every = c.train.log_samples_every
@@ -819,6 +918,15 @@ class Trainer:
             if self.step >= self.total_steps or sys.exc_info()[0] is not None:
                 self.reporter.close()  # the run's end (or its failure): flush and finish
         return history
+
+
+def format_eval(m: dict, best: dict | None) -> str:
+    line = (f"eval step {m['step']}: acc t1 {m['eval/acc_t1']:.3f} t2 {m['eval/acc_t2']:.3f} "
+            f"delta {m['eval/delta']:+.3f} i->c {m['eval/delta_i2c']:.3f} "
+            f"c->i {m['eval/delta_c2i']:.3f} ({int(m['eval/n'])} problems, greedy)")
+    if best:
+        line += f"; best {best['metric']} {best['value']:.3f} at step {best['step']}"
+    return line
 
 
 def format_line(m: dict) -> str:

@@ -8,6 +8,7 @@ import os
 import pytest
 from test_trainer import make_run
 
+from score_fast import demo_task
 from score_fast.trainer import Trainer
 
 
@@ -64,7 +65,10 @@ def test_plot_draws_a_runs_curves(tmp_path, capsys):
     from PIL import Image
 
     from score_fast.cli import main
-    c = make_run(tmp_path)
+    c = make_run(tmp_path, eval_every=2)  # held-out points at steps 2 and 4
+    held = tmp_path / "heldout.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in demo_task.make_problems(3, seed=5)))
+    c.train.eval_file = str(held)
     Trainer(c).train(progress=False)
     assert main(["plot", c.train.run_dir]) == 0
     out = capsys.readouterr().out.strip()

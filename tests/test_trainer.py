@@ -355,3 +355,68 @@ def test_step_time_breakdown_and_memory(tmp_path):
         assert spent >= 0.5 * m["step_s"]  # the named phases are most of the step
         assert m["mem/host_peak_rss_gib"] > 0.1 and m["lr"] == tr.config.train.lr
     assert "time/checkpoint_s" not in hist[0] and hist[1]["time/checkpoint_s"] > 0
+
+
+def test_eval_during_training_keeps_the_best_checkpoint(tmp_path):
+    """train.eval_file: greedy two-attempt metrics every eval_every steps and at the end,
+    logged as eval/*; the best by train.best_metric gets a checkpoint (written at that step
+    although none was due), best.json names it and keep_last never removes it; the metrics
+    are those of score-fast eval's code run on that checkpoint afterwards."""
+    from score_fast.evaluation import evaluate_greedy, load_task
+    from score_fast.models import load_model, load_tokenizer
+    c = make_run(tmp_path, save_every=100, keep_last=1, eval_every=1, eval_limit=6)
+    # greedy answers are always 4 characters long: reward their characters instead, so the
+    # held-out accuracy moves as the policy does
+    chars = tmp_path / "chars.py"
+    chars.write_text("def chars(completions, **_):\n"
+                     "    return [float(sum(map(ord, c)) % 3 == 0) for c in completions]\n")
+    c.reward.function = f"{chars}:chars"
+    held = tmp_path / "heldout.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in demo_task.make_problems(8, seed=9)))
+    c.train.eval_file = str(held)
+    tr = Trainer(c)
+    hist = tr.train(until=3, progress=False)
+    for m in hist:
+        assert m["eval/n"] == 6 and 0 <= m["eval/acc_t2"] <= 1 and m["time/eval_s"] > 0
+    logged = [json.loads(x) for x in open(os.path.join(tr.run_dir, "metrics.jsonl"))]
+    assert [m["eval/acc_t2"] for m in logged] == [m["eval/acc_t2"] for m in hist]
+    values = [m["eval/acc_t2"] for m in hist]
+    best = json.load(open(os.path.join(tr.run_dir, "best.json")))
+    assert best["value"] == max(values) and best["step"] == values.index(max(values)) + 1
+    assert best["checkpoint"] == f"checkpoint-{best['step']}" and best["metric"] == "acc_t2"
+    kept = sorted(d for d in os.listdir(tr.run_dir) if d.startswith("checkpoint"))
+    assert best["checkpoint"] in kept and len(kept) <= 2  # keep_last=1, plus the best
+    # the logged numbers are score-fast eval's on the saved weights of that step
+    path = os.path.join(tr.run_dir, best["checkpoint"])
+    model, tok = load_model(path, "checkpoint", torch.float32), load_tokenizer(path)
+    task = load_task(str(held), saved=c, limit=6)
+    again = evaluate_greedy(model, tok, task, tr.eval_reward)["all"]
+    assert again["acc_t2"] == best["value"] and again["n"] == 6
+    # a resumed run knows the best so far; the last step evaluates (end of the schedule)
+    c.train.resume = True
+    tr2 = Trainer(c)
+    assert tr2.best == best and tr2.step == 3
+    last = tr2.train(progress=False)[-1]
+    assert "eval/acc_t1" in last and os.path.isdir(os.path.join(tr.run_dir, "checkpoint-4"))
+
+
+def test_a_bad_eval_file_fails_before_any_model_loads(tmp_path, monkeypatch):
+    import score_fast.trainer as trainer_module
+    from score_fast.data import DataError
+
+    def no_models(*a, **k):
+        raise AssertionError("a model was loaded before the eval file was checked")
+    monkeypatch.setattr(trainer_module, "load_model", no_models)
+    c = make_run(tmp_path)
+    held = tmp_path / "heldout.jsonl"
+    held.write_text(json.dumps({"question": "1+1", "answer": "2"}) + "\n")
+    c.train.eval_file = str(held)
+    with pytest.raises(DataError, match="heldout.jsonl: cannot evaluate"):
+        Trainer(c)
+    rows = demo_task.make_problems(3, seed=2)
+    rows[1]["problem"] *= 30
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c.data.max_prompt_tokens = 60
+    with pytest.raises(ValueError, match=r"train.eval_file .*heldout.jsonl: 1 of 3 prompts are "
+                                         r"longer than data.max_prompt_tokens=60: row 2"):
+        Trainer(c)
