@@ -111,9 +111,10 @@ def _ew_config(n_cols: int) -> dict:
 
 @triton.jit
 def _chunk_lse_kernel(
-    # pointers: z [n, n_cols] (the chunk's logits before bias and 1/T, fp32), bias
-    # [V], targets [n] (int64), the fp32 [n] running max / sum / target logit, updated in place
-    z_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, zt_ptr,
+    # pointers: z [n, n_cols] (the chunk's logits before bias and 1/T, fp32), bias [V],
+    # targets [n] (int64), the fp32 [n] running max / sum / target logit / entropy sum,
+    # updated in place
+    z_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, zt_ptr, u_ptr,
     # sizes, chunk offset and the row stride of z
     n, n_cols, v0, stride_z,
     # scalars
@@ -122,13 +123,16 @@ def _chunk_lse_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Online log-sum-exp over one vocabulary chunk: fold the chunk's (x + b) / T into the
-    per-row (M, S) and pick the target logit when it lies in the chunk (fp32 math)."""
+    per-row (M, S) and pick the target logit when it lies in the chunk (fp32 math). Also
+    U = sum_v e^(z_v - M) (z_v - M), so the entropy is log S - U / S: relative to M, not
+    log S + M - E[z], which cancels catastrophically at |z| = 1e4."""
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_n < n
     tgt = tl.load(tgt_ptr + offs_n, mask=row_ok, other=-1)
     m = tl.load(m_ptr + offs_n, mask=row_ok, other=0.0)
     s = tl.load(s_ptr + offs_n, mask=row_ok, other=0.0)
     z_t = tl.load(zt_ptr + offs_n, mask=row_ok, other=0.0)
+    u = tl.load(u_ptr + offs_n, mask=row_ok, other=0.0)
     for c0 in range(0, n_cols, BLOCK_V):
         offs_c = c0 + tl.arange(0, BLOCK_V).to(tl.int64)
         c_ok = offs_c < n_cols
@@ -141,13 +145,21 @@ def _chunk_lse_kernel(
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # while a row has seen only -inf, shift by 0: exp(-inf - -inf) would be NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+        alpha = tl.exp(m - m_safe)
+        e = tl.exp(z - m_safe[:, None])
+        # U's old terms move from M to M_new: e^(z-M)(z-M) -> alpha e^(z-M)((z-M) + M-M_new)
+        shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
+        # a -inf logit's term: e = 0 times a (z - M) of 0, never 0 * -inf
+        u = alpha * (u + s * shift) + tl.sum(e * tl.where(e > 0, z - m_safe[:, None], 0.0),
+                                             axis=1)
+        s = s * alpha + tl.sum(e, axis=1)
         m = m_new
         hit = (v0 + offs_c)[None, :] == tgt[:, None]
         z_t = tl.maximum(z_t, tl.max(tl.where(hit, z, float("-inf")), axis=1))
     tl.store(m_ptr + offs_n, m, mask=row_ok)
     tl.store(s_ptr + offs_n, s, mask=row_ok)
     tl.store(zt_ptr + offs_n, z_t, mask=row_ok)
+    tl.store(u_ptr + offs_n, u, mask=row_ok)
 
 
 @triton.jit
@@ -213,21 +225,27 @@ def _mm_f32(a, b, acc=None):
     return acc.addmm_(a.float(), b.float())
 
 
+def _entropy(log_s, u, s):
+    """The softmax's entropy from the online sums: log S - U / S (0 for an all -inf row)."""
+    return (log_s - u / s).nan_to_num_(0.0).clamp_(min=0)
+
+
 def _fwd_chunked(h, w, b, t, rows, inv_t):
-    """logp, M, log S (fp32 [N], zero off `rows`) for the rows `rows` (int64, all live),
-    vocabulary chunk by chunk: fp32 z_c = h[rows] @ w[v0:v1].T (cuBLAS), then
-    _chunk_lse_kernel."""
+    """logp, M, log S and the entropy (fp32 [N], zero off `rows`) for the rows `rows`
+    (int64, all live), vocabulary chunk by chunk: fp32 z_c = h[rows] @ w[v0:v1].T (cuBLAS),
+    then _chunk_lse_kernel."""
     N = h.shape[0]
     V = w.shape[0]
     n = rows.numel()
     f32 = dict(device=h.device, dtype=torch.float32)
-    logp_all, m_all, ls_all = (torch.zeros(N, **f32) for _ in range(3))
+    logp_all, m_all, ls_all, ent_all = (torch.zeros(N, **f32) for _ in range(4))
     if n == 0:
-        return logp_all, m_all, ls_all
+        return logp_all, m_all, ls_all, ent_all
     hs = h if n == N else h.index_select(0, rows)
     ts = t if n == N else t.index_select(0, rows)
     m = torch.full((n,), float("-inf"), **f32)
     s = torch.zeros(n, **f32)
+    u = torch.zeros(n, **f32)
     z_t = torch.full((n,), float("-inf"), **f32)
     vc = _chunk_cols(n)
     cfg = _ew_config(min(vc, V))
@@ -235,17 +253,18 @@ def _fwd_chunked(h, w, b, t, rows, inv_t):
     for v0 in range(0, V, vc):
         v1 = min(v0 + vc, V)
         z = _mm_f32(hs, w[v0:v1].T)
-        _chunk_lse_kernel[grid](z, b if b is not None else z, ts, m, s, z_t, n, v1 - v0, v0,
-                                z.stride(0), inv_t, HAS_BIAS=b is not None, **cfg)
+        _chunk_lse_kernel[grid](z, b if b is not None else z, ts, m, s, z_t, u, n, v1 - v0,
+                                v0, z.stride(0), inv_t, HAS_BIAS=b is not None, **cfg)
         del z
     log_s = s.log()  # -inf for an all -inf row
     m = m.masked_fill_(m == float("-inf"), 0)
     # (z_t - M) - log S, not z_t - lse: at |z| = 1e4 an fp32 lse has an ulp of 1e-3
     lp = ((z_t - m) - log_s).clamp_(max=0).masked_fill_(z_t == float("-inf"), float("-inf"))
+    ent = _entropy(log_s, u, s)
     if n == N:
-        return lp, m, log_s
+        return lp, m, log_s, ent
     return (logp_all.index_copy_(0, rows, lp), m_all.index_copy_(0, rows, m),
-            ls_all.index_copy_(0, rows, log_s))
+            ls_all.index_copy_(0, rows, log_s), ent_all.index_copy_(0, rows, ent))
 
 
 def _bwd_chunked(h, w, b, t, rows, m, log_s, g, inv_t, need_dh=True, need_dw=True,
@@ -357,13 +376,14 @@ def _cpu_pass(h, w, b, t, rows, inv_t, state=None, grad_of=None, need_dh=True,
     state None: compute (logp, M, log S) with an online log-sum-exp over vocabulary chunks;
     else reuse the saved (M, log S). grad_of(chunk_index, rows, logp) -> fp32 g (or None)
     asks for D = g (onehot - p) / T in the same sweep, reusing the tile when the vocabulary
-    is one chunk. Returns logp, M, log S ([N] fp32, zero off `rows`) and fp32 dh, dw, db
-    (None unless a gradient was asked for)."""
+    is one chunk. Returns logp, M, log S, the entropy ([N] fp32, zero off `rows`; the
+    entropy only when state is None) and fp32 dh, dw, db (None unless a gradient was asked
+    for)."""
     N, H = h.shape
     V = w.shape[0]
     chunks = _vocab_chunks(V)
     f32 = dict(dtype=torch.float32, device=h.device)
-    logp_all, m_all, ls_all = (torch.zeros(N, **f32) for _ in range(3))
+    logp_all, m_all, ls_all, ent_all = (torch.zeros(N, **f32) for _ in range(4))
     if state is not None:
         m_all, ls_all = state
     dh = torch.zeros(N, H, **f32) if grad_of and need_dh else None
@@ -380,12 +400,23 @@ def _cpu_pass(h, w, b, t, rows, inv_t, state=None, grad_of=None, need_dh=True,
         if state is None:
             m = torch.full((_ROWS,), float("-inf"), **f32)
             s = torch.zeros(_ROWS, **f32)
+            u = torch.zeros(_ROWS, **f32)
             z_t = torch.full((_ROWS,), float("-inf"), **f32)
             for v0, v1 in chunks:
                 z = _tile(hc, w, b, v0, v1, inv_t)
                 m_new = torch.maximum(m, z.amax(-1))
                 m_safe = m_new.masked_fill(m_new == float("-inf"), 0)
-                s = s * torch.exp(m - m_safe) + torch.exp(z - m_safe[:, None]).sum(-1)
+                alpha = torch.exp(m - m_safe)
+                zs = z - m_safe[:, None]
+                e = torch.exp(zs)
+                # U = sum e^(z-M)(z-M) (_chunk_lse_kernel's doc): the old terms move to M_new
+                shift = (m - m_safe).masked_fill(m == float("-inf"), 0)
+                s_new = s * alpha + e.sum(-1)
+                # in place (two tiles besides z, as the log-sum-exp alone takes): a -inf
+                # logit's term is 0 * -inf = nan -> 0
+                u = alpha * (u + s * shift) + e.mul_(zs).nan_to_num_(0.0).sum(-1)
+                s = s_new
+                del zs, e
                 m = m_new
                 hit = (tc >= v0) & (tc < v1)
                 zt_c = z.gather(1, (tc - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
@@ -397,6 +428,7 @@ def _cpu_pass(h, w, b, t, rows, inv_t, state=None, grad_of=None, need_dh=True,
             lp = ((z_t - m) - log_s).clamp_(max=0).masked_fill_(z_t == float("-inf"),
                                                                 float("-inf"))
             logp_all[idx], m_all[idx], ls_all[idx] = lp[:n], m[:n], log_s[:n]
+            ent_all[idx] = _entropy(log_s, u, s)[:n]
         else:
             # padding rows: M = +inf gives p = 0 (their z may be anything)
             m = torch.full((_ROWS,), float("inf"), **f32)
@@ -431,13 +463,13 @@ def _cpu_pass(h, w, b, t, rows, inv_t, state=None, grad_of=None, need_dh=True,
             del z, d
         if need_dh:
             dh[idx] = dhc[:n]
-    return logp_all, m_all, ls_all, dh, dw, db
+    return logp_all, m_all, ls_all, ent_all, dh, dw, db
 
 
 # --------------------------------------------------------------------------- autograd
 def _forward(h, w, b, t, rows, inv_t, on_triton):
     if on_triton:  # rows are all live here (linear_logprobs: all N)
-        return _fwd_chunked(h, w, b, t, rows, inv_t)
+        return _fwd_chunked(h, w, b, t, rows, inv_t)[:3]
     return _cpu_pass(h, w, b, t, rows, inv_t)[:3]
 
 
@@ -445,7 +477,7 @@ def _backward(h, w, b, t, rows, m, log_s, g, inv_t, on_triton, need_dh, need_dw)
     if on_triton:  # g is the final upstream: dweight straight in the weight dtype
         return _bwd_chunked(h, w, b, t, rows, m, log_s, g, inv_t, need_dh, need_dw,
                             dw_dtype=w.dtype)
-    _, _, _, dh, dw, db = _cpu_pass(h, w, b, t, rows, inv_t, state=(m, log_s),
+    _, _, _, _, dh, dw, db = _cpu_pass(h, w, b, t, rows, inv_t, state=(m, log_s),
                                     grad_of=lambda ci, idx, lp: g.index_select(0, idx),
                                     need_dh=need_dh, need_dw=need_dw)
     return dh, dw, db

@@ -6,7 +6,9 @@ that never holds the [N, V] logits.
     == score_loss(linear_logprobs(hidden, weight, targets), ref_logp, turn, episode, adv,
                   stage=2)
 
-with the same formulas, reductions, edge cases and metrics dict as score_loss.py. The loss
+with the same formulas, reductions, edge cases and metrics dict as score_loss.py, plus
+entropy_t1 / entropy_t2: the policy's entropy (of softmax(logits / T)) averaged over each
+attempt's loss rows, from sums the log-sum-exp sweep keeps anyway. The loss
 is a sum of per-token terms, loss = sum_t w_t l_t(logp_t), so with g_t = w_t dl_t/dlogp_t
 (what score_loss's kernel writes per token; it depends on logp_t and per-token constants
 only) and D[t, v] = g_t (onehot(target_t)_v - p[t, v]) / T (linear_logprobs.py):
@@ -55,22 +57,39 @@ def linear_score_loss_ref(hidden, weight, targets, ref_logp, turn, episode, adva
     """The specification and test oracle in the inputs' dtype (fp64 in the tests): the full
     logits, token log-probabilities, then score_loss_ref; autograd gives the gradients."""
     logp = linear_logprobs_ref(hidden, weight, targets, bias, temperature)
-    return score_loss_ref(logp, ref_logp, turn, episode, advantages, stage=stage, beta1=beta1,
-                          beta2=beta2, kl=kl, old_logp=old_logp, clip_eps=clip_eps,
-                          reduction=reduction)
+    loss, metrics = score_loss_ref(logp, ref_logp, turn, episode, advantages, stage=stage,
+                                   beta1=beta1, beta2=beta2, kl=kl, old_logp=old_logp,
+                                   clip_eps=clip_eps, reduction=reduction)
+    with torch.no_grad():  # the entropy of softmax(x / T) per row, mean per attempt
+        x = (hidden @ weight.T + (0 if bias is None else bias)) / temperature
+        lsm = torch.log_softmax(x, -1)
+        ent = -torch.where(lsm > float("-inf"), lsm.exp() * lsm, 0.0).sum(-1).reshape(-1)
+        ent = ent.nan_to_num(0.0)  # an all -inf row
+        for k in (1, 2):
+            sel = turn.reshape(-1) == k
+            metrics[f"entropy_t{k}"] = ent[sel].sum() / max(int(sel.sum()), 1)
+    return loss, metrics
+
+
+def _entropy_sums(ent, turn):
+    """fp64 [2]: the policy's entropy summed over the attempt-1 and attempt-2 loss rows."""
+    t = turn.long()
+    return torch.zeros(3, dtype=torch.float64, device=ent.device).index_add_(
+        0, t, ent.double())[1:]
 
 
 def _run(h, w, b, t, ref, old, turn, ep, adv, cnt, scale, loss_args, inv_t, on_triton,
          need_dh, need_dw):
-    """Loss statistics (fp64 [len(_STATS)]) and fp32 gradients (None where not needed)."""
+    """Loss statistics (fp64 [len(_STATS) + 2]: score_loss's, then the entropy sums per
+    attempt) and fp32 gradients (None where not needed)."""
     rows = (turn > 0).nonzero().squeeze(1)  # the loss rows
     if on_triton:
-        logp, m, log_s = _fwd_chunked(h, w, b, t, rows, inv_t)
+        logp, m, log_s, ent = _fwd_chunked(h, w, b, t, rows, inv_t)
         stats, g = _score_loss_triton(logp, ref, old, turn, ep, adv, cnt, scale, *loss_args)
         dh = dw = db = None
         if need_dh or need_dw:  # fp32 dweight: backward scales it by the upstream first
             dh, dw, db = _bwd_chunked(h, w, b, t, rows, m, log_s, g, inv_t, need_dh, need_dw)
-        return stats, dh, dw, db
+        return torch.cat([stats, _entropy_sums(ent, turn)]), dh, dw, db
     parts = []
 
     def grad_of(_chunk, idx, lp):
@@ -80,12 +99,12 @@ def _run(h, w, b, t, ref, old, turn, ep, adv, cnt, scale, loss_args, inv_t, on_t
         parts.append(st)
         return g if (need_dh or need_dw) else None
 
-    _, _, _, dh, dw, db = _cpu_pass(h, w, b, t, rows, inv_t, grad_of=grad_of,
-                                    need_dh=need_dh, need_dw=need_dw)
+    _, _, _, ent, dh, dw, db = _cpu_pass(h, w, b, t, rows, inv_t, grad_of=grad_of,
+                                         need_dh=need_dh, need_dw=need_dw)
     stats = torch.zeros(len(_STATS), dtype=torch.float64, device=h.device)
     for st in parts:  # chunk order is fixed: a deterministic fp64 sum
         stats += st
-    return stats, dh, dw, db
+    return torch.cat([stats, _entropy_sums(ent, turn)]), dh, dw, db
 
 
 class _LinearScoreLoss(torch.autograd.Function):
@@ -162,4 +181,9 @@ def linear_score_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
                     need_dw)
 
     loss, stats = _LinearScoreLoss.apply(h, w, b, run)
-    return loss, _metrics(stats, old_logp is not None)
+    metrics = _metrics(stats[:len(_STATS)], old_logp is not None)
+    # the policy's entropy at the loss rows (its sampling distribution at temperature T),
+    # from the log-sum-exp sweep's own sums: no extra pass over the vocabulary
+    n = stats[_STATS.index("n1"):_STATS.index("n2") + 1].clamp(min=1)
+    metrics["entropy_t1"], metrics["entropy_t2"] = (stats[len(_STATS):] / n).unbind()
+    return loss, metrics

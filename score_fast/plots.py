@@ -1,7 +1,8 @@
 """`score-fast plot RUN_DIR`: a run's curves from its metrics.jsonl as one PNG (matplotlib,
 the [plot] extra): rewards per attempt (and the held-out greedy accuracies where the run
 evaluated train.eval_file), the sampled Delta with its i->c / c->i parts, KL per
-attempt, lengths per attempt, and where each step's time went (stacked)."""
+attempt, lengths per attempt, the policy's entropy per attempt, and where each step's time
+went (stacked)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,8 @@ _PANELS = (
                                    ("sample_delta_c2i", "c->i"))),
     ("KL to the reference", (("kl_t1", "attempt 1"), ("kl_t2", "attempt 2"))),
     ("length (tokens)", (("len_t1", "attempt 1"), ("len_t2", "attempt 2"))),
+    ("policy entropy (nats / trained token)", (("entropy_t1", "attempt 1"),
+                                              ("entropy_t2", "attempt 2"))),
 )
 
 
@@ -46,16 +49,13 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
                         marker="o" if len(have) < len(rows) else None)
         ax.set_title(title)
         ax.legend(fontsize=8)
-    ax = axes.flat[4]  # where the time went: each phase stacked, per logged step
+    ax = axes.flat[5]  # where the time went: each phase stacked, per logged step
     phases = sorted({k for r in rows for k in r if k.startswith("time/")})
     if phases:
         ax.stackplot(steps, [[r.get(p, 0.0) for r in rows] for p in phases],
                      labels=[p[5:-2] for p in phases])
         ax.legend(fontsize=7, loc="upper left")
     ax.set_title("step time (s) by phase")
-    ax = axes.flat[5]
-    ax.plot(steps, [r.get("loss", float("nan")) for r in rows], label="loss")
-    ax.set_title("loss")
     for ax in axes.flat:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

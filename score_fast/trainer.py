@@ -654,8 +654,8 @@ class Trainer:
         total = max(distributed.all_reduce_sum({"u": sum(units)}, d)["u"], 1)
         adv = o.adv[mine].to(self.device)
         kl = check_kl(c.train.kl)  # the estimator kind score_loss takes
-        out = {"loss": 0.0, "kl_sum1": 0.0, "kl_sum2": 0.0, "n1": 0, "n2": 0, "tokens": 0,
-               "nonfinite": 0}
+        out = {"loss": 0.0, "kl_sum1": 0.0, "kl_sum2": 0.0, "ent_sum1": 0.0, "ent_sum2": 0.0,
+               "n1": 0, "n2": 0, "tokens": 0, "nonfinite": 0}
         self.policy.train()
         for b, p, u in zip(batches, parts, units):
             ids, pos = b.input_ids.to(self.device), b.position_ids.to(self.device)
@@ -692,6 +692,8 @@ class Trainer:
             out["loss"] += loss.item() * u / total
             out["kl_sum1"] += m["kl_t1"].item() * n1
             out["kl_sum2"] += m["kl_t2"].item() * n2
+            out["ent_sum1"] += m["entropy_t1"].item() * n1
+            out["ent_sum2"] += m["entropy_t2"].item() * n2
             out["n1"] += n1
             out["n2"] += n2
         out = distributed.all_reduce_sum(out, d)
@@ -803,6 +805,9 @@ class Trainer:
                 "reward_t1": float(np.mean(s1)), "reward_t2": float(np.mean(s2)), **sc,
                 "kl_t1": out["kl_sum1"] / max(out["n1"], 1),
                 "kl_t2": out["kl_sum2"] / max(out["n2"], 1),
+                # the policy's entropy (at the sampling temperature) on the trained tokens
+                "entropy_t1": out["ent_sum1"] / max(out["n1"], 1),
+                "entropy_t2": out["ent_sum2"] / max(out["n2"], 1),
                 "len_t1": float(np.mean([len(e.attempt1_ids) for e in episodes])),
                 "len_t2": float(np.mean([len(e.attempt2_ids) for e in episodes])),
                 "grad_norm": norm, "lr": lr, "reward_errors": e1 + e2,
@@ -936,7 +941,8 @@ def format_line(m: dict) -> str:
             f"t2 {m['sample_acc_t2']:.3f} delta {m['sample_delta']:+.3f} "
             f"i->c {m['sample_delta_i2c']:.3f} c->i {m['sample_delta_c2i']:.3f} "
             f"edit {m.get('sample_edit_ratio', math.nan):.3f} KL t1 {m['kl_t1']:.4f} "
-            f"t2 {m['kl_t2']:.4f} len {m['len_t1']:.1f}/{m['len_t2']:.1f} "
+            f"t2 {m['kl_t2']:.4f} entropy {m['entropy_t1']:.3f}/{m['entropy_t2']:.3f} "
+            f"len {m['len_t1']:.1f}/{m['len_t2']:.1f} "
             f"tok/s gen {m['gen_tok_s']:.0f} train {m['train_tok_s']:.0f} "
             f"lr {m['lr']:.3g} {m['step_s']:.2f}s"
             + (f" MFU {100 * m['mfu']:.1f}%" if "mfu" in m else "")

@@ -275,3 +275,34 @@ def test_gpu_bf16(N, H, V):
 @pytest.mark.gpu
 def test_gpu_fp32():
     _check(_batch(128, 256, 32000, E=8, device="cuda"), stage=1, temperature=0.8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunks", [1, 8])
+def test_entropy_at_extreme_logits(backend, chunks, monkeypatch):
+    """entropy_t1 / entropy_t2 (from the log-sum-exp sweep's sums) against the fp64 full
+    softmax: a masked vocabulary (-inf bias), rows with logits of +-1e4 (a near-one-hot and
+    a wide row, where log S + M - E[z] would cancel to ~1e-3), across vocabulary chunks."""
+    _use(backend, monkeypatch)
+    if chunks > 1:
+        monkeypatch.setattr(ll, "_TILE_ELEMS", ll._ROWS * 128)  # 1000 columns -> 8 chunks
+    batch = _batch(8, 16, 1000, seed=3)
+    batch["bias"][::3] = float("-inf")
+    batch["targets"] = torch.where(batch["targets"] % 3 == 0, batch["targets"] + 1,
+                                   batch["targets"])
+    h = batch["hidden"]
+    h[1] *= 4000  # |logits| ~ 1e4: one token takes all the mass
+    h[2] *= 40  # ~ 100: a few tokens share it
+    batch["turn"] = torch.tensor([1, 1, 2, 2, 1, 0, 2, 1])
+    x = (h.double() @ batch["weight"].double().T + batch["bias"].double()) / 0.9
+    batch["targets"][1:3] = x[1:3].argmax(-1)  # sampled tokens: the likely ones
+    batch["ref_logp"][1:3] = torch.log_softmax(x[1:3], -1).gather(
+        1, batch["targets"][1:3, None]).squeeze(1).float() - 0.3
+    _, m, _ = _check(batch, stage=2, temperature=0.9)
+    one = dict(batch, turn=torch.tensor([0, 0, 0, 0, 0, 0, 0, 1]))  # one row: its entropy
+    p = torch.softmax(x[7], -1)
+    want = -(p[p > 0] * p[p > 0].log()).sum()
+    _, m1, _ = _call(linear_score_loss, one, 1.0, stage=2, temperature=0.9)
+    assert abs(m1["entropy_t1"].item() - want.item()) < 1e-5 and want > 1
+    assert m1["entropy_t2"] == 0  # no attempt-2 rows
+    assert m["entropy_t1"] > 0 and m["entropy_t2"] > 0

@@ -2,6 +2,7 @@
 loss, micro-batching, rewards that fail, NaN, metrics, and a short end-to-end run."""
 import collections
 import json
+import math
 import os
 
 import pytest
@@ -308,6 +309,8 @@ def test_end_to_end_train_logs_metrics(tmp_path):
         assert m["temperature"] == tr.config.rollout.temperature
         assert 0 <= m["sample_edit_ratio"] <= 1 and m["kl_t1"] >= 0 and m["kl_t2"] >= 0
         assert m["gen_tok_s"] > 0 and m["train_tok_s"] > 0 and 1 <= m["len_t1"] <= 4
+        V = len(tr.tokenizer)
+        assert 0 < m["entropy_t1"] <= math.log(V) and 0 < m["entropy_t2"] <= math.log(V)
     assert hist[1]["kl_t1"] > 0  # after one update the policy has left the reference
     assert sorted(d for d in os.listdir(tr.run_dir) if d.startswith("checkpoint")) == [
         "checkpoint-2", "checkpoint-4"]
@@ -420,3 +423,27 @@ def test_a_bad_eval_file_fails_before_any_model_loads(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"train.eval_file .*heldout.jsonl: 1 of 3 prompts are "
                                          r"longer than data.max_prompt_tokens=60: row 2"):
         Trainer(c)
+
+
+def test_entropy_is_the_policys_on_the_trained_tokens(tmp_path):
+    """entropy_t1 / entropy_t2 of a step: the mean entropy of softmax(logits / T) of the
+    policy at the positions that predict each attempt's tokens, as computed from its full
+    logits one episode at a time."""
+    c = make_run(tmp_path)
+    c.rollout.temperature = 0.7
+    tr = Trainer(c)
+    eps = _episodes(tr.tokenizer)
+    want = {1: [], 2: []}
+    with torch.no_grad():
+        for e in eps:
+            logits = tr.policy(input_ids=torch.tensor([e.ids])).logits[0].double() / 0.7
+            ent = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+            for pos, label in enumerate(e.labels[1:]):  # position pos predicts token pos + 1
+                if label in want:
+                    want[label].append(ent[pos].item())
+    obj = Objective(torch.ones(3, 2), torch.ones(3, 2, dtype=torch.bool), 2, 0.1, 0.1)
+    out = tr.loss_and_backward(eps, obj)
+    for k in (1, 2):
+        assert out[f"n{k}"] == len(want[k])
+        got = out[f"ent_sum{k}"] / out[f"n{k}"]
+        assert got == pytest.approx(sum(want[k]) / len(want[k]), rel=1e-5), k
