@@ -478,8 +478,8 @@ def _backward(h, w, b, t, rows, m, log_s, g, inv_t, on_triton, need_dh, need_dw)
         return _bwd_chunked(h, w, b, t, rows, m, log_s, g, inv_t, need_dh, need_dw,
                             dw_dtype=w.dtype)
     _, _, _, _, dh, dw, db = _cpu_pass(h, w, b, t, rows, inv_t, state=(m, log_s),
-                                    grad_of=lambda ci, idx, lp: g.index_select(0, idx),
-                                    need_dh=need_dh, need_dw=need_dw)
+                                       grad_of=lambda ci, idx, lp: g.index_select(0, idx),
+                                       need_dh=need_dh, need_dw=need_dw)
     return dh, dw, db
 
 

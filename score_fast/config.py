@@ -10,8 +10,8 @@ from typing import Literal, Optional
 
 __all__ = ["MATH_INSTRUCTION", "CODE_INSTRUCTION", "KL_ESTIMATORS", "DTYPES", "check_kl",
            "REDUCTIONS", "BASELINES", "BEST_METRICS",
-           "LoraConfig", "ModelConfig", "DataConfig", "VLLMConfig", "RolloutConfig", "SandboxConfig",
-           "RewardConfig",
+           "LoraConfig", "ModelConfig", "DataConfig", "VLLMConfig", "RolloutConfig",
+           "SandboxConfig", "RewardConfig",
            "Stage1Config", "Stage2Config", "TrainConfig", "EvalConfig", "Config",
            "config_from_dict"]
 

@@ -17,8 +17,8 @@ _PANELS = (
                                    ("sample_delta_c2i", "c->i"))),
     ("KL to the reference", (("kl_t1", "attempt 1"), ("kl_t2", "attempt 2"))),
     ("length (tokens)", (("len_t1", "attempt 1"), ("len_t2", "attempt 2"))),
-    ("policy entropy (nats / trained token)", (("entropy_t1", "attempt 1"),
-                                              ("entropy_t2", "attempt 2"))),
+    ("policy entropy (nats / trained token)",
+     (("entropy_t1", "attempt 1"), ("entropy_t2", "attempt 2"))),
 )
 
 

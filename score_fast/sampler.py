@@ -436,11 +436,11 @@ class TwoTurnSampler:
         lens = lengths[idx].tolist()
         w = max(lens)
         real = mask[idx, :n]
-        gathered = [(l.kbuf[idx, :, n - w:n], l.vbuf[idx, :, n - w:n]) for l in cache.layers]
+        gathered = [(c.kbuf[idx, :, n - w:n], c.vbuf[idx, :, n - w:n]) for c in cache.layers]
         for j, (s, L) in enumerate(zip(done, lens)):
             if bool(real[j, n - L:].all()):  # the row's real tokens are its last L columns
                 kv = [(k[j, :, w - L:], v[j, :, w - L:]) for k, v in gathered]
             else:  # holes (a row continued from an earlier turn): pick the real columns
-                kv = [(l.kbuf[s, :, :n][:, real[j]], l.vbuf[s, :, :n][:, real[j]])
-                      for l in cache.layers]
+                kv = [(c.kbuf[s, :, :n][:, real[j]], c.vbuf[s, :, :n][:, real[j]])
+                      for c in cache.layers]
             kept[slot_row[s]] = _Row(kv, L)

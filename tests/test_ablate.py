@@ -49,8 +49,9 @@ def test_full_score_is_the_paper_schedule():
 
 
 def test_summary_mean_and_std():
-    m = lambda a1, a2: {"acc_t1": a1, "acc_t2": a2, "delta": a2 - a1, "delta_i2c": 0.0,  # noqa: E731
-                        "delta_c2i": 0.0, "edit_ratio": 0.5}
+    m = lambda a1, a2: {  # noqa: E731
+        "acc_t1": a1, "acc_t2": a2, "delta": a2 - a1, "delta_i2c": 0.0,
+        "delta_c2i": 0.0, "edit_ratio": 0.5}
     results = [{"variant": "x", "seed": s, "train": m(a, b), "held_out": m(a, b)}
                for s, (a, b) in enumerate([(0.2, 0.4), (0.4, 0.4)])]
     s = summarize(results, ["x", "absent"])
@@ -59,7 +60,8 @@ def test_summary_mean_and_std():
     assert s["held_out"]["x"]["acc_t1"] == pytest.approx((0.3, 0.1))
     assert "absent" not in s["train"]
     text = format_summary(s, {"seeds": [0, 1], "n1": 1, "n2": 1}, 10, 5)
-    assert "| x | 30.0 ± 10.0 | 40.0 ± 0.0 | +10.0 ± 10.0 | 0.0 ± 0.0 | 0.0 ± 0.0 | 0.500 ± 0.000 |" in text
+    assert ("| x | 30.0 ± 10.0 | 40.0 ± 0.0 | +10.0 ± 10.0 | 0.0 ± 0.0 | 0.0 ± 0.0 | "
+            "0.500 ± 0.000 |") in text
 
 
 def test_quick_ablation_end_to_end(tmp_path):

@@ -288,7 +288,8 @@ def _reason(e, isinstance=isinstance, table=(
     for cls, reason in table:
         if isinstance(e, cls):
             if reason == "os_error":
-                return "file_size" if e.errno in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT) else "crash"
+                full = (errno.EFBIG, errno.ENOSPC, errno.EDQUOT)
+                return "file_size" if e.errno in full else "crash"
             return reason
     return "crash"
 
@@ -364,7 +365,6 @@ def _candidate(header: dict, call_r: int, call_w: int, exit_=os._exit, callable=
             send(call_w, {"err": "memory"})
         except (TypeError, ValueError, RecursionError):
             send(call_w, {"bad": "?"})
-
 
 
 # ---------------------------------------------------------------- checker process

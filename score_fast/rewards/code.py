@@ -129,7 +129,8 @@ class CodeReward(Reward):
         workdir = tempfile.mkdtemp(prefix="score_fast_code_")  # tmpfs goes over it, in-ns only
         self._dirs.append(workdir)
         paths = sysconfig.get_paths()
-        cfg = dict(uid=self._uid0 + slot, checker_uid=self._uid0 + 512 + slot, workdir=workdir, wall_s=c.wall_s, cpu_s=c.cpu_s,
+        cfg = dict(uid=self._uid0 + slot, checker_uid=self._uid0 + 512 + slot, workdir=workdir,
+                   wall_s=c.wall_s, cpu_s=c.cpu_s,
                    memory_mb=c.memory_mb, nproc=c.nproc, file_size_mb=c.file_size_mb,
                    disk_mb=c.disk_mb, open_files=c.open_files, preload=list(c.preload),
                    read_dirs=sorted({paths["stdlib"], paths["platstdlib"]}))
