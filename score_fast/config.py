@@ -266,6 +266,9 @@ class Stage1Config:
     beta2: float = 0.1
     """KL weight on attempt 1 (MATH 0.1, MBPP 0.25)"""
 
+    def __post_init__(self):
+        _at_least("stage1", 0, steps=self.steps, beta1=self.beta1, beta2=self.beta2)
+
 
 @dataclass
 class Stage2Config:
@@ -281,6 +284,7 @@ class Stage2Config:
     of the episodes with r1 = 0 and r2 = 1), no KL"""
 
     def __post_init__(self):  # a typo must not silently run the other method
+        _at_least("stage2", 0, steps=self.steps, alpha=self.alpha, beta1=self.beta1)
         if self.method not in ("reinforce", "star"):
             raise ValueError(f"stage2.method must be reinforce or star, got {self.method!r}")
 
@@ -434,6 +438,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):  # what no single section can check
+        if self.stage1.steps + self.stage2.steps < 1:
+            raise ValueError("stage1.steps + stage2.steps is 0: the run would train nothing")
         if self.train.baseline == "rloo" and self.rollout.samples_per_prompt < 2:
             raise ValueError("rollout.samples_per_prompt must be >= 2 with train.baseline=rloo: "
                              "the baseline of a sample is the mean reward of the prompt's other "

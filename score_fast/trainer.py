@@ -496,21 +496,25 @@ class Trainer:
                         self.run_dir)
         distributed.barrier(d)
 
-    def _over_budget(self, texts: list[str]) -> tuple[list[int], str]:
-        """Indices of the prompts over data.max_prompt_tokens, and the first few named."""
+    def _over_budget(self, texts: list[str]) -> tuple[list[int], str, list[int]]:
+        """Indices of the prompts over data.max_prompt_tokens, the first few named, and
+        every prompt's length."""
         budget = self.config.data.max_prompt_tokens
         lengths = [len(self.formatter.prompt_ids(t)) for t in texts]
         over = [i for i, n in enumerate(lengths) if n > budget]
         first = ", ".join(f"row {i + 1} ({lengths[i]} tokens)" for i in over[:5])
         more = f" and {len(over) - 5} more" if len(over) > 5 else ""
         return over, (f"{len(over)} of {len(texts)} prompts are longer than "
-                      f"data.max_prompt_tokens={budget}: {first}{more}")
+                      f"data.max_prompt_tokens={budget}: {first}{more}"), lengths
 
     def _check_prompt_lengths(self) -> None:
         """Every row's prompt against data.max_prompt_tokens, before any model loads:
-        data.overlong=error stops here naming the first rows, skip drops them (logged)."""
+        data.overlong=error stops here naming the first rows, skip drops them (logged).
+        Then the longest episode the run can sample against train.max_tokens."""
         c = self.config
-        over, what = self._over_budget(self.prompt_texts)
+        over, what, lengths = self._over_budget(self.prompt_texts)
+        self._check_episode_budget(max(n for i, n in enumerate(lengths) if i not in set(over))
+                                   if len(over) < len(lengths) else 0)
         if not over:
             return
         what = f"{self.data_name}: {what}"
@@ -525,6 +529,22 @@ class Trainer:
         self.prompt_texts = [self.prompt_texts[i] for i in keep]
         self.row_numbers = [self.row_numbers[i] for i in keep]
 
+    def _check_episode_budget(self, longest_prompt: int) -> None:
+        """A micro-batch of train.max_tokens must hold the longest episode: the longest
+        prompt + attempt 1 + the instruction + attempt 2, each attempt at its budget."""
+        c, f = self.config, self.formatter
+        if not self.prompt_texts:
+            return
+        instruction = max(len(f.instruction_ids(self.prompt_texts[0], ids))
+                          for ids in ([], [f.eos] if f.eos is not None else []))
+        longest = longest_prompt + 2 * c.rollout.max_new_tokens + instruction
+        if c.train.max_tokens < longest:
+            raise ValueError(
+                f"train.max_tokens={c.train.max_tokens} is below the longest episode this run "
+                f"can sample: the longest prompt ({longest_prompt} tokens) + 2 x "
+                f"rollout.max_new_tokens ({c.rollout.max_new_tokens}) + the instruction "
+                f"({instruction}) = {longest}; raise train.max_tokens to at least that")
+
     def _load_eval_task(self):
         """train.eval_file read, checked against the run's reward and rendered with the
         run's prompt format, before any model loads (score_fast.evaluation's loader)."""
@@ -538,7 +558,7 @@ class Trainer:
             raise DataError(f"train.eval_file {path}: its rows lack the fields of the run's "
                             f"{kind} reward ({', '.join(c.required_fields())})")
         problems, rows = prepare_rows(rows, config, path)
-        over, what = self._over_budget(problems)
+        over, what, _ = self._over_budget(problems)
         if over:  # an evaluation scores every row, so none is skipped
             raise ValueError(f"train.eval_file {path}: {what}; raise the budget or drop them")
         if len(rows) < self.dist.world:
@@ -634,7 +654,9 @@ class Trainer:
         mine = (sf.balanced_partition([len(e.ids) for e in episodes], d.world)[d.rank]
                 if d.enabled else list(range(len(episodes))))
         seqs = [episodes[i].ids for i in mine]
-        # an episode longer than the budget gets a micro-batch of its own
+        # the run's start checked that every episode fits (_check_episode_budget); one that
+        # does not (a chat template whose instruction grows with the problem) gets a
+        # micro-batch of its own
         budget = max(c.train.max_tokens, max(len(s) for s in seqs))
         batches = sf.pack(seqs, budget, segments=[episodes[i].labels for i in mine])
         if d.enabled:

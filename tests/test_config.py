@@ -127,3 +127,24 @@ def test_reward_settings_reach_the_reward():
     with make_reward_from(Config(reward=RewardConfig(kind="code"))) as r:  # the defaults
         from score_fast.rewards import CodeRewardConfig
         assert r.config.wall_s == CodeRewardConfig.wall_s
+
+
+def test_values_that_would_silently_train_wrong_are_refused(tmp_path):
+    """Each of these once ran without a word (issue 18): steps that train nothing, negative
+    step counts, a KL weight below 0, and a token budget below the longest episode (it was
+    raised silently per micro-batch); the last is checked against the run's real prompts
+    and instruction, naming the numbers."""
+    from score_fast.config import Stage1Config, Stage2Config
+    with pytest.raises(ValueError, match="stage1.steps must be >= 0"):
+        Stage1Config(steps=-3)
+    with pytest.raises(ValueError, match="stage2.beta1 must be >= 0"):
+        Stage2Config(beta1=-0.1)
+    with pytest.raises(ValueError, match=r"stage1.steps \+ stage2.steps is 0"):
+        Config(stage1=Stage1Config(steps=0), stage2=Stage2Config(steps=0))
+    from test_trainer import make_run
+    from score_fast.trainer import Trainer
+    c = make_run(tmp_path, max_tokens=16)
+    with pytest.raises(ValueError, match=r"train.max_tokens=16 is below the longest episode this "
+                                         r"run can sample: the longest prompt \(\d+ tokens\) \+ "
+                                         r"2 x rollout.max_new_tokens \(4\) \+ the instruction"):
+        Trainer(c)

@@ -175,7 +175,7 @@ def test_star_step_without_corrections_trains_nothing(tmp_path):
 
 def test_micro_batching_does_not_change_gradients(tmp_path):
     grads = []
-    for budget in (30, 4096):
+    for budget in (40, 4096):  # 40: one ~25-token episode a micro-batch
         tr = Trainer(make_run(tmp_path, max_tokens=budget))
         eps = _episodes(tr.tokenizer)
         adv = torch.tensor([[0.5, -1.0], [0.0, 2.0], [-0.5, 1.0]])
