@@ -13,7 +13,7 @@ __all__ = ["MATH_INSTRUCTION", "CODE_INSTRUCTION", "KL_ESTIMATORS", "DTYPES", "c
            "LoraConfig", "ModelConfig", "DataConfig", "VLLMConfig", "RolloutConfig",
            "SandboxConfig", "RewardConfig",
            "Stage1Config", "Stage2Config", "TrainConfig", "EvalConfig", "Config",
-           "config_from_dict"]
+           "config_from_dict", "config_changes", "RESUME_FREE"]
 
 # The paper's self-correction instructions (Appendix C), quoted.
 MATH_INSTRUCTION = (
@@ -360,6 +360,10 @@ class TrainConfig:
     resume: Optional[bool] = False
     """true: continue from the last complete checkpoint in run_dir (an error when there is
     none); false: start at step 0; null: continue when there is one"""
+    allow_config_change: bool = False
+    """resume even where the config differs from the checkpoint's in a field that changes
+    what the run trains (lr, seed, data, rewards, stages, ...: all but the logging, saving,
+    evaluation and execution fields of RESUME_FREE); each difference is then logged"""
     overwrite: bool = False
     """start over in a run_dir that already holds a run (metrics.jsonl or checkpoints, which
     are removed first); without it, and without resume, such a run_dir is an error"""
@@ -498,6 +502,40 @@ class EvalConfig:
                              f"attempts each corrected once), got {self.samples}")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+
+
+# Fields a resume may change without allow_config_change: where and how often the run logs,
+# saves and evaluates, and how its work is split and executed (micro-batch budget, rollout
+# backend and batching, reward workers, recomputation). A prefix ending in "." or "_"
+# covers a section or a family of fields.
+RESUME_FREE = ("train.run_dir", "train.resume", "train.overwrite", "train.allow_config_change",
+               "train.log_every", "train.report_to", "train.log_samples",
+               "train.log_samples_every", "train.save_every",
+               "train.keep_last", "train.eval_", "train.best_metric", "train.max_tokens",
+               "rollout.gen_batch_size", "rollout.episodes_in_flight", "rollout.backend",
+               "rollout.vllm.", "reward.workers", "model.gradient_checkpointing",
+               "model.attn_implementation", "model.offload_optimizer",
+               "model.lora.save_merged")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """"field: old -> new" for each field (nested-dict configs, as config.yaml holds them)
+    that differs between `old` and `new` and is not one a resume may change (RESUME_FREE)."""
+    a, b = _flat(old), _flat(new)
+    free = lambda k: any(k == f or k.startswith(f) and f[-1] in "._"  # noqa: E731
+                         for f in RESUME_FREE)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if not free(k) and a.get(k) != b.get(k)]
 
 
 def config_from_dict(d: dict) -> Config:

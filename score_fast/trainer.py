@@ -47,9 +47,9 @@ import yaml
 import score_fast as sf
 from score_fast import distributed
 from score_fast.attention import use_varlen_attention
-from score_fast.checkpoint import (STATE_FILE, latest_checkpoint, load_state,
-                                   rotate_checkpoints,
-                                   save_checkpoint, set_rng_state)
+from score_fast.checkpoint import (STATE_FILE, load_state, recover_interrupted,
+                                   rotate_checkpoints, save_checkpoint, set_rng_state,
+                                   usable_checkpoint)
 from score_fast.config import BEST_METRICS, Config, check_kl, config_from_dict
 from score_fast.flops import matmul_params, peak_flops, step_flops
 from score_fast.models import (GC_AUTO_PARAMS, apply_lora, is_lora, load_lora, load_model,
@@ -410,7 +410,24 @@ class Trainer:
                         "final answer is scored on its last number; the paper's checker "
                         "scores it 0")
         self.run_dir = c.train.run_dir
-        ckpt = latest_checkpoint(self.run_dir) if c.train.resume is not False else None
+        if d.main:  # what an interrupted save left behind
+            for done in recover_interrupted(self.run_dir):
+                log.warning("%s: %s (an interrupted save)", self.run_dir, done)
+        distributed.barrier(d)
+        # the newest checkpoint whose files verify (a damaged one is named and skipped):
+        # rank 0 reads and hashes them, the others take its answer (or its error)
+        ckpt = None
+        if c.train.resume is not False:
+            found = None
+            if d.main:
+                try:
+                    found = usable_checkpoint(self.run_dir)
+                except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                    found = e
+            found = distributed.gather_objects(found, d)[0] if d.enabled else found
+            if isinstance(found, Exception):
+                raise found
+            ckpt = found
         if c.train.resume is True and ckpt is None:
             raise FileNotFoundError(
                 f"train.resume=true but {self.run_dir} holds no complete checkpoint "
@@ -431,6 +448,8 @@ class Trainer:
             saved["model"]["path"] = saved["model"]["path"] or "passed to Trainer: " + str(
                 getattr(model.config, "_name_or_path", "") or type(model).__name__)
         self.config_yaml = yaml.safe_dump(saved, sort_keys=False)
+        if ckpt:
+            self._check_resumed_config(ckpt, saved)
         from score_fast.reporting import Reporter
         self.reporter = Reporter(c.train.report_to, self.run_dir, config=saved,
                                  enabled=d.main)
@@ -452,6 +471,8 @@ class Trainer:
             if "scheduler" in state:
                 self.scheduler.load_state_dict(state["scheduler"])
             log.info("resumed from %s at step %d", ckpt, self.step)
+            if d.main:
+                self._cut_logs()
         self.best = None  # {"step", "metric", "value", "checkpoint"} of the best evaluation
         best = os.path.join(self.run_dir, BEST_FILE)
         if ckpt and os.path.isfile(best):
@@ -467,6 +488,49 @@ class Trainer:
             # the files are not the policy after a resume, nor with LoRA's own init
             self.sync_engine()
             log.info("vLLM engine up in %.1fs", self.engine.startup_s)
+
+    def _check_resumed_config(self, ckpt: str, saved: dict) -> None:
+        """A resume continues the checkpoint's run: a field that changes what it trains
+        (config.config_changes) is refused unless train.allow_config_change."""
+        from score_fast.config import config_changes
+        path = os.path.join(ckpt, "config.yaml")
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            changes = config_changes(yaml.safe_load(f) or {}, saved)
+        if not changes:
+            return
+        if not self.config.train.allow_config_change:
+            raise ValueError(f"resuming {ckpt} with a config that changes the run: "
+                             f"{'; '.join(changes)}. Resume with the checkpoint's values, or "
+                             f"set train.allow_config_change=true to continue with these")
+        for change in changes:
+            log.warning("resumed with a changed config (train.allow_config_change): %s",
+                        change)
+
+    def _cut_logs(self) -> None:
+        """A resume at step N drops what was logged after N (steps the killed run took past
+        its last checkpoint, which this run takes again) from metrics.jsonl and samples.jsonl;
+        TensorBoard and wandb keep theirs (they file a repeated step under the new values)."""
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            path = os.path.join(self.run_dir, name)
+            if not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                lines = f.readlines()
+            keep = []
+            for line in lines:
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                    pass
+            if len(keep) != len(lines):
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(keep)
+                os.replace(path + ".tmp", path)
+                log.warning("%s: dropped %d lines logged after step %d (resumed there)", path,
+                            len(lines) - len(keep), self.step)
 
     def sync_engine(self) -> float:
         """Push the policy's weights into the vLLM engine (after every optimizer step)."""

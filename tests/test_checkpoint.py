@@ -1,4 +1,5 @@
 """Checkpoints: HF round trip, atomic writes, and resume = uninterrupted run, exactly."""
+import json
 import os
 
 import torch
@@ -99,3 +100,96 @@ def test_keep_last_in_training_then_resume(tmp_path):
     resumed.train(progress=False)
     names = sorted(n for n in os.listdir(c.train.run_dir) if n.startswith("checkpoint"))
     assert names == ["checkpoint-3", "checkpoint-4"]
+
+
+def _run_three(tmp_path):
+    """3 steps with a checkpoint after each (make_run's tiny model); returns its config."""
+    c = make_run(tmp_path, save_every=1)
+    Trainer(c).train(until=3, progress=False)
+    return c
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite_4k", "empty_optimizer",
+                                    "missing_file"])
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumes(tmp_path, caplog, damage):
+    """Each damage once loaded silently or died in a library with no file named: now the
+    manifest check names the file and the run resumes from checkpoint-2 (and cuts the
+    metrics logged after it)."""
+    c = _run_three(tmp_path)
+    ck = os.path.join(c.train.run_dir, "checkpoint-3")
+    weights = os.path.join(ck, "model.safetensors")
+    if damage == "truncate":
+        with open(weights, "r+b") as f:
+            f.truncate(os.path.getsize(weights) // 2)
+    elif damage == "overwrite_4k":  # same size: only the checksum can tell
+        with open(weights, "r+b") as f:
+            f.seek(os.path.getsize(weights) // 2)
+            f.write(b"\x7f" * 4096)
+    elif damage == "empty_optimizer":
+        state = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=False)
+        state["optimizer"]["state"] = {}
+        torch.save(state, os.path.join(ck, "trainer_state.pt"))
+    else:
+        os.remove(os.path.join(ck, "tokenizer.json"))
+    c.train.resume = True
+    with caplog.at_level("WARNING", logger="score_fast"):
+        tr = Trainer(c)
+    assert tr.step == 2
+    what = {"truncate": "model.safetensors is", "overwrite_4k": "model.safetensors does not "
+            "match its SHA-256", "empty_optimizer": "trainer_state.pt",
+            "missing_file": "tokenizer.json is missing"}[damage]
+    assert any("checkpoint-3 is damaged" in r.message and what in r.message
+               for r in caplog.records), [r.message for r in caplog.records]
+    steps = [json.loads(x)["step"] for x in open(os.path.join(c.train.run_dir,
+                                                               "metrics.jsonl"))]
+    assert steps == [1, 2]  # step 3 is trained again, not logged twice
+    tr.train(until=3, progress=False)
+    steps = [json.loads(x)["step"] for x in open(os.path.join(c.train.run_dir,
+                                                               "metrics.jsonl"))]
+    assert steps == [1, 2, 3]
+
+
+def test_every_checkpoint_damaged_is_an_error_naming_them(tmp_path):
+    from score_fast.checkpoint import CheckpointError
+    c = make_run(tmp_path, save_every=1)
+    Trainer(c).train(until=2, progress=False)
+    for n in (1, 2):
+        with open(os.path.join(c.train.run_dir, f"checkpoint-{n}", "config.yaml"), "a") as f:
+            f.write("# edited\n")
+    c.train.resume = None
+    with pytest.raises(CheckpointError, match=r"every checkpoint in .* is damaged, nothing to "
+                                              r"resume: checkpoint-2: config.yaml is \d+ bytes"):
+        Trainer(c)
+
+
+def test_resume_refuses_a_changed_run_unless_allowed(tmp_path, caplog):
+    """lr and seed change what the run trains: refused, naming old and new; logging and
+    saving fields may change; train.allow_config_change continues, logging each change."""
+    c = make_run(tmp_path)
+    Trainer(c).train(until=2, progress=False)
+    c.train.resume, c.train.lr, c.train.seed = True, 5e-3, 7
+    with pytest.raises(ValueError, match=r"changes the run: train.lr: 0.01 -> 0.005; "
+                                         r"train.seed: 0 -> 7\. Resume with"):
+        Trainer(c)
+    c.train.lr, c.train.seed = 1e-2, 0
+    c.train.log_every, c.train.save_every, c.train.max_tokens = 3, 5, 2048  # free to change
+    assert Trainer(c).step == 2
+    c.train.lr, c.train.allow_config_change = 5e-3, True
+    with caplog.at_level("WARNING", logger="score_fast"):
+        assert Trainer(c).step == 2
+    assert any("train.lr: 0.01 -> 0.005" in r.message for r in caplog.records)
+
+
+def test_an_interrupted_resave_is_recovered(tmp_path):
+    """Killed between a re-save's two renames: checkpoint-2 sits in .old-checkpoint-2 and
+    the new one in .tmp-checkpoint-2. The next start puts the old one back and removes the
+    unfinished one, and resumes from it."""
+    c = make_run(tmp_path)
+    Trainer(c).train(until=2, progress=False)
+    run = c.train.run_dir
+    os.replace(os.path.join(run, "checkpoint-2"), os.path.join(run, ".old-checkpoint-2"))
+    os.makedirs(os.path.join(run, ".tmp-checkpoint-2"))
+    c.train.resume = True
+    tr = Trainer(c)
+    assert tr.step == 2 and sorted(n for n in os.listdir(run) if "checkpoint" in n) == [
+        "checkpoint-2"]
