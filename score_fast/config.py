@@ -245,8 +245,9 @@ class RewardConfig:
     worker holds sympy (~150 MB resident); a code worker runs one candidate at a time"""
     timeout_s: Optional[float] = None
     """math: seconds per answer check (None: 5; a cold worker's first check takes ~0.3 s,
-    warm ones 1-50 ms). code: wall-clock seconds per candidate program (None: 10).
-    A check that runs out scores 0, counted as "timeout" in the step's zeros"""
+    warm ones 1-50 ms). code: wall-clock seconds per candidate program (None: 10). A check
+    that runs out scores 0, counted as "timeout" in the step's zeros. custom: seconds per
+    call of the function on a batch (None: 300); past it the run stops, naming it"""
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
     def __post_init__(self):

@@ -216,6 +216,8 @@ def score_episodes(reward, texts: list[str], rows: list[dict], name: str = "rewa
 
     try:
         return one_batch(texts, rows), 0, []
+    except TimeoutError as e:  # a stuck reward: one call per sample would take N times as long
+        raise RewardError(f"{name}: {e}") from e
     except Exception as batch_error:  # noqa: BLE001 - any user reward error
         scores, errors = [], []
         for t, r in zip(texts, rows):
@@ -286,7 +288,8 @@ def make_reward_from(config: Config):
     r = config.reward
     if r.kind == "custom":
         return make_reward({"kind": "custom", "function": r.function,
-                            "problem_field": config.problem_field()})
+                            "problem_field": config.problem_field(),
+                            **({} if r.timeout_s is None else {"timeout_s": r.timeout_s})})
     limits = {"workers": r.workers}
     if r.kind == "math":
         if r.timeout_s is not None:
@@ -396,7 +399,9 @@ class Trainer:
         elif callable(reward):
             from score_fast.rewards import make_reward
             self.reward = make_reward({"kind": "custom", "function": reward,
-                                       "problem_field": c.problem_field()})
+                                       "problem_field": c.problem_field(),
+                                       **({} if c.reward.timeout_s is None
+                                          else {"timeout_s": c.reward.timeout_s})})
         else:
             raise TypeError(f"Trainer(reward=...) takes a score_fast Reward or a function, "
                             f"got {type(reward).__name__}")

@@ -120,3 +120,43 @@ def test_a_callable_through_the_api_trains_and_is_named_in_config_yaml(tmp_path)
     saved = yaml.safe_load(open(tmp_path / "run" / "config.yaml"))
     assert saved["reward"]["function"].endswith(":test_a_callable_through_the_api_trains_and_"
                                                 "is_named_in_config_yaml.<locals>.parity")
+
+
+def _sleeper(completions, **_):
+    import time
+    time.sleep(8)  # the abandoned helper thread of the test below ends with it
+    return [1.0] * len(completions)
+
+
+def _sleeper_catching_everything(completions, **_):
+    import time
+    try:
+        time.sleep(8)
+    except Exception:  # a user function that swallows errors does not swallow the timeout
+        pass
+    return [1.0] * len(completions)
+
+
+@pytest.mark.parametrize("fn", [_sleeper, _sleeper_catching_everything])
+def test_a_stuck_custom_reward_times_out_naming_itself(fn):
+    import threading
+    import time
+    r = make_reward({"kind": "custom", "function": fn, "timeout_s": 0.5})
+    t = time.perf_counter()
+    with pytest.raises(TimeoutError, match=r"custom reward '.*_sleeper.*' on 2 completions ran "
+                                           r"past reward.timeout_s=0.5 s"):
+        r.score(["a", "b"], [{}, {}])
+    assert time.perf_counter() - t < 5
+    out = []  # off the main thread (no SIGALRM there): a helper thread, abandoned
+    th = threading.Thread(target=lambda: out.append(pytest.raises(
+        TimeoutError, r.score, ["a"], [{}])))
+    th.start()
+    th.join(10)
+    assert out and out[0].match("ran past reward.timeout_s")
+
+
+def test_the_trainer_stops_on_a_stuck_reward_with_its_name():
+    from score_fast.trainer import RewardError, score_episodes
+    r = make_reward({"kind": "custom", "function": _sleeper, "timeout_s": 0.3})
+    with pytest.raises(RewardError, match="ran past reward.timeout_s=0.3 s"):
+        score_episodes(r, ["a", "b", "c"], [{}, {}, {}])

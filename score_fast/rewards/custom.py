@@ -6,14 +6,22 @@ Python API, as the callable itself), called once per batch in either convention:
     ..., **row_fields), all by keyword; prompts = the rows' problem field (what the model was
     asked; reward.problem_field), the row fields as in TRL minus names it takes itself.
 It must return one finite float per completion; anything else is an error naming the
-function, never a silent 0 (a wrong reward trains silently)."""
+function, never a silent 0 (a wrong reward trains silently).
+
+A call has timeout_s seconds (reward.timeout_s; default 300 s a batch): past it the call is
+interrupted (SIGALRM, when called in the main thread; a thread pool's call is left to
+finish in the background) and RewardTimeout names the function and the limit, instead of
+training hanging on a stuck function."""
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import concurrent.futures
 import inspect
 import math
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -27,6 +35,42 @@ class CustomRewardConfig:
     # the callable itself (Python API)
     function: str | Callable = ""
     problem_field: str = "problem"  # TRL-style functions get it as `prompts`
+    timeout_s: float = 300.0  # per call (a batch): RewardTimeout past it
+
+
+class RewardTimeout(TimeoutError):
+    """A reward call ran past its time limit (not a per-sample failure: the trainer stops)."""
+
+
+class _Alarm(BaseException):  # BaseException: a user function's `except Exception` passes it
+    pass
+
+
+def call_with_timeout(fn: Callable, timeout_s: float, what: str):
+    """fn() within timeout_s seconds, else RewardTimeout naming `what`. In the main thread
+    a SIGALRM interrupts it (any Python code, time.sleep included); elsewhere it runs in a
+    helper thread that is abandoned on timeout (Python cannot stop a thread)."""
+    message = f"{what} ran past reward.timeout_s={timeout_s:g} s"
+    if threading.current_thread() is threading.main_thread():
+        def alarm(signum, frame):
+            raise _Alarm
+
+        previous = signal.signal(signal.SIGALRM, alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        try:
+            return fn()
+        except _Alarm:
+            raise RewardTimeout(message) from None
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(fn).result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        raise RewardTimeout(message) from None
+    finally:
+        pool.shutdown(wait=False)
 
 
 def function_name(spec: str | Callable) -> str:
@@ -82,9 +126,11 @@ class CustomReward(Reward):
             fields = {k: v for k, v in fields.items() if k not in ("prompts", "completions")}
             if self.takes_prompts:
                 fields["prompts"] = [row.get(self.config.problem_field) for row in rows]
-            out = self.fn(completions=responses, **fields)
+            call = lambda: self.fn(completions=responses, **fields)  # noqa: E731
         else:
-            out = self.fn(responses, **fields)
+            call = lambda: self.fn(responses, **fields)  # noqa: E731
+        out = call_with_timeout(call, self.config.timeout_s,
+                                f"custom reward {name!r} on {len(responses)} completions")
         try:
             scores = [float(s) for s in out]
         except (TypeError, ValueError) as e:
