@@ -50,11 +50,32 @@ TABLE = [
     (PAPER.format(r"\begin{pmatrix}1&2\\3&5\end{pmatrix}"), r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", "wrong_answer"),
     (PAPER.format(r"2 \text{ or } 3"), "2", "wrong_answer"),  # two answers: a hedge
     (r"either $2$ and $3$, The final answer is $2$ and $3$", "2", "wrong_answer"),
-    (r"First \boxed{2}, no wait, \boxed{3}", "2", "wrong_answer"),  # the last one counts
+    (r"First \boxed{2}, no wait, \boxed{3}", "2", "hedged"),  # two answers: 0 either way
     (PAPER.format("3.14"), r"\pi", "wrong_answer"),
     (PAPER.format("x+1"), "x-1", "wrong_answer"),
     (PAPER.format("1001"), "1000", "wrong_answer"),
     (PAPER.format(r"-\frac{3}{4}"), "0.75", "wrong_answer"),
+    # ways a response was paid without giving the answer (issue 18), now 0
+    (r"First \boxed{6}. Actually \boxed{5}", "5", "hedged"),
+    (PAPER.format("6") + " " + PAPER.format("5"), "5", "hedged"),
+    (r"\boxed{3,3,3}", "3", "wrong_answer"),  # three items against one
+    (r"\boxed{2,3,3}", "2,3", "wrong_answer"),
+    (r"\boxed{2,2,3}", "2,3,3", "wrong_answer"),  # equal counts: matched as a multiset
+    (r"\boxed{3\%}", "3", "wrong_answer"),  # 3% is 0.03
+    (r"\boxed{3\text{ km}}", r"3\text{ m}", "wrong_answer"),  # units on both sides differ
+    (PAPER.format(r"4 \text{ cm}^2"), r"4\text{ cm}", "wrong_answer"),
+    # ... and what still counts as equal
+    (r"\boxed{\frac12}, that is \boxed{0.5}", "1/2", "ok"),  # two boxes, one value
+    (PAPER.format(r"\boxed{5}"), "5", "ok"),
+    (r"\boxed{3,2,3}", "2,3,3", "ok"),
+    (r"\boxed{300\%}", "3", "ok"),  # percent is part of the value
+    (r"\boxed{25}", r"25\%", "ok"),  # "what percent": the number of percent
+    (r"\boxed{0.25}", r"25\%", "ok"),
+    (r"\boxed{3\text{ meters}}", r"3\text{ m}", "ok"),
+    (r"\boxed{3}", r"3\text{ m}", "ok"),  # a unit on one side only is dropped
+    (r"\boxed{1,000}", "1000", "ok"),  # thousands separators are not a list
+    (r"\boxed{\{1,2\}}", r"\{2,1\}", "ok"),
+    ("The answer: 1 2 3 4 5 6 7", "7", "no_answer"),  # no last-number fallback by default
     # nothing to extract
     ("I don't know.", "5", "no_answer"),
     ("", "5", "no_answer"),
@@ -78,7 +99,7 @@ def test_table(reward):
              if got != want]
     assert not wrong, wrong
     assert result.scores == [1.0 if want == "ok" else 0.0 for _, _, want in TABLE]
-    assert result.failures()["no_answer"] == 6
+    assert result.failures()["no_answer"] == 7
 
 
 @pytest.mark.parametrize("response,answer", [

@@ -8,7 +8,10 @@ reward.lenient_math) also takes the last plain number of such a response: not th
 checker, and it credits attempt-1 text that never commits to an answer (a trainer using it
 says so when it starts). math-verify then compares the answer with the reference, so
 1/2 = 0.5 = \\frac{1}{2} = \\dfrac12, 10\\% = 0.1, 1,000 = 1000, 5\\text{ cm} = 5, {1,2} = {2,1},
-intervals, matrices and equations are handled.
+intervals, matrices and equations are handled, within the rules of "what counts as equal"
+below: a response stating two different final answers gets 0 ("hedged"), lists must have
+the reference's number of items, percent is part of a value, and units that both sides
+state must agree.
 
 Parsing can hang on hostile input (sympy expanding 2^{2^{2^{99}}}, regex backtracking), and
 math-verify's own timeout uses SIGALRM, which only works in a main thread. So checks run in
@@ -69,8 +72,10 @@ def last_boxed(text: str) -> str | None:
     m = None
     for m in _BOXED.finditer(text):
         pass
-    if m is None:
-        return None
+    return None if m is None else _box_content(text, m)
+
+
+def _box_content(text: str, m: re.Match) -> str | None:
     if m.group(1) is None:  # "\boxed 5": no brace
         rest = text[m.end():]
         return re.split(r"[$\n]", rest, maxsplit=1)[0].strip() or None
@@ -106,6 +111,78 @@ def extract_answer(response: str, lenient: bool = False) -> str | None:
     return answer or None
 
 
+def stated_answers(response: str) -> list[str]:
+    """Every final answer the response states: each closed \\boxed{...} and each of the
+    paper's "final answer is X. I hope it is correct." sentences (not the looser "final
+    answer is" fallback, which prose can contain), without $ delimiters, in order."""
+    found = [_box_content(response, m) for m in _BOXED.finditer(response)]
+    for m in _FINAL_IS.finditer(response):
+        hope = _HOPE.search(response, m.end())
+        nxt = _FINAL_IS.search(response, m.end())
+        if hope and (nxt is None or hope.start() < nxt.start()):
+            found.append(response[m.end():hope.start()])
+    out = [_DOLLAR.sub("", a.strip().rstrip(".")).strip() for a in found if a]
+    return [a for a in out if a]
+
+
+# ---------------------------------------------------------------- what counts as equal
+# math-verify decides equality of two values (module doc); these rules run around it, each
+# closing a way a response was paid without giving the answer (tests/test_rewards_math.py):
+#   * one answer: a response stating final answers that are not all equal gets 0 ("hedged");
+#   * as many items as the reference: "3,3,3" is not 3, "2,3,3" is not "2,3" (math-verify
+#     compares such lists as sets); equal counts are matched as a multiset, in any order;
+#   * percent is part of the value: 10\% = 0.1 and 300\% = 3, so 3\% is not 3; against a
+#     reference in percent, the bare number of percent also counts (25 for 25\%, as "what
+#     percent" is answered) besides its value (0.25);
+#   * units: where both carry one, the units must agree (3 m is not 3 km; m = meter(s));
+#     a unit on one side only is dropped (MATH's references mostly omit them).
+_PERCENT = re.compile(r"^(?P<value>.*?\S)\s*\\?%$", re.S)
+_UNIT = re.compile(r"^(?P<value>.*?[\w}.)])\s*(?:\\(?:text|mbox|mathrm)\s*\{(?P<u1>[^{}]*)\}|"
+                   r"(?<=\s)(?P<u2>[A-Za-z]{1,16}))(?P<pow>\^\{?\d\}?)?$", re.S)
+_UNIT_NAMES = {"meter": "m", "metre": "m", "centimeter": "cm", "centimetre": "cm",
+               "millimeter": "mm", "kilometer": "km", "inch": "in", "inche": "in",
+               "foot": "ft", "feet": "ft", "yard": "yd", "mile": "mi", "second": "s",
+               "sec": "s", "minute": "min", "hour": "h", "hr": "h", "gram": "g",
+               "kilogram": "kg", "liter": "l", "litre": "l", "degree": "deg",
+               "dollar": "$", "cent": "cent"}
+_THOUSANDS_ONLY = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+
+
+def _split_unit(s: str) -> tuple[str, str | None]:
+    m = _UNIT.match(s.strip())
+    if not m or not re.search(r"\d", m.group("value")):
+        return s.strip(), None
+    unit = (m.group("u1") if m.group("u1") is not None else m.group("u2")).strip().lower()
+    unit = unit.replace(" ", "")
+    if unit.endswith("s") and len(unit) > 3:
+        unit = unit[:-1]
+    return m.group("value").strip(), _UNIT_NAMES.get(unit, unit) + (m.group("pow") or "")
+
+
+def _split_percent(s: str) -> tuple[str, bool]:
+    m = _PERCENT.match(s.strip())
+    return (m.group("value").strip(), True) if m else (s.strip(), False)
+
+
+def _items(s: str) -> list[str]:
+    """Top-level comma-separated items (commas inside (), [], {} or \\{\\} do not split;
+    a number with thousands separators is one item)."""
+    s = s.strip()
+    if _THOUSANDS_ONLY.fullmatch(s):
+        return [s]
+    items, depth, start = [], 0, 0
+    for i, c in enumerate(s):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            items.append(s[start:i])
+            start = i + 1
+    items.append(s[start:])
+    return [x.strip() for x in items if x.strip()]
+
+
 class _Timeout(BaseException):
     """BaseException: math-verify and sympy catch Exception in many places; this must pass."""
 
@@ -123,16 +200,27 @@ def _check(request: dict) -> dict:
         if answer is None:
             return {"score": 0.0, "reason": "no_answer"}
         gold = _DOLLAR.sub("", str(request["gold"])).strip()
-        gold = gold if "\\boxed" in gold else f"${gold}$"
-        # Timeouts off: they would set their own SIGALRM handler over ours.
-        gold_parsed = parse(gold, parsing_timeout=None)
-        if not gold_parsed:
+        if "\\boxed" in gold:
+            gold = last_boxed(gold) or gold
+        rounding = request["float_rounding"]
+
+        def parsed(text):  # timeouts off: they would set their own SIGALRM handler over ours
+            return parse(f"${text}$", parsing_timeout=None)
+
+        def same(a, b) -> bool:
+            pa, pb = parsed(a), parsed(b)
+            return bool(pa and pb and verify(pb, pa, float_rounding=rounding,
+                                             timeout_seconds=None))
+
+        if not gold or not parsed(gold):
             return {"score": 0.0, "reason": "bad_reference"}
-        pred_parsed = parse(f"${answer}$", parsing_timeout=None)
-        if not pred_parsed:
+        if not parsed(answer):
             return {"score": 0.0, "reason": "no_answer"}
-        right = verify(gold_parsed, pred_parsed, float_rounding=request["float_rounding"],
-                       timeout_seconds=None)
+        # every answer the response states must be the one it ends with
+        if any(not same(other, answer) for other in set(stated_answers(request["response"]))
+               - {answer}):
+            return {"score": 0.0, "reason": "hedged"}
+        right = _equal(answer, gold, same)
         return {"score": 1.0, "reason": OK} if right else {"score": 0.0, "reason": "wrong_answer"}
     except _Timeout:
         return {"score": 0.0, "reason": "timeout"}
@@ -140,6 +228,30 @@ def _check(request: dict) -> dict:
         return {"score": 0.0, "reason": "crash"}
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _equal(answer: str, gold: str, same) -> bool:
+    """answer = gold under the rules above, with `same` (math-verify) on the values."""
+    a_items, g_items = _items(answer), _items(gold)
+    if len(a_items) != len(g_items):
+        return False
+    if len(g_items) > 1:  # a multiset: each reference item matched once, in any order
+        left = list(g_items)
+        for a in a_items:
+            hit = next((i for i, g in enumerate(left) if _equal(a, g, same)), None)
+            if hit is None:
+                return False
+            left.pop(hit)
+        return True
+    (a_val, a_unit), (g_val, g_unit) = _split_unit(answer), _split_unit(gold)
+    if a_unit and g_unit and a_unit != g_unit:
+        return False
+    (a_num, a_pct), (g_num, g_pct) = _split_percent(a_val), _split_percent(g_val)
+    if a_pct == g_pct:
+        return same(a_num, g_num)
+    if a_pct:  # its value: a_num / 100
+        return same(f"\\frac{{{a_num}}}{{100}}", g_num)
+    return same(a_num, g_num) or same(a_num, f"\\frac{{{g_num}}}{{100}}")
 
 
 def _serve() -> None:
