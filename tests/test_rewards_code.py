@@ -311,15 +311,15 @@ def test_monkey_patching_the_checker(reward, unprivileged):
     patch_abs = ("import builtins\nbuiltins.abs = lambda x: 0\n"
                  "def total(xs):\n    return 3 if xs == [1, 2] else 99\n")
     assert run(reward, patch_abs, HUMANEVAL)[:2] == (0.0, "wrong_answer")
-    # an object equal to everything
+    # an object equal to everything comes back as a handle, equal only to itself
     always = "class Eq:\n    def __eq__(self, o):\n        return True\ndef add(a, b):\n    return Eq()\n"
-    assert run(reward, always)[:2] == (0.0, "bad_return_type")
+    assert run(reward, always)[:2] == (0.0, "wrong_answer")
     # ... also when it first replaces the builtins or the harness's helpers it could reach
     for patch in ["import builtins\nbuiltins.type = lambda o: int\nbuiltins.callable = lambda o: False\n",
                   "import __main__\n__main__._guard = lambda f: f\n__main__._plain = lambda v: True\n"]:
-        assert run(reward, patch + always)[:2] == (0.0, "bad_return_type")
+        assert run(reward, patch + always)[:2] == (0.0, "wrong_answer")
     sub = "class I(int):\n    def __eq__(self, o):\n        return True\ndef add(a, b):\n    return I(0)\n"
-    assert run(reward, sub)[:2] == (0.0, "bad_return_type")
+    assert run(reward, sub)[:2] == (0.0, "wrong_answer")
     # a trace function that would jump over the assert lines is removed before the tests
     trace = ("import sys\n"
              "def tr(frame, event, arg):\n"
@@ -441,13 +441,17 @@ def test_ctypes_tricks(reward, unprivileged):
 
 def test_equal_to_everything(reward, unprivileged):
     always = "class Eq:\n    def __eq__(self, o):\n        return True\n    __ne__ = lambda s, o: False\n"
-    assert run(reward, always + "def add(a, b):\n    return Eq()\n")[:2] == (0.0, "bad_return_type")
+    # its objects stay in its process: the checker holds handles, equal only to themselves
+    assert run(reward, always + "def add(a, b):\n    return Eq()\n")[:2] == (0.0, "wrong_answer")
     assert run(reward, always + "def total(xs):\n    return [Eq()]\n", HUMANEVAL)[:2] == (
-        0.0, "bad_return_type")
-    # swallowed by the test's own bare except: still a failure
+        0.0, "wrong_answer")
+    assert run(reward, always + "def add(a, b):\n    return Eq().__eq__\n")[:2] == (
+        0.0, "wrong_answer")
+    # a protocol failure (here an answer over the pipe's 16 MB) swallowed by the test's own
+    # bare except is still a failure
     lenient = {**HUMANEVAL, "test": "def check(candidate):\n    try:\n        assert candidate([1, 2]) == 3\n"
                                     "    except:\n        pass\n"}
-    assert run(reward, always + "def total(xs):\n    return Eq()\n", lenient)[:2] == (
+    assert run(reward, "def total(xs):\n    return 'x' * (20 << 20)\n", lenient)[:2] == (
         0.0, "bad_return_type")
     # a candidate class (MBPP rows that build one) is an opaque handle: equal only to itself
     pair = {"test_list": ["assert Pair(1, 2) == (1, 2)"]}
@@ -529,3 +533,64 @@ def test_build_program_and_factory():
     r = make_reward({"kind": "code", "wall_s": 1.0, "workers": 1})
     assert isinstance(r, CodeReward) and r.config.wall_s == 1.0
     r.close()
+
+
+# ---------------------------------------------------------------- one-process semantics
+NODE_SETUP = ("class Node:\n    def __init__(self, data, left=None, right=None):\n"
+              "        self.data, self.left, self.right = data, left, right\n"
+              "root = Node(1, Node(2, Node(4)), Node(3))\n")
+# (row, candidate, expected reason): each once scored the wrong way (issue 18)
+SEMANTICS = [
+    # wrong code that scored 1
+    ({"test_list": ["assert all(map(lambda t: add(*t[0]) == t[1], [((1, 2), 3), ((2, 2), 4)]))"]},
+     "def add(a, b):\n    raise StopIteration\n", "crash"),
+    ({"test_list": ["assert all(add(*t[0]) == t[1] for t in [((1, 2), 3)])"]},
+     "def add(a, b):\n    raise StopIteration\n", "crash"),
+    ({"test_list": ["assert pow(2, 3) == 8", "assert pow(3, 2) == 9"],
+      "code": "def pow(a, b):\n    return a ** b\n"},
+     "def pow(a, b):\n    return 0\n", "wrong_answer"),
+    ({"test_list": ["assert pow(2, 3) == 8"]},  # no reference code: the asserts' own call
+     "def pow(a, b):\n    return 0\n", "wrong_answer"),
+    ({"test_list": ["assert all([add(1, 2) == 4])"]},  # a builtin the tests use is theirs
+     "def add(a, b):\n    return 0\ndef all(x):\n    return True\n", "wrong_answer"),
+    # correct code that scored 0
+    ({"test_list": ["assert pow(2, 3) == 8"], "code": "def pow(a, b):\n    return a ** b\n"},
+     "def pow(a, b):\n    r = 1\n    for _ in range(b):\n        r *= a\n    return r\n", "ok"),
+    ({"test_list": ["x = [3, 1, 2]\nsort_in_place(x)\nassert x == [1, 2, 3]",
+                    "d = {}\nfill(d)\nassert d == {'a': 1}"]},
+     "def sort_in_place(xs):\n    xs.sort()\ndef fill(d):\n    d['a'] = 1\n", "ok"),
+    ({"test_list": ["assert list(gen(3)) == [0, 1, 2]", "assert next(gen(3)) == 0",
+                    "assert sum(x for x in gen(4)) == 6"]},
+     "def gen(n):\n    yield from range(n)\n", "ok"),
+    ({"test_list": ["assert adder(2)(3) == 5", "f = adder(1)\nassert [f(i) for i in range(3)] == [1, 2, 3]"]},
+     "def adder(a):\n    return lambda b: a + b\n", "ok"),
+    ({"test_list": ["assert make(3).value == 3", "assert make(3).double() == 6"]},
+     "class Box:\n    def __init__(self, v):\n        self.value = v\n"
+     "    def double(self):\n        return 2 * self.value\n"
+     "def make(v):\n    return Box(v)\n", "ok"),
+    ({"test_list": ["assert list(map(square, [1, 2])) == [1, 4]",
+                    "assert sorted([3, -4], key=square) == [3, -4]"]},
+     "def square(x):\n    return x * x\n", "ok"),
+    ({"test_list": ["assert height(root) == 3", "assert height(Node(7)) == 1"],
+      "test_setup_code": NODE_SETUP},
+     "def height(n):\n    return 0 if n is None else 1 + max(height(n.left), height(n.right))\n",
+     "ok"),
+    ({"test_list": ["assert qsize(3) == 3"]},  # stdlib beyond the preloaded modules
+     "import queue, zlib, pickle, threading\n"
+     "def qsize(n):\n    q = queue.Queue()\n    for i in range(n):\n        q.put(i)\n"
+     "    return q.qsize() + len(zlib.compress(b'')) * 0\n", "ok"),
+]
+
+
+def test_one_process_semantics():
+    """The checker never runs candidate code, yet the tests see what they would in one
+    process: exceptions cannot end their loops, a builtin-named target is the candidate's,
+    arguments change in place, generators, closures and objects come back by handle,
+    functions pass by name, objects built by the setup code are the candidate's own."""
+    with CodeReward(CodeRewardConfig(**{**CFG, "wall_s": 10.0})) as r:
+        with Watchdog(_uids(r), 120) as dog:
+            result = r.evaluate([s for _, s, _ in SEMANTICS], [row for row, _, _ in SEMANTICS])
+        assert not dog.fired, dog.fired
+        got = list(zip(range(len(SEMANTICS)), result.reasons))
+        assert got == [(i, want) for i, (_, _, want) in enumerate(SEMANTICS)]
+        assert _slot_procs(_uids(r)) == []

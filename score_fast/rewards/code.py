@@ -16,6 +16,7 @@ namespaces); the CI and GPU machines run as root."""
 from __future__ import annotations
 
 import ast
+import builtins
 import json
 import os
 import random
@@ -94,21 +95,73 @@ def build_program(response: str, row: Mapping) -> dict | None:
                 "override": [entry], "setup": row["prompt"]}
     if "test_list" in row:
         imports = row.get("test_imports") or []
-        tests = "\n".join([*imports, row.get("test_setup_code") or "", *row["test_list"]])
+        tests = "\n".join([*imports, *row["test_list"]])
+        setup = row.get("test_setup_code") or ""
         try:
-            called = sorted({n.func.id for n in ast.walk(ast.parse(tests))
-                             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)})
+            # every name the tests read: called, or passed by name (map(f, xs), key=f)
+            used = sorted({n.id for n in ast.walk(ast.parse(tests))
+                           if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)})
+            setup_names = _top_level_names(setup)
         except SyntaxError:
-            called = []
-        return {"src": code, "tests": tests, "entries": called, "override": [], "setup": ""}
+            used, setup_names = [], []
+        # MBPP's test_setup_code (classes, and objects of them that the asserts pass to the
+        # candidate, e.g. a tree of Node) runs after the candidate's code in its namespace,
+        # as in one process; the checker gets what it binds as handles
+        return {"src": code, "tests": tests, "entries": used, "override": [], "setup": "",
+                "targets": _targets(row), "setup_src": setup, "setup_names": setup_names}
     raise ValueError("code reward rows need HumanEval fields (prompt, test, entry_point) "
                      f"or an MBPP test_list; got {sorted(row)}")
+
+
+def _top_level_names(src: str) -> list[str]:
+    names = set()
+    for node in ast.parse(src).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        else:
+            names |= {n.id for n in ast.walk(node)
+                      if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    return sorted(names)
+
+
+_LIB_DIRS = [d for d in ("/lib", "/lib64", "/usr/lib", "/usr/lib64") if os.path.isdir(d)]
+
+
+def _targets(row: Mapping) -> list[str]:
+    """The functions an MBPP row tests: the reference solution's top-level definitions
+    (`code`), else in each assert the first call of a name that is not a builtin, or the
+    outermost call when all are. A candidate's definition of one of these is used even
+    where it shadows a builtin (`def pow`); a builtin the tests merely use (all, set, ...)
+    stays the tests' own whatever the candidate defines."""
+    try:
+        tree = ast.parse(row.get("code") or "")
+        defined = [n.name for n in tree.body
+                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    except SyntaxError:
+        defined = []
+    if defined:
+        return defined
+    out = []
+    for test in row["test_list"]:
+        try:
+            calls = [n.func.id for n in ast.walk(ast.parse(test))  # breadth first: outer first
+                     if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+        except SyntaxError:
+            continue
+        own = [c for c in calls if not hasattr(builtins, c)]
+        if own or calls:
+            out.append((own or calls)[0])
+    return sorted(set(out))
 
 
 def _request(program: dict) -> bytes:
     """The zygote's framing: it reads the header (what the candidate process gets) and passes
     the test part on to the checker without ever holding it, see _sandbox.py."""
-    header = json.dumps({k: program[k] for k in ("src", "entries", "override")}).encode()
+    header = json.dumps({"setup_src": program.get("setup_src", ""),
+                         **{k: program.get(k, []) for k in ("src", "entries", "override",
+                                                            "targets", "setup_names")}}).encode()
     tests = json.dumps({k: program[k] for k in ("setup", "tests")}).encode()
     return b"%d %d\n" % (len(header), len(tests)) + header + tests
 
@@ -133,7 +186,9 @@ class CodeReward(Reward):
                    wall_s=c.wall_s, cpu_s=c.cpu_s,
                    memory_mb=c.memory_mb, nproc=c.nproc, file_size_mb=c.file_size_mb,
                    disk_mb=c.disk_mb, open_files=c.open_files, preload=list(c.preload),
-                   read_dirs=sorted({paths["stdlib"], paths["platstdlib"]}))
+                   # the stdlib, and the system's shared libraries its C modules link
+                   # (zlib -> libz.so.1): public files, read-only
+                   read_dirs=sorted({paths["stdlib"], paths["platstdlib"], *_LIB_DIRS}))
         # -I: no PYTHON* variables, no user site, no script dir on sys.path; -S: no site
         # packages; env={}: nothing of the trainer's environment (tokens, keys) reaches it.
         return [sys.executable, "-I", "-S", "-B", _SANDBOX, json.dumps(cfg)], {}
