@@ -234,11 +234,13 @@ def test_10gb_file(reward, unprivileged):
 def test_write_and_read_outside_its_directory(reward, unprivileged, tmp_path):
     os.chmod(tmp_path, 0o777)  # even a world-writable directory
     target = tmp_path / "pwned"
-    for path in [target, "/tmp/score_fast_pwned", "/dev/shm/score_fast_pwned",
-                 "/var/tmp/score_fast_pwned"]:
+    for path in [target, "/dev/shm/score_fast_pwned", "/var/tmp/score_fast_pwned"]:
         score, why, _ = run(reward, f"open({str(path)!r}, 'w').write('x')\n" + GOOD)
         assert (score, why) == (0.0, "crash")  # PermissionError
         assert not os.path.exists(path)
+    # /tmp is its own tmpfs, in its own mount namespace: writable, and gone with it
+    assert run(reward, "open('/tmp/score_fast_pwned', 'w').write('x')\n" + GOOD)[:2] == (1.0, "ok")
+    assert not os.path.exists("/tmp/score_fast_pwned")
     # world-readable files outside are not readable either (Landlock), nor listable
     for path in ["/etc/passwd", os.path.abspath(__file__)]:
         assert run(reward, f"open({path!r}).read()\n" + GOOD)[:2] == (0.0, "crash")
@@ -461,13 +463,14 @@ def test_equal_to_everything(reward, unprivileged):
 
 def test_checker_out_of_reach(reward, unprivileged):
     """Signals and ptrace to every process near its own pid (the checker is forked right
-    after it), to its parent and to -1 all fail: the checker runs as another uid."""
+    after it), to its parent and to -1 all fail: the checker runs as another uid, outside
+    the candidate's PID namespace."""
     attack = ("import os, signal, ctypes\n"
               "def attack():\n"
               "    libc = ctypes.CDLL(None, use_errno=True)\n"
               "    me, hit = os.getpid(), []\n"
               "    for pid in [os.getppid()] + list(range(max(2, me - 200), me + 200)):\n"
-              "        if pid == me:\n"
+              "        if pid == me or pid <= 0:  # getppid() is 0 in its PID namespace\n"
               "            continue\n"
               "        try:\n"
               "            os.kill(pid, signal.SIGKILL)\n"
@@ -476,7 +479,10 @@ def test_checker_out_of_reach(reward, unprivileged):
               "            pass\n"
               "        if libc.ptrace(16, pid, 0, 0) == 0:  # PTRACE_ATTACH\n"
               "            hit.append(pid)\n"
-              "    os.kill(-1, signal.SIGKILL)  # spares the caller; it has no children\n"
+              "    try:\n"
+              "        os.kill(-1, signal.SIGKILL)  # spares the caller; it has no children\n"
+              "    except OSError:  # ESRCH: nothing it may signal in its PID namespace\n"
+              "        pass\n"
               "    return hit\n")
     # at call time, from inside the tested function: the checker still gets its answers
     assert run(reward, attack + "def add(a, b):\n    return a + b if attack() == [] else -1\n")[:2] == (
@@ -594,3 +600,61 @@ def test_one_process_semantics():
         got = list(zip(range(len(SEMANTICS)), result.reasons))
         assert got == [(i, want) for i, (_, _, want) in enumerate(SEMANTICS)]
         assert _slot_procs(_uids(r)) == []
+
+
+# ---------------------------------------------------------------- per-candidate accounting
+def test_memfd_pages_count_against_the_candidate(reward, unprivileged):
+    """memfd pages lie outside RLIMIT_AS: 768 MB of them once scored 1 under memory_mb=512.
+    The slot's memory cgroup (memory_mb + disk_mb for the whole candidate) stops them."""
+    hog = ("import os\n"
+           "chunk = b'x' * (16 << 20)\n"
+           "fds = [os.memfd_create('m') for _ in range(48)]\n"
+           "for fd in fds:\n"
+           "    os.write(fd, chunk)\n" + GOOD)
+    score, why, _ = run(reward, hog)
+    assert score == 0.0 and why == "memory", why
+
+
+def test_a_process_group_escape_is_killed_on_time(reward, unprivileged):
+    """A candidate that forks, moves itself into its child's process group and hangs once
+    held evaluate() for wall_s + 30 s and left its child alive: now both go at wall_s."""
+    escape = ("import os, time\n"
+              "child = os.fork()\n"
+              "if child == 0:\n"
+              "    os.setpgid(0, 0)\n"
+              "    time.sleep(600)\n"
+              "time.sleep(0.2)\n"
+              "os.setpgid(0, child)\n"
+              "time.sleep(600)\n" + GOOD)
+    score, why, elapsed = run(reward, escape)
+    assert (score, why) == (0.0, "timeout") and elapsed < CFG["wall_s"] + 5
+
+
+def test_nothing_outlives_a_killed_trainer(tmp_path):
+    """SIGKILL the process scoring a candidate whose forked child sleeps: every process of
+    the slot's uids goes (the zygote's death takes the candidate, whose PID namespace takes
+    the child) and no directory of it stays in /tmp."""
+    import subprocess
+    script = tmp_path / "score.py"
+    script.write_text(
+        "import sys\n"
+        "from score_fast.rewards import CodeReward, CodeRewardConfig\n"
+        "r = CodeReward(CodeRewardConfig(workers=1, wall_s=60.0))\n"
+        "print(r._uid0, flush=True)\n"
+        "r.evaluate(['import os, time\\nif os.fork() == 0:\\n    os.setsid()\\n"
+        "    time.sleep(600)\\ntime.sleep(600)\\n'], [{'test_list': ['assert f() == 1']}])\n")
+    before = set(os.listdir("/tmp"))
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    uid0 = int(p.stdout.readline())
+    uids = range(uid0, uid0 + 1024)
+    deadline = time.monotonic() + 30
+    while len(_slot_procs(uids)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the candidate and its child are up
+    assert len(_slot_procs(uids)) >= 2
+    p.kill()
+    p.wait()
+    deadline = time.monotonic() + 10
+    while _slot_procs(uids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _slot_procs(uids) == []
+    assert not [d for d in set(os.listdir("/tmp")) - before if d.startswith("score_fast_code_")]

@@ -67,7 +67,7 @@ for _name in CFG["preload"]:
         pass
 
 libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
+CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWPID = 0x00020000, 0x40000000, 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 1, 2, 4, 32, 4096
 MS_REC, MS_PRIVATE = 0x4000, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
@@ -151,8 +151,45 @@ def _stdlib_view(workdir: str) -> None:
     sys.path_importer_cache.clear()
 
 
+def _relay(child: int) -> None:
+    """A process between the zygote and the candidate (the one outside the candidate's PID
+    namespace, and that namespace's init): holds nothing, waits for its child and ends as
+    it did, so that exit status and resource usage read as the candidate's. Killed (a
+    sweep, the zygote's death), it takes its child with it (the child's parent-death
+    signal), and init's death takes every process left in the namespace: nothing a
+    candidate forks outlives it."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    os.closerange(0, 1 << 16)
+    _, status = os.waitpid(child, 0)
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
+    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    if os.getpid() == 1:  # init cannot signal itself: 128 + signal, codes above capped
+        os._exit(128 + sig if sig else min(code, 127))
+    if sig is None and code >= 128:  # init's report of a signal
+        sig, code = code - 128, 1
+    if sig:
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        os.kill(os.getpid(), signal.SIGKILL)  # a signal whose default is not to end
+    os._exit(code)
+
+
 def _confine_candidate() -> None:
     uid, workdir = CFG["uid"], CFG["workdir"]
+    _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+    _join_cgroup()
+    # A PID namespace: its init relays again and runs nothing else; the candidate is its
+    # pid 2. When init ends, the kernel kills all that is left in the namespace. (Not the
+    # candidate as init: an init that joins another process group, e.g. its child's,
+    # keeps that group's pid alive and its exit waits on itself -- measured: 30 s stuck.)
+    _check(libc.unshare(CLONE_NEWPID), "unshare pid")
+    for _ in range(2):  # the relay outside, then init inside
+        child = os.fork()
+        if child:
+            _relay(child)
+        # (getppid() reads 0 in init: its parent is outside. Were the relay killed before
+        # this line, killpg of the candidate's group still reaches this process.)
+        _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
     _check(libc.unshare(CLONE_NEWNET | CLONE_NEWNS), "unshare")
     _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
     opts = f"size={CFG['disk_mb']}m,mode=0700,uid={uid},gid={uid}".encode()
@@ -166,6 +203,78 @@ def _confine_candidate() -> None:
     _landlock(workdir, CFG["read_dirs"])
     # after setuid: a credential change clears it. Dies with the zygote.
     _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+
+
+# ---------------------------------------------------------------- memory cgroup
+# RLIMIT_AS bounds each process's address space, but not memory outside it: memfd and tmpfs
+# pages (750 MB held under memory_mb=512, measured), nor the sum over the candidate's
+# processes. A memory cgroup per slot charges all of it to the candidate: its limit is
+# memory_mb + disk_mb (its tmpfs pages are charged too) for the whole tree. cgroup v2 where
+# its memory controller is delegated here, else v1's memory hierarchy; where neither can be
+# written, CGROUP stays None and only the rlimits hold (the reward says so once).
+CGROUP = None
+
+
+def _cgroup_dir() -> str | None:
+    name = f"score_fast_{CFG['uid']}"
+    with open("/proc/self/cgroup") as f:
+        lines = [line.rstrip("\n").split(":", 2) for line in f]
+    for _, controllers, path in lines:
+        if controllers == "" and os.path.isfile("/sys/fs/cgroup/cgroup.controllers"):
+            base = "/sys/fs/cgroup" + path  # v2, mounted at the usual place
+            if "memory" in open(os.path.join(base, "cgroup.subtree_control")).read().split():
+                return os.path.join(base, name)
+        if "memory" in controllers.split(","):
+            base = "/sys/fs/cgroup/memory" + path  # v1
+            if os.path.isdir(base):
+                return os.path.join(base, name)
+    return None
+
+
+def _setup_cgroup() -> None:
+    """The slot's memory cgroup, made (or reused: a predecessor's) by the zygote at start."""
+    global CGROUP
+    try:
+        path = _cgroup_dir()
+        if path is None:
+            return
+        os.makedirs(path, exist_ok=True)
+        limit = str((CFG["memory_mb"] + CFG["disk_mb"]) << 20)
+        v2 = os.path.isfile(os.path.join(path, "memory.max"))
+        for name, value in ((("memory.max", limit), ("memory.swap.max", "0")) if v2 else
+                            (("memory.limit_in_bytes", limit),
+                             ("memory.memsw.limit_in_bytes", limit))):
+            try:
+                with open(os.path.join(path, name), "w") as f:
+                    f.write(value)
+            except OSError:
+                if name in ("memory.max", "memory.limit_in_bytes"):
+                    raise  # the swap limit is optional (no swap accounting)
+        CGROUP = path
+    except OSError:
+        CGROUP = None
+
+
+def _join_cgroup() -> None:
+    if CGROUP is not None:
+        with open(os.path.join(CGROUP, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+
+def _oom_kills() -> int:
+    """How many times the kernel killed in the slot's cgroup for memory (so far)."""
+    if CGROUP is None:
+        return 0
+    for name in ("memory.events", "memory.oom_control"):
+        try:
+            with open(os.path.join(CGROUP, name)) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except OSError:
+            continue
+    return 0
 
 
 def _confine_checker() -> None:
@@ -790,6 +899,7 @@ def _run(header: dict, tests_len: int) -> dict:
     _splice(0, part_w, tests_len)
     os.close(part_w)
     cfd = os.pidfd_open(cpid)
+    ooms = _oom_kills()
     deadline = time.monotonic() + CFG["wall_s"]
     timed_out, c_dead = False, False
     while True:  # the verdict pipe turns readable when the checker wrote to it or exited
@@ -817,6 +927,9 @@ def _run(header: dict, tests_len: int) -> dict:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass
+    # every process of the candidate's uid, before waiting for it: a candidate that moved
+    # into another process group is not in its own any more
+    _sweep(CFG["uid"], reap=False)
     if verdict not in (b"P", b"C") and not verdict.startswith(b"E:"):
         _, kstatus, _ = os.wait4(kpid, 0)  # no verdict: timed out or died; why?
     # else the checker (no forks: RLIMIT_NPROC 1) is torn down while the candidate's
@@ -830,6 +943,8 @@ def _run(header: dict, tests_len: int) -> dict:
     if verdict.startswith(b"E:"):
         return {"score": 0.0, "reason": verdict[2:].decode(errors="replace")}
     if verdict == b"C":
+        if _oom_kills() > ooms:  # the cgroup's limit: memory, however it was held
+            return {"score": 0.0, "reason": "memory"}
         return {"score": 0.0, "reason": _status_reason(cstatus, cusage)}
     if os.WIFSIGNALED(kstatus) and os.WTERMSIG(kstatus) == signal.SIGXCPU:
         return {"score": 0.0, "reason": "cpu_time"}
@@ -839,6 +954,7 @@ def _run(header: dict, tests_len: int) -> dict:
 def main() -> None:
     _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "subreaper")
     _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+    _setup_cgroup()
     _sweep(CFG["uid"])  # leftovers of a predecessor that was killed mid-candidate
     _sweep(CFG["checker_uid"])
     while True:
@@ -851,6 +967,7 @@ def main() -> None:
         header_len, tests_len = map(int, line.split())
         header = json.loads(_read_exact(0, header_len))
         reply = _run(header, tests_len)
+        reply["cgroup"] = CGROUP is not None  # code.py warns once when it is not
         os.write(1, (json.dumps(reply) + "\n").encode())
 
 

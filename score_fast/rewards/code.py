@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import builtins
 import json
+import logging
 import os
 import random
 import re
@@ -31,6 +32,8 @@ from typing import Mapping
 from score_fast.rewards._pool import WorkerPool
 from score_fast.rewards.base import Reward, RewardResult
 
+log = logging.getLogger("score_fast")
+
 _SANDBOX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox.py")
 # Imported once per zygote, before the uid drop: the dropped uid may not be able to read the
 # stdlib (here it lives under /root, mode 0700), so a module not listed may fail to import.
@@ -43,8 +46,11 @@ PRELOAD = ("math", "cmath", "re", "string", "collections", "itertools", "functoo
 
 @dataclass
 class CodeRewardConfig:
-    """Per-candidate limits. Worst-case RAM of a batch: workers x (nproc x memory_mb + disk_mb)
-    (defaults on 2 cores: 2 x (8 x 1 GiB + 64 MiB)); a well-behaved candidate uses ~10 MiB."""
+    """Per-candidate limits. A slot's memory cgroup holds the candidate's whole tree to
+    memory_mb + disk_mb, memfd and tmpfs pages included (where no cgroup can be made, only
+    RLIMIT_AS per process: workers x (nproc x memory_mb + disk_mb) at worst); a well-behaved
+    candidate uses ~10 MiB. Its processes live in their own PID namespace: none outlives
+    the candidate, evaluate(), close() or a SIGKILLed trainer."""
     kind: str = "code"
     workers: int = 0  # 0: os.cpu_count(); candidates run at once, one zygote (~25 MB) each
     wall_s: float = 10.0  # wall clock per candidate (HumanEval's harness uses 3 s per problem)
@@ -173,14 +179,16 @@ class CodeReward(Reward):
                                "candidate to its own uid in new network/mount namespaces")
         self.config = config or CodeRewardConfig()
         self._pool: WorkerPool | None = None
+        self._warned = False
         self._dirs: list[str] = []
         # uid0 + slot runs the candidates of a slot, uid0 + 512 + slot their checkers
         self._uid0 = self.config.uid_base + 1024 * random.randrange(1 << 19)
 
     def _spawn(self, slot: int):
         c = self.config
-        workdir = tempfile.mkdtemp(prefix="score_fast_code_")  # tmpfs goes over it, in-ns only
-        self._dirs.append(workdir)
+        # the candidate's tmpfs is mounted over /tmp inside its own mount namespace: no
+        # directory of it exists on the host, so none can outlive it (a SIGKILLed trainer)
+        workdir = "/tmp"
         paths = sysconfig.get_paths()
         cfg = dict(uid=self._uid0 + slot, checker_uid=self._uid0 + 512 + slot, workdir=workdir,
                    wall_s=c.wall_s, cpu_s=c.cpu_s,
@@ -206,6 +214,12 @@ class CodeReward(Reward):
         scores, reasons = [0.0] * len(rows), ["no_code"] * len(rows)
         for i, reply in zip(todo, replies):
             scores[i], reasons[i] = float(reply["score"]), reply["reason"]
+            if reply.get("cgroup") is False and not self._warned:
+                self._warned = True
+                log.warning("code reward: no memory cgroup could be made here (cgroup v2 "
+                            "without a delegated memory controller, or no v1 hierarchy): a "
+                            "candidate's memory is bounded per process (RLIMIT_AS) only, "
+                            "not memfd/tmpfs pages nor the sum over its processes")
         return RewardResult(scores, reasons)
 
     def close(self) -> None:
