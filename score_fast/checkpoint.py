@@ -49,6 +49,7 @@ MANIFEST = "manifest.json"
 class CheckpointError(RuntimeError):
     pass
 
+
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.pt"
 

@@ -208,11 +208,13 @@ class RolloutConfig:
 @dataclass
 class SandboxConfig:
     """reward.kind=code: each candidate program's limits (score_fast.rewards.code). Worst-case
-    memory of a batch: reward.workers x (nproc x memory_mb + disk_mb)"""
+    memory of a batch: reward.workers x (memory_mb + disk_mb) where a memory cgroup can be
+    made (it is then per candidate), else reward.workers x (nproc x memory_mb + disk_mb)"""
     cpu_s: int = 10
     """CPU seconds per process (RLIMIT_CPU)"""
     memory_mb: int = 1024
-    """address space per process (RLIMIT_AS); CPython and the preloaded stdlib map ~40 MB"""
+    """address space per process (RLIMIT_AS; CPython and the preloaded stdlib map ~40 MB),
+    and with disk_mb the memory cgroup's limit for all of the candidate's processes"""
     nproc: int = 8
     """processes + threads at once, the candidate's own included"""
     file_size_mb: int = 16

@@ -612,6 +612,8 @@ def test_memfd_pages_count_against_the_candidate(reward, unprivileged):
            "for fd in fds:\n"
            "    os.write(fd, chunk)\n" + GOOD)
     score, why, _ = run(reward, hog)
+    if why != "memory" and reward._warned:  # the reward logged that it has no cgroup here
+        pytest.skip("no memory cgroup can be made on this machine: RLIMIT_AS only")
     assert score == 0.0 and why == "memory", why
 
 

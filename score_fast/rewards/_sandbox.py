@@ -927,9 +927,8 @@ def _run(header: dict, tests_len: int) -> dict:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass
-    # every process of the candidate's uid, before waiting for it: a candidate that moved
-    # into another process group is not in its own any more
-    _sweep(CFG["uid"], reap=False)
+    # (cpid is the relay, root, which never leaves its group: killpg always reaches it, and
+    # its death takes the candidate's PID namespace, whatever groups the candidate made)
     if verdict not in (b"P", b"C") and not verdict.startswith(b"E:"):
         _, kstatus, _ = os.wait4(kpid, 0)  # no verdict: timed out or died; why?
     # else the checker (no forks: RLIMIT_NPROC 1) is torn down while the candidate's

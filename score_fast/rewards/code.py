@@ -22,10 +22,8 @@ import logging
 import os
 import random
 import re
-import shutil
 import sys
 import sysconfig
-import tempfile
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -180,7 +178,6 @@ class CodeReward(Reward):
         self.config = config or CodeRewardConfig()
         self._pool: WorkerPool | None = None
         self._warned = False
-        self._dirs: list[str] = []
         # uid0 + slot runs the candidates of a slot, uid0 + 512 + slot their checkers
         self._uid0 = self.config.uid_base + 1024 * random.randrange(1 << 19)
 
@@ -226,6 +223,3 @@ class CodeReward(Reward):
         if self._pool is not None:
             self._pool.close()
             self._pool = None
-        for d in self._dirs:
-            shutil.rmtree(d, ignore_errors=True)
-        self._dirs.clear()
