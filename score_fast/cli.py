@@ -17,6 +17,8 @@ checkpoint's config.yaml, unless the data file's fields do not fit them: then th
 the fields fit (MATH, HumanEval, MBPP: score_fast.evaluation) decides."""
 from __future__ import annotations
 
+import argparse
+
 import importlib.resources
 import logging
 import os
@@ -36,9 +38,11 @@ log = logging.getLogger("score_fast")
 def build_parser() -> ArgumentParser:
     # --help shows each config field's docstring (score_fast/config.py)
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(prog="score-fast", description="SCoRe self-correction training")
+    parser = ArgumentParser(prog="score-fast", exit_on_error=False,
+                            description="SCoRe self-correction training")
     sub = parser.add_subcommands(dest="command")
-    train = ArgumentParser(description="Stage I then Stage II SCoRe training")
+    train = ArgumentParser(exit_on_error=False,
+                           description="Stage I then Stage II SCoRe training")
     train.add_argument("--recipe", type=str, default=None,
                        help=f"the paper's settings for a benchmark, applied where it stands on "
                             f"the command line (later options override): "
@@ -47,17 +51,20 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--config", action=ActionConfigFile, help="YAML config file")
     train.add_class_arguments(Config, None)
     sub.add_subcommand("train", train, help="train from a YAML config and overrides")
-    ev = ArgumentParser(description="greedy two-attempt evaluation of a checkpoint "
+    ev = ArgumentParser(exit_on_error=False,
+                        description="greedy two-attempt evaluation of a checkpoint "
                                     "(MATH / HumanEval / MBPP files detected by their fields)")
     ev.add_class_arguments(EvalConfig, None)
     sub.add_subcommand("eval", ev, help="evaluate a checkpoint on a data file")
-    demo = ArgumentParser(description="the built-in arithmetic demo (tiny Llama, CPU)")
+    demo = ArgumentParser(exit_on_error=False,
+                          description="the built-in arithmetic demo (tiny Llama, CPU)")
     demo.add_argument("--run_dir", type=str, default="runs/demo", help="where the demo writes")
     demo.add_argument("--seed", type=int, default=0, help="warm-up, sampling and RL seed")
     demo.add_argument("--rollout_backend", type=str, default="hf", choices=["hf", "vllm"],
                       help="how RL samples (rollout.backend); evaluation decodes with hf")
     sub.add_subcommand("demo", demo, help="run the built-in demo end to end")
-    ab = ArgumentParser(description="the paper's ablations (Table 4) on the demo task, "
+    ab = ArgumentParser(exit_on_error=False,
+                        description="the paper's ablations (Table 4) on the demo task, "
                                     "several seeds (score_fast.ablate)")
     ab.add_argument("--out", type=str, default="runs/ablate", help="where results go")
     ab.add_argument("--seeds", type=list[int], default=[0, 1, 2], help="one run per seed")
@@ -65,7 +72,8 @@ def build_parser() -> ArgumentParser:
                     help="smoke run: short warm-up, 2 + 2 RL steps")
     ab.add_argument("--workers", type=int, default=2, help="parallel worker processes")
     sub.add_subcommand("ablate", ab, help="ablation table + plot on the demo task")
-    plan = ArgumentParser(description="predicted peak device memory of one training step "
+    plan = ArgumentParser(exit_on_error=False,
+                          description="predicted peak device memory of one training step "
                                       "and which devices it fits (score_fast.memory)")
     plan.add_argument("--model", type=Optional[str], default=None,
                       help="a built-in shape (qwen2.5-7b, ...), a model directory, a "
@@ -81,7 +89,8 @@ def build_parser() -> ArgumentParser:
     plan.add_argument("--table", action="store_true",
                       help="the 1.5B / 7B / 14B x settings x devices table (markdown)")
     sub.add_subcommand("plan", plan, help="memory plan: does a model fit a device")
-    plot = ArgumentParser(description="a run's curves from its metrics.jsonl as a PNG "
+    plot = ArgumentParser(exit_on_error=False,
+                          description="a run's curves from its metrics.jsonl as a PNG "
                                       "(score_fast.plots)")
     plot.add_argument("run_dir", type=str, help="the run's train.run_dir")
     plot.add_argument("--out", type=Optional[str], default=None,
@@ -141,8 +150,9 @@ def parse_config(argv) -> Config | EvalConfig | dict:
 
 # what a wrong config, path or install raises: one line on stderr, exit status 2
 # (SCORE_FAST_DEBUG=1: the traceback instead)
+_COMMANDS = ("train", "eval", "demo", "ablate", "plan", "plot")
 _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-                NotImplementedError, ImportError)
+                NotImplementedError, ImportError, argparse.ArgumentError)
 
 
 def main(argv=None) -> int:
@@ -153,6 +163,11 @@ def main(argv=None) -> int:
     except _USER_ERRORS as e:
         if os.environ.get("SCORE_FAST_DEBUG", "0") not in ("", "0"):
             raise
+        if isinstance(e, argparse.ArgumentError):  # jsonargparse's, over two lines: one
+            sub = argv[0] + " " if argv and argv[0] in _COMMANDS else ""
+            print(f"score-fast: error: {' '.join(str(e).split())} (score-fast {sub}--help "
+                  f"lists every option)", file=sys.stderr)
+            return 2
         print(f"score-fast: error: {e} ({type(e).__name__}; SCORE_FAST_DEBUG=1 shows the "
               f"traceback)", file=sys.stderr)
         return 2

@@ -89,6 +89,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert main(["train", "--model.path", "/m", "--data.train_file", "x.jsonl",
                  "--train.save_every=0"]) == 2
     assert "train.save_every must be >= 1" in capsys.readouterr().err
+    # a value outside a field's choices: jsonargparse's error on one line, not the usage
+    assert main(["train", "--train.reduction=mean"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and 'Parser key "train.reduction"' in err and "Got value: mean" in err
+    assert main(["train", "--nope"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "score-fast: error: unrecognized arguments: --nope (score-fast train --help lists every "
+        "option)")
     monkeypatch.setenv("SCORE_FAST_DEBUG", "1")
     with pytest.raises(ValueError, match="model.path is required"):
         main(["train"])
