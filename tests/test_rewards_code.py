@@ -617,6 +617,26 @@ def test_memfd_pages_count_against_the_candidate(reward, unprivileged):
     assert score == 0.0 and why == "memory", why
 
 
+def test_memory_is_counted_over_all_of_a_candidates_processes(reward, unprivileged):
+    """4 processes of 250 MB each stay under RLIMIT_AS (512 MB a process) but not under the
+    candidate's cgroup (memory_mb + disk_mb = 576 MB for all of them). Whichever process
+    the kernel kills, the candidate went over its memory: 0, even with a right answer."""
+    spread = ("import os, time\n"
+              "kids = []\n"
+              "for _ in range(3):\n"
+              "    pid = os.fork()\n"
+              "    if pid == 0:\n"
+              "        x = bytearray(250 << 20)\n"
+              "        time.sleep(60)\n"
+              "    kids.append(pid)\n"
+              "x = bytearray(250 << 20)\n"
+              "time.sleep(0.5)\n" + GOOD)
+    score, why, _ = run(reward, spread)
+    if why != "memory" and reward._warned:
+        pytest.skip("no memory cgroup can be made on this machine: RLIMIT_AS only")
+    assert (score, why) == (0.0, "memory")
+
+
 def test_a_process_group_escape_is_killed_on_time(reward, unprivileged):
     """A candidate that forks, moves itself into its child's process group and hangs once
     held evaluate() for wall_s + 30 s and left its child alive: now both go at wall_s."""

@@ -935,6 +935,8 @@ def _run(header: dict, tests_len: int) -> dict:
     # processes are reaped and swept; the sweep's reaping waits for it too
     _, cstatus, cusage = os.wait4(cpid, 0)
     _sweep(CFG["uid"])  # and reaps every child, the checker included
+    if _oom_kills() > ooms:  # over its memory, in any of its processes: not a pass
+        return {"score": 0.0, "reason": "memory"}
     if timed_out:
         return {"score": 0.0, "reason": "timeout"}
     if verdict == b"P":
@@ -942,8 +944,6 @@ def _run(header: dict, tests_len: int) -> dict:
     if verdict.startswith(b"E:"):
         return {"score": 0.0, "reason": verdict[2:].decode(errors="replace")}
     if verdict == b"C":
-        if _oom_kills() > ooms:  # the cgroup's limit: memory, however it was held
-            return {"score": 0.0, "reason": "memory"}
         return {"score": 0.0, "reason": _status_reason(cstatus, cusage)}
     if os.WIFSIGNALED(kstatus) and os.WTERMSIG(kstatus) == signal.SIGXCPU:
         return {"score": 0.0, "reason": "cpu_time"}
