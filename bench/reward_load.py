@@ -10,42 +10,29 @@ pages, a fork bomb, a forked sleeper in its own session, a StopIteration, an obj
 to everything. Limits: wall_s 2, cpu_s 1, memory_mb 512, two workers (this machine's
 cores). Peak memory: the largest sum of resident memory over the zygotes and every
 process of the slots' uids, sampled every 50 ms."""
-import os
 import random
 import sys
 import threading
 import time
 
 from score_fast.rewards import CodeReward, CodeRewardConfig
+from score_fast.rewards.code import live_processes
 
-ROW = {"test_list": ["assert all(map(lambda t: add(*t[0]) == t[1], [((1, 2), 3), ((2, 2), 4)]))",
-                     "assert add(-1, 1) == 0"]}
+ROW = {"test_list": [
+    "assert all(map(lambda t: add(*t[0]) == t[1], [((1, 2), 3), ((2, 2), 4)]))",
+    "assert add(-1, 1) == 0"]}
 GOOD = "def add(a, b):\n    return a + b\n"
-MIX = [(60, [GOOD, "def add(a, b):\n    s = 0\n    for x in (a, b):\n        s += x\n    return s\n"]),
+MIX = [(60, [GOOD,
+             "def add(a, b):\n    s = 0\n    for x in (a, b):\n        s += x\n    return s\n"]),
        (25, ["def add(a, b):\n    return a - b\n", "def add(a, b):\n    return [][1]\n",
              "def add(a, b:\n"]),
        (15, ["while True:\n    pass\n", "x = bytearray(50 << 30)\n" + GOOD,
-             "import os\nc = b'x' * (16 << 20)\nfor fd in [os.memfd_create('m') for _ in range(48)]:\n"
-             "    os.write(fd, c)\n" + GOOD,
+             "import os\nc = b'x' * (16 << 20)\n"
+             "for fd in [os.memfd_create('m') for _ in range(48)]:\n    os.write(fd, c)\n" + GOOD,
              "import os\nwhile True:\n    os.fork()\n",
              "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(600)\n" + GOOD,
              "def add(a, b):\n    raise StopIteration\n",
              "class E:\n    __eq__ = lambda s, o: True\ndef add(a, b):\n    return E()\n"])]
-
-
-def _procs(uids: range, zygotes: list[int]) -> list[tuple[int, int]]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                st = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
-        if int(st["Uid"].split()[0]) in uids or int(pid) in zygotes:
-            out.append((int(pid), int(st.get("VmRSS", "0 kB").split()[0])))
-    return out
 
 
 def main(n: int = 2000) -> None:
@@ -62,7 +49,7 @@ def main(n: int = 2000) -> None:
     def sample():
         while not stop.is_set():
             zyg = [w.proc.pid for w in (r._pool._workers if r._pool else []) if w]
-            peak[0] = max(peak[0], sum(kb for _, kb in _procs(uids, zyg)))
+            peak[0] = max(peak[0], sum(kb for _, kb in live_processes(uids, zyg)))
             time.sleep(0.05)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -74,7 +61,7 @@ def main(n: int = 2000) -> None:
     th.join()
     r.close()
     time.sleep(0.5)
-    left = _procs(uids, [])
+    left = live_processes(uids)
     ok = sum(s > 0 for s, src in zip(res.scores, srcs))
     right = sum(s > 0 for s, src in zip(res.scores, srcs) if src in MIX[0][1])
     print(f"| {n} | {dt:.1f} | {n / dt:.1f} | {ok} scored 1 ({right} of "

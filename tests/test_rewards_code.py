@@ -16,7 +16,7 @@ import time
 import pytest
 
 from score_fast.rewards import CodeReward, CodeRewardConfig, make_reward
-from score_fast.rewards.code import build_program, extract_code
+from score_fast.rewards.code import build_program, extract_code, live_processes
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0,
                                 reason="the code sandbox needs Linux and root")
@@ -34,18 +34,7 @@ HUMANEVAL = {
 
 def _slot_procs(uids: range) -> list[tuple[int, int]]:
     """(pid, rss_kb) of every live process whose real uid is one of the sandbox's."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                status = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
-        if int(status["Uid"].split()[0]) in uids and "Z" not in status["State"]:
-            out.append((int(pid), int(status.get("VmRSS", "0 kB").split()[0])))
-    return out
+    return live_processes(uids)
 
 
 class Watchdog:

@@ -133,6 +133,25 @@ def _top_level_names(src: str) -> list[str]:
 _LIB_DIRS = [d for d in ("/lib", "/lib64", "/usr/lib", "/usr/lib64") if os.path.isdir(d)]
 
 
+def live_processes(uids: range, pids=()) -> list[tuple[int, int]]:
+    """(pid, resident KiB) of every live (not zombie) process whose real uid is in `uids`
+    (a reward's slots: CodeReward.uids) or whose pid is in `pids`: what a sandbox has
+    running, for watchdogs and load measurements."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if (int(status["Uid"].split()[0]) in uids or int(pid) in pids) and \
+                "Z" not in status["State"]:
+            out.append((int(pid), int(status.get("VmRSS", "0 kB").split()[0])))
+    return out
+
+
 def _targets(row: Mapping) -> list[str]:
     """The functions an MBPP row tests: the reference solution's top-level definitions
     (`code`), else in each assert the first call of a name that is not a builtin, or the
