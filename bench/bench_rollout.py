@@ -36,8 +36,11 @@ from score_fast.rollout import generate
 from score_fast.sampler import TwoTurnSampler
 
 DEVICE = bench_device()
-EPISODES = 8 if QUICK else 64
-NEW = 8 if QUICK else 64
+# SCORE_FAST_BENCH_ROLLOUT_EPISODES / _NEW / _ROUNDS: another shape (the vLLM issue measured
+# 256 episodes x 128 new tokens) and fewer timed rounds for it
+EPISODES = int(os.environ.get("SCORE_FAST_BENCH_ROLLOUT_EPISODES", 8 if QUICK else 64))
+NEW = int(os.environ.get("SCORE_FAST_BENCH_ROLLOUT_NEW", 8 if QUICK else 64))
+ROUNDS = int(os.environ.get("SCORE_FAST_BENCH_ROLLOUT_ROUNDS", 3 if QUICK else 5))
 VOCAB, EOS, PAD, INSTR = 48, 1, 0, 12
 SHAPE = f"B={EPISODES},new={NEW}"
 PROVIDERS = ["engine", "generate", "vllm", "vllm_nocache"]
@@ -175,7 +178,7 @@ def test_rollout(benchmark, setup, provider, which):
     out, counts = fn()
     tokens = sum(map(len, out))
     run(benchmark, fn, device=DEVICE, provider=provider, shape=f"{which},{SHAPE}",
-        dtype="float32", baseline="generate", rounds=3 if QUICK else 5, warmup=0,
+        dtype="float32", baseline="generate", rounds=ROUNDS, warmup=0,
         tokens=tokens,
         **counts)
     stats = getattr(getattr(benchmark, "stats", None), "stats", None)
