@@ -370,15 +370,15 @@ def _tile(hc, w, b, v0, v1, inv_t):
 
 
 def _cpu_pass(h, w, b, t, rows, inv_t, state=None, grad_of=None, need_dh=True,
-              need_dw=True):
+              need_dw=True, entropy=False):
     """One sweep over fixed-size row chunks of `rows` (int64 indices into h).
 
     state None: compute (logp, M, log S) with an online log-sum-exp over vocabulary chunks;
     else reuse the saved (M, log S). grad_of(chunk_index, rows, logp) -> fp32 g (or None)
     asks for D = g (onehot - p) / T in the same sweep, reusing the tile when the vocabulary
     is one chunk. Returns logp, M, log S, the entropy ([N] fp32, zero off `rows`; the
-    entropy only when state is None) and fp32 dh, dw, db (None unless a gradient was asked
-    for)."""
+    entropy only with `entropy` and state None, else zeros) and fp32 dh, dw, db (None
+    unless a gradient was asked for)."""
     N, H = h.shape
     V = w.shape[0]
     chunks = _vocab_chunks(V)
@@ -412,9 +412,9 @@ def _cpu_pass(h, w, b, t, rows, inv_t, state=None, grad_of=None, need_dh=True,
                 # U = sum e^(z-M)(z-M) (_chunk_lse_kernel's doc): the old terms move to M_new
                 shift = (m - m_safe).masked_fill(m == float("-inf"), 0)
                 s_new = s * alpha + e.sum(-1)
-                # in place (two tiles besides z, as the log-sum-exp alone takes): a -inf
-                # logit's term is 0 * -inf = nan -> 0
-                u = alpha * (u + s * shift) + e.mul_(zs).nan_to_num_(0.0).sum(-1)
+                if entropy:  # in place (two tiles besides z, as the log-sum-exp alone
+                    # takes): a -inf logit's term is 0 * -inf = nan -> 0
+                    u = alpha * (u + s * shift) + e.mul_(zs).nan_to_num_(0.0).sum(-1)
                 s = s_new
                 del zs, e
                 m = m_new
@@ -428,7 +428,8 @@ def _cpu_pass(h, w, b, t, rows, inv_t, state=None, grad_of=None, need_dh=True,
             lp = ((z_t - m) - log_s).clamp_(max=0).masked_fill_(z_t == float("-inf"),
                                                                 float("-inf"))
             logp_all[idx], m_all[idx], ls_all[idx] = lp[:n], m[:n], log_s[:n]
-            ent_all[idx] = _entropy(log_s, u, s)[:n]
+            if entropy:
+                ent_all[idx] = _entropy(log_s, u, s)[:n]
         else:
             # padding rows: M = +inf gives p = 0 (their z may be anything)
             m = torch.full((_ROWS,), float("inf"), **f32)

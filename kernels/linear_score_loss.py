@@ -100,7 +100,7 @@ def _run(h, w, b, t, ref, old, turn, ep, adv, cnt, scale, loss_args, inv_t, on_t
         return g if (need_dh or need_dw) else None
 
     _, _, _, ent, dh, dw, db = _cpu_pass(h, w, b, t, rows, inv_t, grad_of=grad_of,
-                                         need_dh=need_dh, need_dw=need_dw)
+                                         need_dh=need_dh, need_dw=need_dw, entropy=True)
     stats = torch.zeros(len(_STATS), dtype=torch.float64, device=h.device)
     for st in parts:  # chunk order is fixed: a deterministic fp64 sum
         stats += st

@@ -282,12 +282,13 @@ def lr_scheduler(optimizer, train, total_steps: int):
                          num_training_steps=max(total_steps, 1))
 
 
-def make_reward_from(config: Config):
-    """The reward the run's config names, with its workers, timeout and sandbox limits."""
+def make_reward_from(config: Config, function=None):
+    """The reward the run's config names, with its workers, timeout and sandbox limits;
+    `function` (a callable passed to Trainer) makes it a custom reward of that function."""
     from score_fast.rewards import make_reward
     r = config.reward
-    if r.kind == "custom":
-        return make_reward({"kind": "custom", "function": r.function,
+    if r.kind == "custom" or function is not None:
+        return make_reward({"kind": "custom", "function": function or r.function,
                             "problem_field": config.problem_field(),
                             **({} if r.timeout_s is None else {"timeout_s": r.timeout_s})})
     limits = {"workers": r.workers}
@@ -397,11 +398,7 @@ class Trainer:
         elif hasattr(reward, "evaluate") or hasattr(reward, "score"):  # a Reward object
             self.reward = reward
         elif callable(reward):
-            from score_fast.rewards import make_reward
-            self.reward = make_reward({"kind": "custom", "function": reward,
-                                       "problem_field": c.problem_field(),
-                                       **({} if c.reward.timeout_s is None
-                                          else {"timeout_s": c.reward.timeout_s})})
+            self.reward = make_reward_from(c, function=reward)
         else:
             raise TypeError(f"Trainer(reward=...) takes a score_fast Reward or a function, "
                             f"got {type(reward).__name__}")
@@ -429,7 +426,7 @@ class Trainer:
                     found = usable_checkpoint(self.run_dir)
                 except Exception as e:  # noqa: BLE001 - re-raised on every rank below
                     found = e
-            found = distributed.gather_objects(found, d)[0] if d.enabled else found
+            found = distributed.gather_objects(found, d)[0]
             if isinstance(found, Exception):
                 raise found
             ckpt = found
@@ -582,8 +579,8 @@ class Trainer:
         Then the longest episode the run can sample against train.max_tokens."""
         c = self.config
         over, what, lengths = self._over_budget(self.prompt_texts)
-        self._check_episode_budget(max(n for i, n in enumerate(lengths) if i not in set(over))
-                                   if len(over) < len(lengths) else 0)
+        within = [n for n in lengths if n <= c.data.max_prompt_tokens]  # the rows kept
+        self._check_episode_budget(max(within, default=0))
         if not over:
             return
         what = f"{self.data_name}: {what}"
