@@ -53,13 +53,14 @@ __all__ = ["linear_score_loss", "linear_score_loss_ref"]
 
 def linear_score_loss_ref(hidden, weight, targets, ref_logp, turn, episode, advantages, *,
                           stage, beta1=0.01, beta2=0.1, kl="k3", bias=None, temperature=1.0,
-                          reduction="token_mean", old_logp=None, clip_eps=None):
+                          reduction="token_mean", old_logp=None, clip_eps=None,
+                          kl_ratio=False):
     """The specification and test oracle in the inputs' dtype (fp64 in the tests): the full
     logits, token log-probabilities, then score_loss_ref; autograd gives the gradients."""
     logp = linear_logprobs_ref(hidden, weight, targets, bias, temperature)
     loss, metrics = score_loss_ref(logp, ref_logp, turn, episode, advantages, stage=stage,
                                    beta1=beta1, beta2=beta2, kl=kl, old_logp=old_logp,
-                                   clip_eps=clip_eps, reduction=reduction)
+                                   clip_eps=clip_eps, kl_ratio=kl_ratio, reduction=reduction)
     with torch.no_grad():  # the entropy of softmax(x / T) per row, mean per attempt
         x = (hidden @ weight.T + (0 if bias is None else bias)) / temperature
         lsm = torch.log_softmax(x, -1)
@@ -136,15 +137,16 @@ def linear_score_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
                       advantages: torch.Tensor, *, stage: int, beta1: float = 0.01,
                       beta2: float = 0.1, kl: str = "k3", bias: torch.Tensor | None = None,
                       temperature: float = 1.0, reduction: str = "token_mean",
-                      old_logp: torch.Tensor | None = None, clip_eps: float | None = None,
-                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      old_logp: torch.Tensor | None = None,
+                      clip_eps: float | tuple[float, float] | None = None,
+                      kl_ratio: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SCoRe loss (0-d fp32, differentiable in hidden, weight and bias) and detached metrics,
     equal to score_loss(linear_logprobs(hidden, weight, targets, bias=bias,
     temperature=temperature), ref_logp, turn, episode, advantages, ...).
 
     hidden [..., H], weight [V, H] (same float dtype), bias [V] or None; targets, ref_logp,
     turn, episode (and old_logp): shape hidden.shape[:-1]; advantages [E, 2]. stage, beta1,
-    beta2, kl, reduction, old_logp, clip_eps: as in score_loss. Design in the module doc."""
+    beta2, kl, reduction, old_logp, clip_eps, kl_ratio: as in score_loss. Design in the module doc."""
     _check_inputs(hidden, weight, targets, bias)
     inv_t = _check_temperature(temperature)
     for name, a in (("ref_logp", ref_logp), ("turn", turn), ("episode", episode),
@@ -164,7 +166,7 @@ def linear_score_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     # score_loss's own checks: stage, kl, reduction, betas, clip, labels, advantages shape
     _check(torch.empty(turn_f.shape, device=turn_f.device), ref_logp.reshape(-1), turn_f,
            ep_f, advantages, stage, beta1, beta2, kl,
-           None if old_logp is None else old_logp.reshape(-1), clip_eps, reduction)
+           None if old_logp is None else old_logp.reshape(-1), clip_eps, reduction, kl_ratio)
     h, w, b, t = _prepare(hidden, weight, targets, bias)
     cnt, scale = _weights(turn_f, ep_f, advantages.shape[0], reduction)
     tensors = [a for a in (hidden, weight, targets, bias, ref_logp, turn, episode, advantages,
@@ -173,7 +175,8 @@ def linear_score_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
     need_dw = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    loss_args = (stage, beta1, beta2, kl, clip_eps, reduction == "seq_mean_token_mean")
+    loss_args = (stage, beta1, beta2, kl, clip_eps, bool(kl_ratio),
+                 reduction == "seq_mean_token_mean")
 
     def run():
         return _run(h, w, b, t, flat(ref_logp), flat(old_logp), turn_f, ep_f,
@@ -181,7 +184,7 @@ def linear_score_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
                     need_dw)
 
     loss, stats = _LinearScoreLoss.apply(h, w, b, run)
-    metrics = _metrics(stats[:len(_STATS)], old_logp is not None)
+    metrics = _metrics(stats[:len(_STATS)], clip_eps is not None)
     # the policy's entropy at the loss rows (its sampling distribution at temperature T),
     # from the log-sum-exp sweep's own sums: no extra pass over the vocabulary
     n = stats[_STATS.index("n1"):_STATS.index("n2") + 1].clamp(min=1)

@@ -4,8 +4,15 @@ Per token t with turn k = turn[t] in {1, 2} (turn 0: prompt, instruction, paddin
 episode e = episode[t], A = advantages[e, k - 1], d = logp - ref_logp:
 
     pg_t = -A * logp                                          (on-policy REINFORCE)
-    pg_t = -min(r * A, clip(r, 1 - eps, 1 + eps) * A),  r = exp(logp - old_logp)   (PPO-clip)
+    pg_t = -min(r * A, clip(r, 1 - lo, 1 + hi) * A),  r = exp(logp - old_logp)     (PPO-clip)
     l_t  = pg_t + beta_t * KL_kind(d)            (KL_kind and its gradient: kl_penalty.py)
+    l_t  = pg_t + beta_t * r * KL_kind(d)        (kl_ratio=True, with clip_eps)
+
+kl_ratio weights the KL term by the (differentiable) ratio r: its gradient is then
+r * (KL' + KL), for k3 r * d, the unbiased gradient of the reverse KL(pi || pi_ref) from
+samples of pi_old (DeepSeek-V3.2; TRL's use_bias_correction_kl, on by default there; on
+policy r = 1 in value but not in gradient). The kl_t1 / kl_t2 metrics are then means of
+r * KL, the importance-weighted estimate the loss uses (what TRL logs as "kl").
 
 The KL term's expected gradient depends on the estimator (kl_penalty.py's module doc):
 kl="k2" gives that of the per-token KL(pi || pi_ref), the paper's (the trainer's default,
@@ -28,8 +35,12 @@ each, both turns together):  loss = sum_t w_t * l_t  with w_t =
 and N = 0 gives loss 0 with zero gradients. Gradient flows to logp only (ref_logp, old_logp
 and advantages are constants).
 
-old_logp and clip_eps go together (both or neither): a ratio without a clip range is the
-same gradient as REINFORCE at r = 1 and only adds a way to get it wrong.
+clip_eps is eps (lo = hi = eps) or a pair (lo, hi) (DAPO's asymmetric "clip-higher").
+clip_eps without old_logp takes old_logp = logp (detached): r = 1, pg_t = -A, the gradient
+of REINFORCE with the ratio form's loss value; that is GRPO's convention when each batch gets
+one gradient step (TRL's GRPOTrainer without old log-probs; score_fast.integrations.trl is
+the caller that needs it). old_logp without clip_eps is refused: a ratio without a clip
+range is REINFORCE's gradient at r = 1 and only adds a way to get it wrong.
 
 Metrics (detached 0-d fp32 tensors, no host sync; an empty set gives 0):
     kl_t1, kl_t2      mean KL_kind over turn-1 / turn-2 tokens (before beta)
@@ -81,9 +92,10 @@ def _score_loss_kernel(
     # sizes and strides
     n, stride_ae, stride_ac,
     # scalars
-    beta1, beta2, clip_eps,
+    beta1, beta2, clip_lo, clip_hi,
     # meta-parameters
-    STAGE: tl.constexpr, KIND: tl.constexpr, CLIP: tl.constexpr, PER_EPISODE: tl.constexpr,
+    STAGE: tl.constexpr, KIND: tl.constexpr, CLIP: tl.constexpr, KL_RATIO: tl.constexpr,
+    PER_EPISODE: tl.constexpr,
     NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -104,7 +116,7 @@ def _score_loss_kernel(
         old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         ratio = tl.exp(logp - old)
         surr = ratio * adv
-        surr_clip = tl.minimum(tl.maximum(ratio, 1.0 - clip_eps), 1.0 + clip_eps) * adv
+        surr_clip = tl.minimum(tl.maximum(ratio, clip_lo), clip_hi) * adv
         clipped = surr_clip < surr
         pg = -tl.minimum(surr, surr_clip)
         dpg = tl.where(clipped, 0.0, -surr)
@@ -119,6 +131,12 @@ def _score_loss_kernel(
         has_pg = live
         beta = tl.zeros_like(logp) + beta1
     kl, dkl = _kl_and_grad(logp - ref, KIND)
+    if KL_RATIO:  # the KL term is r * KL: value r KL, gradient r (KL' + KL)
+        klt = kl * ratio
+        dklt = (dkl + kl) * ratio
+    else:
+        klt = kl
+        dklt = dkl
 
     scale = tl.load(scale_ptr)
     if PER_EPISODE:
@@ -130,16 +148,16 @@ def _score_loss_kernel(
     pg = tl.where(has_pg, pg, 0.0)
     dpg = tl.where(has_pg, dpg, 0.0)
     clipped = clipped & has_pg
-    kl = tl.where(live, kl, 0.0)
-    dkl = tl.where(live, dkl, 0.0)
+    klt = tl.where(live, klt, 0.0)
+    dklt = tl.where(live, dklt, 0.0)
     logp = tl.where(live, logp, 0.0)
-    tl.store(grad_ptr + offs, w * (dpg + beta * dkl), mask=inb)
+    tl.store(grad_ptr + offs, w * (dpg + beta * dklt), mask=inb)
 
     part = part_ptr + pid * NUM_STATS
     tl.store(part + 0, tl.sum(w * pg))
-    tl.store(part + 1, tl.sum(w * beta * kl))
-    tl.store(part + 2, tl.sum(tl.where(t1, kl, 0.0)))
-    tl.store(part + 3, tl.sum(tl.where(t2, kl, 0.0)))
+    tl.store(part + 1, tl.sum(w * beta * klt))
+    tl.store(part + 2, tl.sum(tl.where(t1, klt, 0.0)))
+    tl.store(part + 3, tl.sum(tl.where(t2, klt, 0.0)))
     tl.store(part + 4, tl.sum(tl.where(t1, logp, 0.0)))
     tl.store(part + 5, tl.sum(tl.where(t2, logp, 0.0)))
     tl.store(part + 6, tl.sum(t1.to(tl.float32)))
@@ -160,45 +178,47 @@ def _weights(turn, episode, E, reduction):
 
 
 def _score_loss_triton(logp, ref, old, turn, episode, adv, cnt, scale, stage, beta1, beta2,
-                       kind, clip_eps, per_episode):
+                       kind, clip_eps, kl_ratio, per_episode):
     n = logp.numel()
     grid = max(triton.cdiv(n, _BLOCK), 1)
     grad = torch.empty(n, dtype=torch.float32, device=logp.device)
     part = torch.empty(grid, len(_STATS), dtype=torch.float32, device=logp.device)
-    clip = old is not None
+    clip = clip_eps is not None
     # One compiled variant per flag combination, whatever the callers' dtypes: the kernel
     # sees fp32 floats and int32 ids (copies of [T] vectors, 32 KB at T = 8192); episode
     # ids and turn labels are range-checked in score_loss, and E < 2**31.
     logp, ref, adv = logp.float(), ref.float(), adv.float()
-    old = old.float() if clip else logp
+    old = logp if old is None else old.float()  # r = 1 when clipping without old_logp
+    lo, hi = _clip_range(clip_eps) if clip else (0.0, 0.0)
     turn, episode = turn.to(torch.int32), episode.to(torch.int32)
     _score_loss_kernel[(grid,)](
         logp, ref, old, turn, episode, adv, cnt, scale, grad, part,
         n, adv.stride(0), adv.stride(1),
-        float(beta1), float(beta2), float(clip_eps) if clip else 0.0,
-        STAGE=stage, KIND=kind, CLIP=clip, PER_EPISODE=per_episode,
+        float(beta1), float(beta2), lo, hi,
+        STAGE=stage, KIND=kind, CLIP=clip, KL_RATIO=kl_ratio, PER_EPISODE=per_episode,
         NUM_STATS=len(_STATS), BLOCK=_BLOCK, num_warps=_WARPS)
     return part.sum(0, dtype=torch.float64), grad
 
 
 def _gate_cases():
-    """Every launch _score_loss_triton makes on a GPU (each STAGE, KIND, CLIP, PER_EPISODE),
-    on meta tensors (no data), for the compile gate (bench/compile_gate.py)."""
+    """Every launch _score_loss_triton makes on a GPU (each STAGE, KIND, CLIP, KL_RATIO (with
+    CLIP only), PER_EPISODE), on meta tensors (no data), for the compile gate
+    (bench/compile_gate.py)."""
     T, E = 8192, 512
     meta = dict(device="meta")
     x = torch.empty(T, dtype=torch.bfloat16, **meta)
     ids = torch.empty(T, dtype=torch.int64, **meta)
     adv = torch.empty(E, 2, **meta)
     cnt, scale = torch.empty(E, dtype=torch.int32, **meta), torch.empty(1, **meta)
-    for stage, kind, clip, per_episode in itertools.product((1, 2), KL_KINDS, (False, True),
-                                                            (False, True)):
+    for stage, kind, (clip, kl_ratio), per_episode in itertools.product(
+            (1, 2), KL_KINDS, ((False, False), (True, False), (True, True)), (False, True)):
         yield functools.partial(_score_loss_triton, x, x, x if clip else None, ids, ids, adv,
                                 cnt, scale, stage, 0.01, 0.1, kind, 0.2 if clip else None,
-                                per_episode)
+                                kl_ratio, per_episode)
 
 
 def _score_loss_torch(logp, ref, old, turn, episode, adv, cnt, scale, stage, beta1, beta2,
-                      kind, clip_eps, per_episode):
+                      kind, clip_eps, kl_ratio, per_episode):
     """The kernel's math in torch ops, with the same explicit gradients (no autograd graph)."""
     logp, ref = logp.float(), ref.float()
     t1, t2 = turn == 1, turn == 2
@@ -206,10 +226,10 @@ def _score_loss_torch(logp, ref, old, turn, episode, adv, cnt, scale, stage, bet
     ep = torch.where(live, episode, 0).long()
     adv = adv.float() if adv.shape[0] else adv.new_zeros(1, 2, dtype=torch.float32)  # E = 0
     a = torch.where(live, adv[ep, (turn - 1).clamp(0, 1).long()], 0.0)
-    if old is not None:
-        ratio = torch.exp(logp - old.float())
+    if clip_eps is not None:
+        ratio = torch.exp(logp - (logp if old is None else old.float()))
         surr = ratio * a
-        surr_clip = ratio.clamp(1 - clip_eps, 1 + clip_eps) * a
+        surr_clip = ratio.clamp(*_clip_range(clip_eps)) * a
         clipped = surr_clip < surr
         pg, dpg = -torch.minimum(surr, surr_clip), torch.where(clipped, 0.0, -surr)
     else:
@@ -218,17 +238,19 @@ def _score_loss_torch(logp, ref, old, turn, episode, adv, cnt, scale, stage, bet
     has_pg = t2 if stage == 1 else live
     beta = torch.where(t1, beta2, beta1) if stage == 1 else torch.full_like(logp, beta1)
     kl, dkl = kl_and_grad_torch(logp - ref, kind)
+    klt, dklt = (kl * ratio, (dkl + kl) * ratio) if kl_ratio else (kl, dkl)
     w = scale / cnt[ep].float() if per_episode else scale.expand_as(logp)
     w = torch.where(live, w, 0.0)
     pg, dpg = torch.where(has_pg, pg, 0.0), torch.where(has_pg, dpg, 0.0)
-    kl, dkl = torch.where(live, kl, 0.0), torch.where(live, dkl, 0.0)
+    klt = torch.where(live, klt, 0.0)
+    dklt = torch.where(live, dklt, 0.0)
     logp = torch.where(live, logp, 0.0)
     stats = torch.stack([
-        (w * pg).sum(), (w * beta * kl).sum(),
-        torch.where(t1, kl, 0.0).sum(), torch.where(t2, kl, 0.0).sum(),
+        (w * pg).sum(), (w * beta * klt).sum(),
+        torch.where(t1, klt, 0.0).sum(), torch.where(t2, klt, 0.0).sum(),
         torch.where(t1, logp, 0.0).sum(), torch.where(t2, logp, 0.0).sum(),
         t1.sum(), t2.sum(), has_pg.sum(), (clipped & has_pg).sum()]).double()
-    return stats, w * (dpg + beta * dkl)
+    return stats, w * (dpg + beta * dklt)
 
 
 class _ScoreLoss(torch.autograd.Function):
@@ -245,7 +267,7 @@ class _ScoreLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss, _dstats):
         (grad,) = ctx.saved_tensors
-        return (dloss * grad).to(ctx.dtype), None, *([None] * 13)
+        return (dloss * grad).to(ctx.dtype), None, *([None] * 14)
 
 
 def _metrics(stats: torch.Tensor, clip: bool) -> dict[str, torch.Tensor]:
@@ -260,7 +282,8 @@ def _metrics(stats: torch.Tensor, clip: bool) -> dict[str, torch.Tensor]:
 
 
 def score_loss_ref(logp, ref_logp, turn, episode, advantages, *, stage, beta1=0.01, beta2=0.1,
-                   kl="k3", old_logp=None, clip_eps=None, reduction="token_mean"):
+                   kl="k3", old_logp=None, clip_eps=None, kl_ratio=False,
+                   reduction="token_mean"):
     """Plain-torch specification in logp's dtype (fp64-capable); autograd gives the gradient.
     Episode reductions loop over episodes in Python: an oracle, not a training path."""
     dt = logp.dtype
@@ -271,15 +294,17 @@ def score_loss_ref(logp, ref_logp, turn, episode, advantages, *, stage, beta1=0.
     adv = advantages.detach().to(dt)
     a = torch.zeros_like(logp)
     a[live] = adv[episode[live], turn[live] - 1]
-    if old_logp is not None:
-        ratio = torch.exp(logp - old_logp.detach().reshape(-1).to(dt))
-        pg = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a)
+    if clip_eps is not None:
+        old = logp if old_logp is None else old_logp.reshape(-1).to(dt)
+        ratio = torch.exp(logp - old.detach())
+        lo, hi = _clip_range(clip_eps)
+        pg = -torch.minimum(ratio * a, torch.clamp(ratio, lo, hi) * a)
     else:
         pg = -a * logp
     has_pg = t2 if stage == 1 else live
     pg = torch.where(has_pg, pg, 0.0)
     beta = torch.where(t1 & (stage == 1), beta2, beta1).to(dt)
-    klv = kl_penalty_ref(logp, ref, kl)
+    klv = kl_penalty_ref(logp, ref, kl) * (ratio if kl_ratio else 1.0)
     klw = torch.where(live, beta * klv, 0.0)
 
     def reduce(x):
@@ -297,10 +322,23 @@ def score_loss_ref(logp, ref_logp, turn, episode, advantages, *, stage, beta1=0.
     metrics = {"kl_t1": mean(klv, t1), "kl_t2": mean(klv, t2), "logp_t1": mean(logp, t1),
                "logp_t2": mean(logp, t2), "pg_loss": pg_loss, "kl_loss": kl_loss,
                "num_tokens": live.sum().to(dt)}
-    if old_logp is not None:
-        clipped = (torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a < ratio * a) & has_pg
+    if clip_eps is not None:
+        clipped = (torch.clamp(ratio, lo, hi) * a < ratio * a) & has_pg
         metrics["clip_frac"] = clipped.sum().to(dt) / max(int(has_pg.sum()), 1)
     return pg_loss + kl_loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def _clip_range(clip_eps) -> tuple[float, float]:
+    """(1 - lo, 1 + hi) from eps or (lo, hi), each > 0 (lo < 1 keeps the floor positive)."""
+    pair = (clip_eps, clip_eps) if isinstance(clip_eps, (int, float)) else clip_eps
+    try:
+        lo, hi = (float(x) for x in pair)
+    except (TypeError, ValueError):
+        lo = hi = float("nan")
+    if not (0 < lo < 1 and hi > 0):
+        raise ValueError(f"clip_eps must be eps or (lo, hi) with 0 < lo < 1 and hi > 0, "
+                         f"got {clip_eps!r}")
+    return 1.0 - float(lo), 1.0 + float(hi)
 
 
 def _shape_err(name, t, like_name, like):
@@ -309,7 +347,7 @@ def _shape_err(name, t, like_name, like):
 
 
 def _check(logp, ref_logp, turn, episode, advantages, stage, beta1, beta2, kl, old_logp,
-           clip_eps, reduction):
+           clip_eps, reduction, kl_ratio=False):
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
     check_kind(kl)
@@ -317,11 +355,13 @@ def _check(logp, ref_logp, turn, episode, advantages, stage, beta1, beta2, kl, o
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if beta1 < 0 or beta2 < 0:
         raise ValueError(f"beta1 and beta2 must be >= 0, got {beta1} and {beta2}")
-    if (old_logp is None) != (clip_eps is None):
-        raise ValueError("old_logp and clip_eps go together: pass both (PPO-clip) or "
-                         "neither (REINFORCE)")
-    if clip_eps is not None and not clip_eps > 0:
-        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    if old_logp is not None and clip_eps is None:
+        raise ValueError("old_logp needs clip_eps (PPO-clip); REINFORCE takes neither")
+    if clip_eps is not None:
+        _clip_range(clip_eps)
+    if kl_ratio and clip_eps is None:
+        raise ValueError("kl_ratio weights the KL by the ratio r: it needs clip_eps (and "
+                         "old_logp, or none for r = 1)")
     if not logp.is_floating_point():
         raise ValueError(f"logp must be floating point, got {logp.dtype}")
     for name, t in (("ref_logp", ref_logp), ("turn", turn), ("episode", episode),
@@ -349,13 +389,14 @@ def _check(logp, ref_logp, turn, episode, advantages, stage, beta1, beta2, kl, o
 def score_loss(logp: torch.Tensor, ref_logp: torch.Tensor, turn: torch.Tensor,
                episode: torch.Tensor, advantages: torch.Tensor, *, stage: int,
                beta1: float = 0.01, beta2: float = 0.1, kl: str = "k3",
-               old_logp: torch.Tensor | None = None, clip_eps: float | None = None,
+               old_logp: torch.Tensor | None = None,
+               clip_eps: float | tuple[float, float] | None = None, kl_ratio: bool = False,
                reduction: str = "token_mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SCoRe loss (0-d fp32, differentiable in logp) and detached metrics; formulas in the
     module doc. logp, ref_logp, turn, episode (and old_logp): same shape, any layout
     ([1, T] packed or [B, T] padded). advantages: [E, 2] from score_advantages."""
     _check(logp, ref_logp, turn, episode, advantages, stage, beta1, beta2, kl, old_logp,
-           clip_eps, reduction)
+           clip_eps, reduction, kl_ratio)
     flat = lambda t: None if t is None else t.detach().contiguous().view(-1)  # noqa: E731
     turn_f, ep_f = flat(turn), flat(episode)
     cnt, scale = _weights(turn_f, ep_f, advantages.shape[0], reduction)
@@ -363,6 +404,6 @@ def score_loss(logp: torch.Tensor, ref_logp: torch.Tensor, turn: torch.Tensor,
     impl = _score_loss_triton if use_triton(*tensors) else _score_loss_torch
     loss, stats = _ScoreLoss.apply(
         logp.contiguous().view(-1), impl, flat(ref_logp), flat(old_logp), turn_f, ep_f,
-        advantages.detach(), cnt, scale, stage, beta1, beta2, kl, clip_eps,
+        advantages.detach(), cnt, scale, stage, beta1, beta2, kl, clip_eps, bool(kl_ratio),
         reduction == "seq_mean_token_mean")
-    return loss, _metrics(stats, old_logp is not None)
+    return loss, _metrics(stats, clip_eps is not None)

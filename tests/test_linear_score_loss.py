@@ -110,6 +110,12 @@ def test_ppo_clip(backend, monkeypatch):
     _use(backend, monkeypatch)
     _, m, _ = _check(_batch(37, 32, 500, clip=True), stage=2)
     assert "clip_frac" in m
+    batch = _batch(37, 32, 500, clip=True)
+    batch["clip_eps"] = (0.05, 0.3)  # asymmetric: DAPO's clip-higher
+    assert _check(batch, stage=2)[1]["clip_frac"] > 0
+    batch.update(old_logp=None, clip_eps=(0.2, 0.28))  # on-policy: r = 1, TRL's GRPO default
+    _check(batch, stage=2, reduction="seq_mean_token_mean", temperature=0.9)
+    _check(batch, stage=2, beta1=0.3, kl_ratio=True)  # TRL's use_bias_correction_kl
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -258,7 +264,7 @@ def _bad(**over):
     (dict(weight=torch.randn(50, 16).bfloat16()), "weight dtype"),
     (dict(bias=torch.randn(51)), r"bias must have shape \(50,\)"),
     (dict(turn=torch.full((6,), 3)), "turn values"),
-    (dict(old_logp=torch.zeros(6)), "old_logp and clip_eps go together"),
+    (dict(old_logp=torch.zeros(6)), "old_logp needs clip_eps"),
 ])
 def test_bad_input(over, match):
     with pytest.raises(ValueError, match=match):

@@ -29,8 +29,9 @@ def _inputs(shape, E, seed=0, device="cpu"):
     return [t.view(shape).to(device) for t in (logp, ref, old, turn, episode)] + [adv.to(device)]
 
 
-def _check_against_ref(shape, E, seed=0, device="cpu", clip_eps=None, **kw):
+def _check_against_ref(shape, E, seed=0, device="cpu", clip_eps=None, use_old=True, **kw):
     logp, ref, old, turn, episode, adv = _inputs(shape, E, seed, device)
+    old = old if use_old else None
     if clip_eps is not None:
         kw.update(old_logp=old, clip_eps=clip_eps)
     dloss = torch.randn((), generator=torch.Generator().manual_seed(seed + 1))
@@ -41,7 +42,8 @@ def _check_against_ref(shape, E, seed=0, device="cpu", clip_eps=None, **kw):
     assert x.grad.shape == logp.shape
 
     def run_ref(dtype):
-        kw_ref = dict(kw, old_logp=None if clip_eps is None else old.cpu().to(dtype))
+        kw_ref = dict(kw, old_logp=None if old is None or clip_eps is None
+                      else old.cpu().to(dtype))
         xr = logp.cpu().to(dtype).requires_grad_()
         lr, mr = score_loss_ref(xr, ref.cpu().to(dtype), turn.cpu(), episode.cpu(),
                                 adv.cpu().to(dtype), **kw_ref)
@@ -61,7 +63,7 @@ def _check_against_ref(shape, E, seed=0, device="cpu", clip_eps=None, **kw):
     return m
 
 
-@pytest.mark.parametrize("clip_eps", [None, 0.2])
+@pytest.mark.parametrize("clip_eps", [None, 0.2, (0.1, 0.28)])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("stage", [1, 2])
 def test_matches_reference(backend, stage, reduction, clip_eps):
@@ -154,6 +156,71 @@ def test_ppo_clip_by_hand(backend):
     assert m["clip_frac"].item() == 0.5
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("use_old", [True, False])
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean_token_mean"])
+def test_kl_ratio_matches_reference(backend, stage, use_old, reduction):
+    _check_against_ref((1, 2053), 7, stage=stage, reduction=reduction, clip_eps=(0.2, 0.28),
+                       use_old=use_old, kl_ratio=True, beta1=0.3, beta2=0.2)
+
+
+def test_kl_ratio_gradient_is_r_times_d(backend):
+    """k3 weighted by r: gradient beta * r * d (the reverse KL's, d = logp - ref), value
+    beta * r * k3; the kl metric is the mean of r * k3."""
+    logp, ref, old, turn, episode, adv = _inputs((301,), 4, seed=9)
+    turn = torch.ones_like(turn)
+    episode = episode.clamp(min=0)
+    x = logp.clone().requires_grad_()
+    loss, m = score_loss(x, ref, turn, episode, adv * 0, stage=2, beta1=0.5, kl="k3",
+                         old_logp=old, clip_eps=0.2, kl_ratio=True)
+    loss.backward()
+    r, d = torch.exp(logp - old), logp - ref
+    k3 = torch.exp(-d) + d - 1
+    n = logp.numel()
+    torch.testing.assert_close(x.grad, 0.5 * r * d / n, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss, (0.5 * r * k3).sum() / n, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(m["kl_t1"], (r * k3).mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_ppo_clip_asymmetric_by_hand(backend):
+    # (lo, hi) = (0.2, 0.5): ratio 2 with A = +1 is capped at 1.5 (clipped, grad 0); ratio
+    # 0.5 with A = -1: min(-0.5, -0.8) = -0.8, the clipped term, so grad 0 and pg 0.8.
+    x = torch.tensor([-1.0, -1.0], requires_grad=True)
+    old = x.detach() + torch.tensor([-LN2, LN2])
+    out, m = score_loss(x, x.detach(), torch.tensor([1, 1]), torch.tensor([0, 1]),
+                        torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), stage=2, beta1=0.0,
+                        old_logp=old, clip_eps=(0.2, 0.5))
+    out.backward()
+    assert out.item() == pytest.approx((-1.5 + 0.8) / 2, rel=1e-6)
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, 0.0]))
+    assert m["clip_frac"].item() == 1.0
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_clip_without_old_logp_is_on_policy(backend, reduction):
+    """clip_eps alone: old = logp, r = 1. The gradient is REINFORCE's, the pg value is -A
+    (not -A * logp), nothing is clipped."""
+    logp, ref, _, turn, episode, adv = _inputs((2, 301), 5, seed=3)
+    runs = []
+    for clip in (None, (0.2, 0.28)):
+        x = logp.clone().requires_grad_()
+        loss, m = score_loss(x, ref, turn, episode, adv, stage=2, reduction=reduction,
+                             clip_eps=clip)
+        loss.backward()
+        runs.append((loss, m, x.grad))
+    (loss0, m0, g0), (loss1, m1, g1) = runs
+    torch.testing.assert_close(g1, g0)
+    torch.testing.assert_close(m1["kl_loss"], m0["kl_loss"])
+    ones = torch.ones_like(logp)  # pg at logp = 1 everywhere is -A with the same weights
+    want = score_loss(ones, ones, turn, episode, adv, stage=2, reduction=reduction,
+                      beta1=0.0)[0]
+    torch.testing.assert_close(m1["pg_loss"], want)
+    assert m1["clip_frac"].item() == 0.0
+    ref_loss = score_loss_ref(logp.double(), ref.double(), turn, episode, adv.double(),
+                              stage=2, reduction=reduction, clip_eps=(0.2, 0.28))[0]
+    torch.testing.assert_close(loss1.double(), ref_loss, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("E", [0, 3])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -199,9 +266,13 @@ def test_errors(monkeypatch):
         (dict(reduction="sum"), "reduction"),
         (dict(beta1=-0.1), "beta1 and beta2"),
         (dict(beta2=-1.0), "beta1 and beta2"),
-        (dict(old_logp=old), "old_logp and clip_eps"),
-        (dict(clip_eps=0.2), "old_logp and clip_eps"),
-        (dict(old_logp=old, clip_eps=0.0), "clip_eps must be > 0"),
+        (dict(old_logp=old), "old_logp needs clip_eps"),
+        (dict(kl_ratio=True), "kl_ratio .* needs clip_eps"),
+        (dict(old_logp=old, clip_eps=0.0), r"clip_eps must be eps or \(lo, hi\).*got 0.0"),
+        (dict(clip_eps=(0.2, -0.1)), r"clip_eps.*got \(0.2, -0.1\)"),
+        (dict(clip_eps=(1.0, 0.2)), r"0 < lo < 1.*got \(1.0, 0.2\)"),
+        (dict(clip_eps=(0.2,)), r"clip_eps.*got \(0.2,\)"),
+        (dict(clip_eps="0.2"), r"clip_eps.*got '0.2'"),
         (dict(logp=turn), "logp must be floating"),
         (dict(turn=turn.float()), "turn must be an integer"),
         (dict(turn=torch.where(turn == 2, 3, turn)), "turn values"),
