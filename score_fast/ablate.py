@@ -8,8 +8,9 @@ variant trains from it with the same number of RL steps (n1 + n2), the same roll
 step and the same seed, and is evaluated greedily with two attempts:
 
   base                 no RL: the warmed-up model, prompted to self-correct
-  single-turn RL       REINFORCE + KL on attempt 1 only, n1 + n2 steps
-                       (train.single_turn; Table 4 "without multi-turn training")
+  single-turn RL       REINFORCE + KL on attempt 1 only, n1 + n2 steps, whose rollouts
+                       sample attempt 1 only (train.single_turn; Table 4 "without
+                       multi-turn training"); evaluated with two attempts like the rest
   naive multi-turn RL  the Stage II objective from the start, alpha = 0
   SCoRe w/o Stage I    the Stage II objective (alpha = 10) from the start
   SCoRe w/o shaping    Stage I, then Stage II with alpha = 0

@@ -326,8 +326,10 @@ class TrainConfig:
     baseline: Literal["rloo", "mean", "none"] = "rloo"
     """rloo | mean | none"""
     single_turn: bool = False
-    """the Table 4 ablation "without multi-turn training": REINFORCE + beta1 KL on attempt 1
-    only, every step (attempt 2 is still sampled, for the metrics, but not trained)"""
+    """the Table 4 ablation "without multi-turn training": REINFORCE + stage2.beta1 KL on
+    attempt 1 with its own reward, every step. Its steps sample, score, forward and train
+    attempt 1 only (no instruction, no attempt 2, no attempt-2 metrics); its evaluations
+    (train.eval_file, score-fast eval) still make both attempts"""
     normalize: bool = False
     """divide advantages by the group std (not stated)"""
     log_every: int = 1

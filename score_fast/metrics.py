@@ -17,6 +17,9 @@ after the self-correction instruction, and correct1[i] / correct2[i] their binar
 
 Both Delta_i->c and Delta_c->i divide by the number of ALL problems (not by the number wrong
 or right at t1), so delta == delta_i2c - delta_c2i exactly as counts; as floats, to rounding.
+
+With no second attempt (correct2=None: a train.single_turn step samples attempt 1 only)
+only acc_t1 is returned: the others are undefined, not zero.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ COLUMNS = (("acc_t1", "Acc@t1"), ("acc_t2", "Acc@t2"), ("delta", "Delta"),
            ("delta_i2c", "Delta_i->c"), ("delta_c2i", "Delta_c->i"))
 
 
-def self_correction_metrics(correct1: Sequence[Any], correct2: Sequence[Any],
+def self_correction_metrics(correct1: Sequence[Any], correct2: Sequence[Any] | None,
                             attempt1: Sequence[str] | None = None,
                             attempt2: Sequence[str] | None = None) -> dict[str, float]:
     """The table above as fractions in [0, 1] (delta in [-1, 1]), keyed as named there.
@@ -37,8 +40,13 @@ def self_correction_metrics(correct1: Sequence[Any], correct2: Sequence[Any],
     correct1[i] / correct2[i] say whether attempt 1 / 2 at problem i is right: bools, or
     numbers equal to 0 or 1 (binary rewards; a shaped reward is rejected rather than read
     as "right if > 0"). edit_ratio is included only when attempt1 and attempt2 are given.
+    correct2=None (no attempt 2 was made): {"acc_t1"} only.
     """
     c1 = _as_bools(correct1, "correct1")
+    if correct2 is None:
+        if attempt2 is not None:
+            raise ValueError("attempt2 is given but correct2 is None")
+        return {"acc_t1": sum(c1) / len(c1)}
     c2 = _as_bools(correct2, "correct2")
     if len(c2) != len(c1):
         raise ValueError(f"correct2 has {len(c2)} entries but correct1 has {len(c1)}")

@@ -2,7 +2,9 @@
 the [plot] extra): rewards per attempt (and the held-out greedy accuracies where the run
 evaluated train.eval_file), the sampled Delta with its i->c / c->i parts, KL per
 attempt, lengths per attempt, the policy's entropy per attempt, and where each step's time
-went (stacked)."""
+went (stacked). A key a run never logged is left out of its panel (a train.single_turn run
+logs no attempt-2 keys: its panels show attempt 1, its self-correction panel says why it is
+empty)."""
 from __future__ import annotations
 
 import json
@@ -42,13 +44,21 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(3, 2, figsize=(11, 10))
     for ax, (title, series) in zip(axes.flat, _PANELS):
+        drawn = 0
         for key, label in series:
             have = [r for r in rows if key in r]  # eval/* only at the evaluated steps
             if have:
                 ax.plot([r["step"] for r in have], [r[key] for r in have], label=label,
                         marker="o" if len(have) < len(rows) else None)
+                drawn += 1
         ax.set_title(title)
-        ax.legend(fontsize=8)
+        if drawn:
+            ax.legend(fontsize=8)
+        else:  # e.g. a train.single_turn run: no attempt 2, so no sampled Delta
+            ax.text(0.5, 0.5, "not logged by this run\n(no attempt 2: train.single_turn)"
+                    if "reward_t2" not in rows[0] else "not logged by this run",
+                    ha="center", va="center", transform=ax.transAxes, color="grey")
+            ax.set_xlim(steps[0] - 0.5, steps[-1] + 0.5)
     ax = axes.flat[5]  # where the time went: each phase stacked, per logged step
     phases = sorted({k for r in rows for k in r if k.startswith("time/")})
     if phases:

@@ -23,7 +23,11 @@ SAMPLE_COLUMNS = ("step", "problem", "attempt1", "attempt2", "r1", "r2")
 
 
 def sample_rows(step: int, problems, episodes, r1, r2, n: int) -> list[dict]:
-    """The first n episodes of a step as table rows (problem, both attempts, rewards)."""
+    """The first n episodes of a step as table rows (problem, both attempts, rewards).
+    r2=None (train.single_turn: no attempt 2 was sampled): no attempt2 and r2 columns."""
+    if r2 is None:
+        return [{"step": step, "problem": p, "attempt1": e.text1, "r1": float(a)}
+                for p, e, a in list(zip(problems, episodes, r1))[:n]]
     return [dict(zip(SAMPLE_COLUMNS, (step, p, e.text1, e.text2, float(a), float(b))))
             for p, e, a, b in list(zip(problems, episodes, r1, r2))[:n]]
 
@@ -99,17 +103,16 @@ class Reporter:
                 self._samples = open(os.path.join(self.run_dir, "samples.jsonl"), "a")
             self._samples.writelines(json.dumps(r) + "\n" for r in rows)
             self._samples.flush()
+        columns = [c for c in SAMPLE_COLUMNS if c in rows[0]]  # single_turn: no attempt 2
         if self._tb:
             cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-            table = ["| " + " | ".join(SAMPLE_COLUMNS) + " |",
-                     "|" + "---|" * len(SAMPLE_COLUMNS)]
-            table += ["| " + " | ".join(cell(r[c]) for c in SAMPLE_COLUMNS) + " |" for r in rows]
+            table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            table += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
             self._tb.add_text("samples", "\n".join(table), step)
             self._tb.flush()
         if self._wandb:
             self._wandb.log({"samples": self._wandb_mod.Table(
-                columns=list(SAMPLE_COLUMNS), data=[[r[c] for c in SAMPLE_COLUMNS]
-                                                    for r in rows])}, step=step)
+                columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step)
 
     def close(self) -> None:
         for f in (self._jsonl, self._samples):

@@ -17,6 +17,10 @@ Without a chat template (plain layout, documented):
 
 Attempt tokens are kept exactly as sampled (never re-tokenised from text), up to and
 including the first eos; an attempt that hits max_new_tokens has no eos.
+
+rollout(..., attempts=1) (train.single_turn, the Table 4 "without multi-turn training"
+ablation) samples attempt 1 only: the episode is [prompt | attempt 1] with labels 0 / 1 (no
+instruction, no attempt 2, text2 ""), and no KV cache is kept for a second turn.
 """
 from __future__ import annotations
 
@@ -136,8 +140,8 @@ def generate(model, contexts: list[list[int]], *, max_new_tokens: int, temperatu
 def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samples: int,
             max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
             batch_size: int = 64, max_prompt_tokens: int | None = None,
-            row_names: list[str] | None = None, in_flight: int | None = None, engine=None
-            ) -> tuple[list[Episode], dict]:
+            row_names: list[str] | None = None, in_flight: int | None = None, engine=None,
+            attempts: int = 2) -> tuple[list[Episode], dict]:
     """`samples` two-attempt episodes per problem (problem-major order), sampled with the
     KV-cache engine (score_fast.sampler.TwoTurnSampler; `generate` above is the plain
     reference). in_flight: episodes taken through both attempts at a time (None: all); the
@@ -148,7 +152,12 @@ def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samp
     engine: a score_fast.vllm_engine.VLLMEngine to sample with instead (`model` is then
     unused): the same episodes, attempt 2 requested as [prompt | attempt 1 | instruction]
     for its prefix cache, every episode at once (vLLM schedules its own KV cache, so
-    in_flight does not apply)."""
+    in_flight does not apply).
+    attempts: 2 (SCoRe's episodes), or 1 (train.single_turn): attempt 1 only, sampled
+    without keeping its KV cache (TwoTurnSampler.sample; one engine.generate call with
+    vLLM); the episodes have no instruction and no attempt 2, and attempt2_seconds is 0."""
+    if attempts not in (1, 2):
+        raise ValueError(f"attempts={attempts}: 1 (attempt 1 only) or 2")
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prompts = [formatter.prompt_ids(p) for p in problems]
@@ -170,15 +179,25 @@ def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samp
         spent[0] += time.perf_counter() - t
         for ep, a1 in zip(episodes, attempts1):
             ep.attempt1_ids = a1
-            ep.instruction_ids = formatter.instruction_ids(problems[ep.prompt_index], a1)
-        t = time.perf_counter()
-        attempts2 = engine.generate([e.prompt_ids + e.attempt1_ids + e.instruction_ids
-                                     for e in episodes], eos=eos, **gen_kw)
-        spent[1] += time.perf_counter() - t
-        for ep, a2 in zip(episodes, attempts2):
-            ep.attempt2_ids = a2
+            if attempts == 2:
+                ep.instruction_ids = formatter.instruction_ids(problems[ep.prompt_index], a1)
+        if attempts == 2:
+            t = time.perf_counter()
+            attempts2 = engine.generate([e.prompt_ids + e.attempt1_ids + e.instruction_ids
+                                         for e in episodes], eos=eos, **gen_kw)
+            spent[1] += time.perf_counter() - t
+            for ep, a2 in zip(episodes, attempts2):
+                ep.attempt2_ids = a2
         st = {k: engine.stats[k] - before[k] for k in before}
         prefill, decode = st["prompt_tokens"] - st["cached_tokens"], st["generated_tokens"]
+    elif attempts == 1:  # no second turn: nothing kept, so no in_flight chunks either
+        sampler = TwoTurnSampler(model, eos, pad, batch_size=batch_size)
+        t = time.perf_counter()
+        attempts1 = sampler.sample([e.prompt_ids for e in episodes], **gen_kw)
+        spent[0] += time.perf_counter() - t
+        for ep, a1 in zip(episodes, attempts1):
+            ep.attempt1_ids = a1
+        prefill, decode = sampler.stats.prefill_tokens, sampler.stats.decode_tokens
     else:
         # attempt 2 continues from attempt 1's KV cache: only the instruction is prefilled
         sampler = TwoTurnSampler(model, eos, pad, batch_size=batch_size)
@@ -201,7 +220,8 @@ def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samp
     seconds = time.perf_counter() - t0
     for ep in episodes:
         ep.text1 = tokenizer.decode(ep.attempt1_ids, skip_special_tokens=True)
-        ep.text2 = tokenizer.decode(ep.attempt2_ids, skip_special_tokens=True)
+        if attempts == 2:
+            ep.text2 = tokenizer.decode(ep.attempt2_ids, skip_special_tokens=True)
     n_gen = sum(len(e.attempt1_ids) + len(e.attempt2_ids) for e in episodes)
     return episodes, {"gen_tokens": n_gen, "gen_seconds": seconds,
                       "attempt1_seconds": spent[0], "attempt2_seconds": spent[1],

@@ -24,6 +24,14 @@ One step (prompts_per_step prompts x samples_per_prompt episodes):
      batch; then clip, AdamW step.
   A non-finite loss or gradient norm raises NonFiniteLossError before the optimizer step,
   hence before any checkpoint is written.
+
+train.single_turn (Table 4's "without multi-turn training"): step 1 samples attempt 1 only
+(episodes [prompt | y1], labels 0 / 1), step 2 scores r1 only, advantages
+score_advantages(r1, r1, ..., stage 2, alpha 0) of which attempt 1's are used, step 3 packs
+and forwards prompt + y1 (policy and reference) with REINFORCE + stage2.beta1 KL on y1. The
+step's metrics have no attempt-2 keys (reward_t2, sample_acc_t2, sample_delta*, kl_t2,
+entropy_t2, len_t2, zeros_t2, time/attempt2_s): nothing of attempt 2 was sampled. Its
+evaluations (train.eval_file, score-fast eval) still run both attempts.
 """
 from __future__ import annotations
 
@@ -65,6 +73,9 @@ __all__ = ["Trainer", "NonFiniteLossError", "RewardError", "Objective", "plan_ob
 log = logging.getLogger("score_fast")
 
 BEST_FILE = "best.json"  # run_dir/best.json: the best evaluation and its checkpoint
+# a step's attempt-2 metrics: a train.single_turn step samples no attempt 2 and logs none of
+# them (nor sample_acc_t2, sample_delta*, sample_edit_ratio, time/attempt2_s)
+ATTEMPT2_KEYS = ("reward_t2", "kl_t2", "entropy_t2", "len_t2", "zeros_t2")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -94,10 +105,11 @@ class Objective:
     beta2: float
 
 
-def plan_objective(config: Config, stage: int, r1: torch.Tensor, r2: torch.Tensor,
+def plan_objective(config: Config, stage: int, r1: torch.Tensor, r2: torch.Tensor | None,
                    group: torch.Tensor) -> Objective:
     """The step's objective, the paper's (Stage I / Stage II) or one of the Table 4
-    ablations the config selects (train.single_turn, stage2.method = star)."""
+    ablations the config selects (train.single_turn, stage2.method = star). r2 is not read
+    for single_turn (its steps sample no attempt 2: pass None)."""
     c = config
     E = len(r1)
     both = torch.ones(E, 2, dtype=torch.bool)
@@ -597,9 +609,20 @@ class Trainer:
 
     def _check_episode_budget(self, longest_prompt: int) -> None:
         """A micro-batch of train.max_tokens must hold the longest episode: the longest
-        prompt + attempt 1 + the instruction + attempt 2, each attempt at its budget."""
+        prompt + attempt 1 + the instruction + attempt 2, each attempt at its budget
+        (train.single_turn: the longest prompt + attempt 1)."""
         c, f = self.config, self.formatter
         if not self.prompt_texts:
+            return
+        if c.train.single_turn:
+            longest = longest_prompt + c.rollout.max_new_tokens
+            if c.train.max_tokens < longest:
+                raise ValueError(
+                    f"train.max_tokens={c.train.max_tokens} is below the longest episode this "
+                    f"run can sample: the longest prompt ({longest_prompt} tokens) + "
+                    f"rollout.max_new_tokens ({c.rollout.max_new_tokens}) = {longest} "
+                    f"(train.single_turn: attempt 1 only); raise train.max_tokens to at "
+                    f"least that")
             return
         instruction = max(len(f.instruction_ids(self.prompt_texts[0], ids))
                           for ids in ([], [f.eos] if f.eos is not None else []))
@@ -690,7 +713,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def rollouts(self, step: int) -> tuple[list[Episode], list[dict], dict]:
         """This rank's episodes: its share of the step's prompts (all samples of a prompt
-        stay on one rank, so the RLOO groups are whole)."""
+        stay on one rank, so the RLOO groups are whole). train.single_turn: attempt 1 only."""
         c, d = self.config, self.dist
         pick = np.random.default_rng([c.train.seed, step])  # stateless: same on resume
         n = min(c.train.prompts_per_step, len(self.rows))
@@ -709,7 +732,7 @@ class Trainer:
                 max_prompt_tokens=c.data.max_prompt_tokens,
                 row_names=[f"row {self.row_numbers[i]} of {self.data_name}" for i in idx],
                 in_flight=c.rollout.episodes_in_flight or c.rollout.gen_batch_size,
-                engine=self.engine)
+                engine=self.engine, attempts=1 if c.train.single_turn else 2)
         return episodes, [rows[e.prompt_index] for e in episodes], timing
 
     def loss_and_backward(self, episodes: list[Episode], objective: Objective) -> dict:
@@ -828,6 +851,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         c, d = self.config, self.dist
+        two = not c.train.single_turn  # single_turn: attempt 2 is not sampled nor scored
         stage = stage_at(c, self.step)
         t0 = time.perf_counter()
         self.timer = PhaseTimer(self.device)
@@ -835,16 +859,19 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
         episodes, rows, timing = self.rollouts(self.step)
         self.timer.seconds["attempt1"] = timing["attempt1_seconds"]
-        self.timer.seconds["attempt2"] = timing["attempt2_seconds"]
+        if two:
+            self.timer.seconds["attempt2"] = timing["attempt2_seconds"]
         fail1, fail2 = collections.Counter(), collections.Counter()
+        s2, e2, err2 = None, 0, []
         with self.timer("rewards"):
             s1, e1, err1 = score_episodes(self.reward, [e.text1 for e in episodes], rows,
                                           failures=fail1)
-            s2, e2, err2 = score_episodes(self.reward, [e.text2 for e in episodes], rows,
-                                          failures=fail2)
+            if two:
+                s2, e2, err2 = score_episodes(self.reward, [e.text2 for e in episodes], rows,
+                                              failures=fail2)
         for err in (err1 + err2)[:3]:
             log.warning("reward error (scored 0): %s", err)
-        r1, r2 = torch.tensor(s1), torch.tensor(s2)
+        r1, r2 = torch.tensor(s1), (torch.tensor(s2) if two else None)
         if c.train.log_samples_every:
             from score_fast.reporting import sample_rows
             self.last_samples = sample_rows(self.step + 1, [r.get(c.problem_field())
@@ -857,7 +884,8 @@ class Trainer:
                 (episodes, s1, s2, objective.adv, objective.train, timing, e1 + e2,
                  fail1, fail2), d)
             episodes = [e for p in parts for e in p[0]]
-            s1, s2 = [x for p in parts for x in p[1]], [x for p in parts for x in p[2]]
+            s1 = [x for p in parts for x in p[1]]
+            s2 = [x for p in parts for x in p[2]] if two else None
             objective.adv = torch.cat([p[3] for p in parts])
             objective.train = torch.cat([p[4] for p in parts])
             timing = {"gen_tokens": sum(p[5]["gen_tokens"] for p in parts),
@@ -878,28 +906,33 @@ class Trainer:
         self.step += 1
         from score_fast.metrics import self_correction_metrics
         # the step's own samples (temperature rollout.temperature), not the paper's greedy
-        # evaluation: named sample_* here and in metrics.jsonl
+        # evaluation: named sample_* here and in metrics.jsonl; single_turn: acc_t1 only
         sc = {f"sample_{k}": v for k, v in self_correction_metrics(
-            [s > 0 for s in s1], [s > 0 for s in s2], [e.text1 for e in episodes],
-            [e.text2 for e in episodes]).items()}
+            [s > 0 for s in s1], [s > 0 for s in s2] if two else None,
+            [e.text1 for e in episodes] if two else None,
+            [e.text2 for e in episodes] if two else None).items()}
         if self.peak_flops:  # GPU: model FLOPs of the training step over the devices' peak
             flops = step_flops(*self.flops_shape, [len(e.ids) for e in episodes])
             sc["mfu"] = flops / (max(train_s, 1e-9) * self.peak_flops * d.world)
-        return {"step": self.step, "stage": stage, "temperature": c.rollout.temperature,
-                "loss": out["loss"],
-                "reward_t1": float(np.mean(s1)), "reward_t2": float(np.mean(s2)), **sc,
-                "kl_t1": out["kl_sum1"] / max(out["n1"], 1),
-                "kl_t2": out["kl_sum2"] / max(out["n2"], 1),
-                # the policy's entropy (at the sampling temperature) on the trained tokens
-                "entropy_t1": out["ent_sum1"] / max(out["n1"], 1),
-                "entropy_t2": out["ent_sum2"] / max(out["n2"], 1),
-                "len_t1": float(np.mean([len(e.attempt1_ids) for e in episodes])),
-                "len_t2": float(np.mean([len(e.attempt2_ids) for e in episodes])),
-                "grad_norm": norm, "lr": lr, "reward_errors": e1 + e2,
-                "zeros_t1": dict(fail1), "zeros_t2": dict(fail2),  # why rewards were 0
-                "gen_tok_s": timing["gen_tokens"] / max(timing["gen_seconds"], 1e-9),
-                "train_tok_s": out["tokens"] / max(train_s, 1e-9), **extra,
-                "step_s": time.perf_counter() - t0}
+        m = {"step": self.step, "stage": stage, "temperature": c.rollout.temperature,
+             "loss": out["loss"],
+             "reward_t1": float(np.mean(s1)), "reward_t2": float(np.mean(s2)) if two else 0.0,
+             **sc,
+             "kl_t1": out["kl_sum1"] / max(out["n1"], 1),
+             "kl_t2": out["kl_sum2"] / max(out["n2"], 1),
+             # the policy's entropy (at the sampling temperature) on the trained tokens
+             "entropy_t1": out["ent_sum1"] / max(out["n1"], 1),
+             "entropy_t2": out["ent_sum2"] / max(out["n2"], 1),
+             "len_t1": float(np.mean([len(e.attempt1_ids) for e in episodes])),
+             "len_t2": float(np.mean([len(e.attempt2_ids) for e in episodes])),
+             "grad_norm": norm, "lr": lr, "reward_errors": e1 + e2,
+             "zeros_t1": dict(fail1), "zeros_t2": dict(fail2),  # why rewards were 0
+             "gen_tok_s": timing["gen_tokens"] / max(timing["gen_seconds"], 1e-9),
+             "train_tok_s": out["tokens"] / max(train_s, 1e-9), **extra,
+             "step_s": time.perf_counter() - t0}
+        if not two:  # no attempt 2 was sampled: its keys are left out, not logged as zeros
+            m = {k: v for k, v in m.items() if k not in ATTEMPT2_KEYS}
+        return m
 
     # ------------------------------------------------------------------ the run
     def save(self) -> str:
@@ -1020,15 +1053,22 @@ def format_eval(m: dict, best: dict | None) -> str:
 
 
 def format_line(m: dict) -> str:
-    return (f"step {m['step']} stage {m['stage']} loss {m['loss']:.4f} "
-            f"r1 {m['reward_t1']:.3f} r2 {m['reward_t2']:.3f} "
-            f"samples@T={m['temperature']:g}: acc t1 {m['sample_acc_t1']:.3f} "
-            f"t2 {m['sample_acc_t2']:.3f} delta {m['sample_delta']:+.3f} "
-            f"i->c {m['sample_delta_i2c']:.3f} c->i {m['sample_delta_c2i']:.3f} "
-            f"edit {m.get('sample_edit_ratio', math.nan):.3f} KL t1 {m['kl_t1']:.4f} "
-            f"t2 {m['kl_t2']:.4f} entropy {m['entropy_t1']:.3f}/{m['entropy_t2']:.3f} "
-            f"len {m['len_t1']:.1f}/{m['len_t2']:.1f} "
-            f"tok/s gen {m['gen_tok_s']:.0f} train {m['train_tok_s']:.0f} "
+    """One step's console line; a train.single_turn step (no attempt-2 keys) gets attempt 1's
+    numbers only, marked "(attempt 1 only)"."""
+    if "reward_t2" in m:
+        head = (f"r1 {m['reward_t1']:.3f} r2 {m['reward_t2']:.3f} "
+                f"samples@T={m['temperature']:g}: acc t1 {m['sample_acc_t1']:.3f} "
+                f"t2 {m['sample_acc_t2']:.3f} delta {m['sample_delta']:+.3f} "
+                f"i->c {m['sample_delta_i2c']:.3f} c->i {m['sample_delta_c2i']:.3f} "
+                f"edit {m.get('sample_edit_ratio', math.nan):.3f} KL t1 {m['kl_t1']:.4f} "
+                f"t2 {m['kl_t2']:.4f} entropy {m['entropy_t1']:.3f}/{m['entropy_t2']:.3f} "
+                f"len {m['len_t1']:.1f}/{m['len_t2']:.1f} ")
+    else:
+        head = (f"(attempt 1 only) r1 {m['reward_t1']:.3f} "
+                f"samples@T={m['temperature']:g}: acc t1 {m['sample_acc_t1']:.3f} "
+                f"KL t1 {m['kl_t1']:.4f} entropy {m['entropy_t1']:.3f} len {m['len_t1']:.1f} ")
+    return (f"step {m['step']} stage {m['stage']} loss {m['loss']:.4f} " + head
+            + f"tok/s gen {m['gen_tok_s']:.0f} train {m['train_tok_s']:.0f} "
             f"lr {m['lr']:.3g} {m['step_s']:.2f}s"
             + (f" MFU {100 * m['mfu']:.1f}%" if "mfu" in m else "")
             + (f" reward_errors {m['reward_errors']}" if m["reward_errors"] else "")

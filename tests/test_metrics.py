@@ -167,3 +167,14 @@ def test_format_table_errors():
         format_table({})
     with pytest.raises(ValueError, match=r"rows\['base'\] lacks delta_i2c, delta_c2i"):
         format_table({"base": {"acc_t1": 0.5, "acc_t2": 0.5, "delta": 0.0}})
+
+
+def test_attempt1_only_has_acc_t1_alone():
+    """No attempt 2 (a train.single_turn step): acc_t1 only; the attempt-2 metrics are
+    undefined, not 0, and format_table names what it lacks."""
+    from score_fast.metrics import format_table, self_correction_metrics
+    assert self_correction_metrics([True, False, 1, 0], None) == {"acc_t1": 0.5}
+    with pytest.raises(ValueError, match="attempt2 is given but correct2 is None"):
+        self_correction_metrics([True], None, ["a"], ["b"])
+    with pytest.raises(ValueError, match="lacks acc_t2, delta"):
+        format_table({"x": {"acc_t1": 0.5}})

@@ -78,3 +78,27 @@ def test_plot_draws_a_runs_curves(tmp_path, capsys):
     assert len(set(img.convert("L").getdata())) > 20  # drawn, not blank
     assert main(["plot", str(tmp_path / "nowhere")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_single_turn_samples_have_no_attempt2_columns(tmp_path):
+    """sample_rows without r2 (a train.single_turn step): step, problem, attempt1, r1 rows,
+    in samples.jsonl and as TensorBoard's samples table."""
+    pytest.importorskip("tensorboard")
+    from types import SimpleNamespace
+
+    from score_fast.reporting import Reporter, sample_rows
+    eps = [SimpleNamespace(text1=t, text2="") for t in ("12", "x|y")]
+    rows = sample_rows(3, ["1+11", "2+2"], eps, [1.0, 0.0], None, 4)
+    assert rows == [{"step": 3, "problem": "1+11", "attempt1": "12", "r1": 1.0},
+                    {"step": 3, "problem": "2+2", "attempt1": "x|y", "r1": 0.0}]
+    rep = Reporter(["jsonl", "tensorboard"], str(tmp_path))
+    rep.log(3, {"step": 3, "loss": 0.5, "reward_t1": 0.5})
+    rep.log_samples(3, rows)
+    rep.close()
+    assert [json.loads(x) for x in open(tmp_path / "samples.jsonl")] == rows
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    ev.Reload()
+    (tag,) = [t for t in ev.Tags()["tensors"] if "samples" in t]
+    text = ev.Tensors(tag)[0].tensor_proto.string_val[0].decode()
+    assert text.startswith("| step | problem | attempt1 | r1 |") and "x\\|y" in text

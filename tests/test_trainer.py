@@ -447,3 +447,182 @@ def test_entropy_is_the_policys_on_the_trained_tokens(tmp_path):
         assert out[f"n{k}"] == len(want[k])
         got = out[f"ent_sum{k}"] / out[f"n{k}"]
         assert got == pytest.approx(sum(want[k]) / len(want[k]), rel=1e-5), k
+
+
+def _attempt1_only(episodes):
+    """The episodes a train.single_turn step samples: [prompt | attempt 1], nothing after."""
+    return [Episode(e.prompt_index, e.prompt_ids, e.attempt1_ids, []) for e in episodes]
+
+
+def test_single_turn_step_samples_scores_and_forwards_attempt1_only(tmp_path, monkeypatch):
+    """A train.single_turn step never asks for an instruction, an attempt 2 or its reward:
+    zero attempt-2 tokens generated, one reward call (attempt 1's texts), packed batches of
+    prompt + attempt 1 only (no turn-2 rows), and no attempt-2 metric (not even as 0)."""
+    import score_fast.trainer as trainer_module
+    from score_fast.rollout import Formatter
+    from score_fast.sampler import TwoTurnSampler
+    from score_fast.trainer import ATTEMPT2_KEYS, format_line
+
+    def never(*a, **k):
+        raise AssertionError("a single_turn step asked for attempt 2")
+    tr = Trainer(make_run(tmp_path, single_turn=True))
+    monkeypatch.setattr(TwoTurnSampler, "attempt2", never)
+    monkeypatch.setattr(Formatter, "instruction_ids", never)
+    scored, seen = [], {}
+    real_score = trainer_module.score_episodes
+    monkeypatch.setattr(trainer_module, "score_episodes",
+                        lambda reward, texts, *a, **k: scored.append(list(texts))
+                        or real_score(reward, texts, *a, **k))
+    real_rollouts, real_loss = tr.rollouts, tr.loss_and_backward
+
+    def rollouts(step):
+        eps, rows, timing = real_rollouts(step)
+        seen.update(episodes=eps, timing=timing)
+        return eps, rows, timing
+
+    def loss_and_backward(eps, objective):
+        seqs = [e.ids for e in eps]
+        seen["batches"] = sf.pack(seqs, tr.config.train.max_tokens,
+                                  segments=[e.labels for e in eps])
+        seen["out"] = real_loss(eps, objective)
+        return seen["out"]
+    tr.rollouts, tr.loss_and_backward = rollouts, loss_and_backward
+    m = tr.train_step()
+    eps, timing, out = seen["episodes"], seen["timing"], seen["out"]
+    n1 = sum(len(e.attempt1_ids) for e in eps)
+    assert len(eps) == 6 and n1 > 0
+    assert all(e.instruction_ids == [] and e.attempt2_ids == [] and e.text2 == "" for e in eps)
+    assert all(e.ids == e.prompt_ids + e.attempt1_ids for e in eps)
+    # nothing of attempt 2 generated: no seconds, no tokens, no attempt-2 prefill or decode
+    assert timing["attempt2_seconds"] == 0 and timing["gen_tokens"] == n1
+    assert timing["decode_tokens"] <= n1
+    assert timing["prefill_tokens"] <= sum(len(e.prompt_ids) for e in eps)
+    assert scored == [[e.text1 for e in eps]]  # one reward call: attempt 1's texts
+    # the packed step: prompt + attempt 1 only, no turn-2 row anywhere
+    assert out["tokens"] == sum(len(e.prompt_ids) + len(e.attempt1_ids) for e in eps)
+    assert out["n1"] == n1 and out["n2"] == 0
+    for b in seen["batches"]:
+        assert 2 not in b.segment_ids.tolist()[0]
+        assert 2 not in build_step_tensors(b)["turn"].tolist()
+    # metrics: attempt 1's, and no attempt-2 key at all
+    t2 = [k for k in m if "_t2" in k or k.startswith(("sample_delta", "sample_edit"))
+          or k == "time/attempt2_s"]
+    assert not t2 and not set(ATTEMPT2_KEYS) & set(m)
+    assert m["sample_acc_t1"] == pytest.approx(m["reward_t1"]) and m["kl_t1"] == 0.0
+    assert m["time/attempt1_s"] > 0 and m["len_t1"] == n1 / 6 and m["reward_errors"] == 0
+    line = format_line(m)
+    assert "(attempt 1 only)" in line and " r2 " not in line and "t2" not in line
+
+
+def test_single_turn_packs_less_and_trains_attempt1_as_the_two_turn_path_did(tmp_path):
+    """The same attempt-1 tokens, objective and policy: the attempt-1-only episodes give the
+    loss and gradients the old path (whole four-part episodes, attempt 2 masked out by
+    Objective.train) gave, and score_loss's on the policy's log-probs of those tokens, from
+    fewer packed tokens with no turn-2 labels."""
+    from score_fast.trainer import plan_objective
+    c = make_run(tmp_path, max_tokens=40, single_turn=True)
+    tr = Trainer(c)
+    with torch.no_grad():  # move the policy off the reference so that the KL is not 0
+        for p in tr.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    full = _episodes(tr.tokenizer)
+    short = _attempt1_only(full)
+    group = torch.tensor([0, 1, 0])
+    obj = plan_objective(c, 2, torch.tensor(R1), None, group)
+    assert obj.stage == 2 and obj.beta1 == c.stage2.beta1 and obj.beta2 == 0.0
+    assert obj.train.tolist() == [[True, False]] * 3
+    assert torch.equal(obj.adv, plan_objective(c, 2, torch.tensor(R1), torch.tensor(R2),
+                                               group).adv)  # r2 was never read
+    grads, outs = {}, {}
+    for name, eps in (("old", full), ("new", short)):
+        tr.optimizer.zero_grad(set_to_none=True)
+        outs[name] = tr.loss_and_backward(eps, obj)
+        grads[name] = {n: p.grad.clone() for n, p in tr.policy.named_parameters()}
+    old, new = outs["old"], outs["new"]
+    assert new["tokens"] == sum(len(e.ids) for e in short) < old["tokens"] == sum(
+        len(e.ids) for e in full)
+    assert new["n1"] == old["n1"] == sum(len(e.attempt1_ids) for e in full) and new["n2"] == 0
+    assert new["loss"] == pytest.approx(old["loss"], rel=1e-5)
+    assert new["kl_sum1"] == pytest.approx(old["kl_sum1"], rel=1e-4)
+    for n, g in grads["new"].items():
+        torch.testing.assert_close(g, grads["old"][n], rtol=1e-4, atol=1e-7, msg=n)
+    # score_loss on the same attempt-1 tokens (per episode, full logits at T = 1)
+    logp, ref_logp, turn, episode = [], [], [], []
+    for i, e in enumerate(short):
+        ids = torch.tensor([e.ids])
+        tgt = ids[0, 1:]
+        logp.append(torch.log_softmax(tr.policy(input_ids=ids).logits[0, :-1], -1)
+                    .gather(1, tgt[:, None])[:, 0])
+        with torch.no_grad():
+            ref_logp.append(torch.log_softmax(tr.ref(input_ids=ids).logits[0, :-1], -1)
+                            .gather(1, tgt[:, None])[:, 0])
+        turn.append(torch.tensor(e.labels[1:]))
+        episode.append(torch.full((len(tgt),), i))
+    tr.optimizer.zero_grad(set_to_none=True)
+    want, _ = sf.score_loss(torch.cat(logp), torch.cat(ref_logp), torch.cat(turn),
+                            torch.cat(episode), obj.adv, stage=2, beta1=obj.beta1, beta2=0.0,
+                            kl="k2")
+    want.backward()
+    assert new["loss"] == pytest.approx(want.item(), rel=1e-5)
+    for n, p in tr.policy.named_parameters():
+        torch.testing.assert_close(grads["new"][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_single_turn_run_logs_resumes_evaluates_and_plots(tmp_path):
+    """A train.single_turn run end to end: metrics.jsonl without attempt-2 keys, samples
+    without attempt 2, held-out evaluation still of both attempts (eval/acc_t2, as Table 4
+    measures the ablation), a resume from its checkpoint that continues exactly as the
+    uninterrupted run, and `score-fast plot` of its metrics."""
+    from score_fast.cli import main
+    c = make_run(tmp_path, single_turn=True, save_every=2, eval_every=2, eval_limit=4,
+                 log_samples_every=1, log_samples=2)
+    held = tmp_path / "heldout.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in demo_task.make_problems(6, seed=9)))
+    c.train.eval_file = str(held)
+    whole = Trainer(c).train(progress=False)
+    run = c.train.run_dir
+    lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    assert lines == whole and [m["step"] for m in lines] == [1, 2, 3, 4]
+    for m in lines:
+        assert not [k for k in m if k.endswith("_t2") and not k.startswith("eval/")]
+        assert "sample_delta" not in m and "time/attempt2_s" not in m
+    evaluated = [m for m in lines if "eval/acc_t2" in m]
+    assert [m["step"] for m in evaluated] == [2, 4]
+    for m in evaluated:
+        assert m["eval/delta"] == pytest.approx(m["eval/acc_t2"] - m["eval/acc_t1"])
+    samples = [json.loads(x) for x in open(os.path.join(run, "samples.jsonl"))]
+    assert len(samples) == 8 and all(set(s) == {"step", "problem", "attempt1", "r1"}
+                                     for s in samples)
+    # resume from checkpoint-2 in a fresh run dir: the same steps 3 and 4
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    import shutil
+    shutil.copytree(os.path.join(run, "checkpoint-2"), resumed / "checkpoint-2")
+    c.train.run_dir, c.train.resume = str(resumed), True
+    tr = Trainer(c)
+    assert tr.step == 2
+    again = tr.train(progress=False)
+    assert [m["step"] for m in again] == [3, 4]
+    for a, b in zip(again, whole[2:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["reward_t1"] == b["reward_t1"] and a["len_t1"] == b["len_t1"]
+    out = tmp_path / "curves.png"
+    assert main(["plot", run, "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+
+
+def test_single_turn_episode_budget_is_prompt_plus_attempt1(tmp_path):
+    """train.max_tokens must hold the longest episode a run samples: a single_turn run's is
+    the longest prompt + attempt 1 (no instruction, no attempt 2)."""
+    import re
+    with pytest.raises(ValueError, match="below the longest episode") as e:
+        Trainer(make_run(tmp_path, max_tokens=10))
+    prompt = int(re.search(r"longest prompt \((\d+) tokens\)", str(e.value)).group(1))
+    budget = prompt + 4  # rollout.max_new_tokens = 4
+    with pytest.raises(ValueError, match="instruction"):
+        Trainer(make_run(tmp_path, max_tokens=budget))
+    with pytest.raises(ValueError, match=rf"\({prompt} tokens\) \+ rollout.max_new_tokens "
+                                         rf"\(4\) = {budget} \(train.single_turn"):
+        Trainer(make_run(tmp_path, max_tokens=budget - 1, single_turn=True))
+    tr = Trainer(make_run(tmp_path, max_tokens=budget, single_turn=True))
+    assert tr.train_step()["len_t1"] > 0

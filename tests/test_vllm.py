@@ -67,6 +67,24 @@ def test_two_turn_episodes_equal_the_hf_samplers(served):
     assert t["decode_tokens"] == sum(len(e.attempt1_ids) + len(e.attempt2_ids) for e in ours)
 
 
+def test_single_turn_requests_attempt1_only(served):
+    """rollout(attempts=1) (train.single_turn): one request per episode, of its prompt; the
+    episodes are the hf sampler's attempt-1-only ones."""
+    engine, model, tok = served
+    fmt = Formatter(tok, demo_task.DEMO_INSTRUCTION)
+    kw = dict(samples=1, max_new_tokens=MAX_NEW, greedy=True, attempts=1)
+    before = dict(engine.stats)
+    ours, t = rollout(model, tok, fmt, _problems(), engine=engine, **kw)
+    ref, _ = rollout(model, tok, fmt, _problems(), **kw)
+    assert [e.ids for e in ours] == [e.ids for e in ref]
+    assert all(e.attempt2_ids == [] and e.instruction_ids == [] for e in ours)
+    assert engine.stats["requests"] - before["requests"] == len(_problems())
+    assert (engine.stats["prompt_tokens"] - before["prompt_tokens"]
+            == sum(len(e.prompt_ids) for e in ours))
+    assert t["attempt2_seconds"] == 0
+    assert t["decode_tokens"] == sum(len(e.attempt1_ids) for e in ours)
+
+
 def test_attempt2_reuses_attempt1_through_the_prefix_cache(served):
     engine, model, tok = served
     engine.llm.reset_prefix_cache()
