@@ -36,9 +36,20 @@ position ids; transformers 5.x: `cache=` from 5.2x, `past_key_values=` before, e
   masked out), positions continuing from the row's true length: only the instruction
   tokens are prefilled, never the prompt or attempt 1 (stats.summary("attempt2")).
 * Greedy decoding gives the same tokens as `model.generate(do_sample=False)` on the full
-  left-padded context (tests/test_sampler.py). Sampling: softmax(logits / temperature), then
-  top-p, then torch.multinomial with `generator` (torch's global RNG when None), live rows
-  only: for given inputs the RNG consumption is deterministic.
+  left-padded context (tests/test_sampler.py). Sampling with top_p = 1 (fused sampling): the
+  step runs the model's decoder only and samples from its last hidden state and the LM-head
+  weight with score_fast.kernels.linear_sample (Gumbel-max over vocabulary tiles fused with
+  the LM-head matmul: no [B, V] logits, softmax or multinomial; exact in distribution). On
+  a 2-core CPU at B = 32, V = 32000 softmax + multinomial cost more than the LM-head matmul
+  itself (bench/bench_sampling.py). Used where the logits are exactly last hidden state @
+  lm_head.weight.T (+ bias): a plain nn.Linear head with plain tensors (not an FSDP2 shard,
+  not a LoRA-wrapped head) and no logit scaling or soft-capping in the config; other models
+  and top_p < 1 take softmax(logits / temperature), then top-p, then torch.multinomial.
+  SCORE_FAST_FUSED_SAMPLING=0 turns fused sampling off, =1 demands it (an error naming why
+  where the model does not allow it); unset: on wherever allowed. Either way randomness comes
+  from `generator` (torch's global RNG when None), live rows only: for given inputs the RNG
+  consumption is deterministic (the two paths draw differently: same distribution, other
+  tokens).
 * Not done: CUDA graphs for the decode step (the buffers are preallocated per turn, but
   shapes change as rows are compacted, and the step goes through the model's Python
   forward). Models with sliding-window or other non-full attention layers are refused (the
@@ -50,6 +61,7 @@ attempt 1 tokens x layers x 2 x kv_heads x head_dim) until attempt 2 takes it.
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -57,6 +69,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from score_fast.kernels.linear_sample import linear_sample
 from score_fast.models import model_device
 
 __all__ = ["TwoTurnSampler", "SamplerStats", "TurnState", "sample_next"]
@@ -118,6 +131,34 @@ def sample_next(logits: torch.Tensor, *, greedy: bool, temperature: float, top_p
         sp = sp.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, si, sp)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# config fields of models whose logits are not last hidden @ lm_head.weight.T (+ bias)
+_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                "output_multiplier_scale", "lm_head_multiplier")
+
+
+def _fused_head(model):
+    """(decoder, lm_head) when the model's logits are exactly decoder(...)'s last hidden
+    state @ lm_head.weight.T (+ bias), else the reason they are not (a string)."""
+    from score_fast.models import lora_base
+    base = lora_base(model)
+    cfg = getattr(base, "config", None)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    extras = [k for k in _HEAD_EXTRAS if getattr(text, k, None) not in (None, 1, 1.0)]
+    if extras:
+        return f"the model scales or caps its logits ({', '.join(extras)})"
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:
+        return f"its output layer is {type(head).__name__}, not a plain nn.Linear"
+    if any(type(p.data) is not torch.Tensor for p in head.parameters()):
+        return "its LM-head weight is not a plain tensor (an FSDP2 shard?)"
+    if any(type(m).__name__.startswith("FSDP") for m in (model, base)):
+        return "it is an FSDP2 module (its decoder cannot be called alone)"
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None or decoder is base:
+        return "it has no separate decoder module"
+    return decoder, head
 
 
 class _BufferLayer(DynamicLayer):
@@ -212,6 +253,18 @@ class TwoTurnSampler:
         self._n_layers = text.num_hidden_layers
         # the compute dtype (an FSDP2 bf16 model keeps fp32 master parameters)
         self._dtype = compute_dtype(model) if model is not None else torch.float32
+        # fused sampling (module doc): (decoder, lm_head) or why not
+        want = os.environ.get("SCORE_FAST_FUSED_SAMPLING", "auto").lower()
+        if want not in ("auto", "0", "1"):
+            raise ValueError(f"SCORE_FAST_FUSED_SAMPLING must be 0, 1 or unset, got {want!r}")
+        head = _fused_head(model) if model is not None and want != "0" else "turned off"
+        if want == "1" and isinstance(head, str):
+            raise ValueError(f"SCORE_FAST_FUSED_SAMPLING=1 but this model cannot sample fused: "
+                             f"{head}")
+        self._fused = None if isinstance(head, str) else head
+        if self._fused is not None:
+            dec = inspect.signature(self._fused[0].forward).parameters
+            self._dec_cache_kw = "cache" if "cache" in dec else "past_key_values"
 
     # ---- public API -------------------------------------------------------------------
     def attempt1(self, prompts: list[list[int]], **kw) -> tuple[list[list[int]], TurnState]:
@@ -280,12 +333,16 @@ class TwoTurnSampler:
             raise ValueError("stop strings need decode= (a tokenizer's decode)")
         return per
 
-    def _forward(self, ids, mask, pos, cache, t):
+    def _forward(self, ids, mask, pos, cache, t, fused=False):
         """Run `t` new tokens per row; mask: [b, kv] bool (True = real) over the cache
-        including the new tokens."""
-        kw = {self._cache_kw: cache, "use_cache": True}
-        if self._logits_kw:
-            kw["logits_to_keep"] = 1
+        including the new tokens. Returns the last position's logits [b, V], or with
+        `fused` the decoder's last hidden state [b, H] (the LM head is left to the sampler)."""
+        if fused:
+            kw = {self._dec_cache_kw: cache, "use_cache": True}
+        else:
+            kw = {self._cache_kw: cache, "use_cache": True}
+            if self._logits_kw:
+                kw["logits_to_keep"] = 1
         kv = mask.shape[1]
         if self._mask_kind == "2d":
             am = mask.long()
@@ -298,8 +355,20 @@ class TwoTurnSampler:
             if self._mask_kind == "eager":
                 am = torch.zeros(am.shape, dtype=self._dtype, device=am.device).masked_fill_(
                     ~am, torch.finfo(self._dtype).min)
+        if fused:
+            out = self._fused[0](input_ids=ids, attention_mask=am, position_ids=pos, **kw)
+            return out.last_hidden_state[:, -1, :]
         out = self.model(input_ids=ids, attention_mask=am, position_ids=pos, **kw)
         return out.logits[:, -1, :]
+
+    def _sample(self, out, fused, sampling):
+        """The next token of each row from _forward's output (logits, or hidden states)."""
+        if not fused:
+            return sample_next(out, **sampling)
+        head = self._fused[1]
+        return linear_sample(out, head.weight, bias=head.bias,
+                             temperature=sampling["temperature"],
+                             generator=sampling["generator"])
 
     @torch.no_grad()
     def _batch(self, rows, new_ids, stops, *, keep, phase, max_new_tokens, sampling):
@@ -340,7 +409,10 @@ class TwoTurnSampler:
         lengths = torch.tensor([r.length + len(x) for r, x in zip(rows, new_ids)],
                                dtype=torch.long, device=dev)  # true length of each row
         self.stats.record(phase, "prefill", sum(len(x) for x in new_ids), b * t)
-        logits = self._forward(ids, mask[:, :n], pos, cache, t)
+        # fused sampling: the forwards return last hidden states, `logits` below holds them
+        fused = (self._fused is not None and not sampling["greedy"]
+                 and sampling["temperature"] > 0 and sampling["top_p"] >= 1.0)
+        logits = self._forward(ids, mask[:, :n], pos, cache, t, fused)
 
         slot_row = list(range(b))  # batch slot -> row of this batch, -1 once finished
         outs: list[list[int]] = [[] for _ in range(b)]
@@ -353,7 +425,7 @@ class TwoTurnSampler:
             if n_dead:
                 alive_t = torch.tensor(alive, device=dev)
                 logits = logits[alive_t]
-            nxt = sample_next(logits, **sampling)
+            nxt = self._sample(logits, fused, sampling)
             toks = nxt.tolist()
             done = []
             for j, (slot, tok) in enumerate(zip(alive, toks)):
@@ -392,7 +464,7 @@ class TwoTurnSampler:
                 mask[feed_t, n] = True
             n += 1
             self.stats.record(phase, "decode", len(feed), len(slot_row))
-            logits = self._forward(inp[:, None], mask[:, :n], lengths[:, None], cache, 1)
+            logits = self._forward(inp[:, None], mask[:, :n], lengths[:, None], cache, 1, fused)
             lengths = lengths + 1
             if keep and done:
                 slots = [alive[j] for j in done]

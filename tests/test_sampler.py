@@ -247,3 +247,87 @@ def test_other_mask_paths(model, mask_kind):
     instr = _instructions(len(prompts))
     a2 = s.attempt2(st, instr, max_new_tokens=6, greedy=True)
     assert a2 == ref(m, [p + a + x for p, a, x in zip(prompts, a1, instr)], eos, 6)
+
+
+def _first_token_probs(model, prompt, temperature):
+    with torch.no_grad():
+        x = model(input_ids=torch.tensor([prompt])).logits[0, -1].double()
+    return torch.softmax(x / temperature, -1)
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_sampling_distribution_fused_and_not(model, monkeypatch, fused):
+    """Sampling with top_p = 1 takes the fused LM-head sampler (SCORE_FAST_FUSED_SAMPLING
+    unset or 1) or softmax + multinomial (0): either way the first token of 3000 copies of
+    one prompt fits softmax(logits / T) (chi-square p > 1e-3 at a fixed seed) and not the
+    softmax at twice the temperature; rows that continue are fed their own sampled token.
+    The LM head is scaled x30 (logits of std ~3; the random init's are nearly uniform)."""
+    import copy
+
+    from test_linear_sample import chi_square_p
+    model = copy.deepcopy(model)
+    model.lm_head.weight.data *= 30
+    monkeypatch.setenv("SCORE_FAST_FUSED_SAMPLING", fused)
+    calls = []
+    import score_fast.sampler as sm
+    real = sm.linear_sample
+    monkeypatch.setattr(sm, "linear_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    p = _prompts([5])[0]
+    s = TwoTurnSampler(model, None, PAD, batch_size=3000)
+    a1, _ = s.attempt1([p] * 3000, max_new_tokens=2, temperature=0.7,
+                       generator=torch.Generator().manual_seed(0))
+    assert len(calls) == (2 if fused == "1" else 0)
+    first = torch.tensor([a[0] for a in a1])
+    assert chi_square_p(first, _first_token_probs(model, p, 0.7)) > 1e-3
+    assert chi_square_p(first, _first_token_probs(model, p, 1.4)) < 1e-6
+    # the second token follows the first: the rows that drew token t continue from p + [t]
+    t = int(first.mode().values)
+    second = torch.tensor([a[1] for a in a1])[first == t]
+    assert chi_square_p(second, _first_token_probs(model, p + [t], 0.7)) > 1e-3
+
+
+def test_fused_sampling_reproducible_and_greedy_unchanged(model, monkeypatch):
+    """The fused path is reproducible from the generator (and from torch's global RNG);
+    greedy and top_p < 1 never take it."""
+    import score_fast.sampler as sm
+    prompts = _prompts(LENGTHS)
+
+    def go(**kw):
+        s = TwoTurnSampler(model, 7, PAD, batch_size=3)
+        a1, st = s.attempt1(prompts, max_new_tokens=6, temperature=0.8, **kw)
+        return a1, s.attempt2(st, _instructions(len(prompts)), max_new_tokens=6,
+                              temperature=0.8, **kw)
+
+    assert TwoTurnSampler(model, 7, PAD)._fused is not None
+    a = go(generator=torch.Generator().manual_seed(3))
+    assert a == go(generator=torch.Generator().manual_seed(3))
+    assert a != go(generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(5)
+    b = go()
+    torch.manual_seed(5)
+    assert b == go()
+    monkeypatch.setattr(sm, "linear_sample", None)  # any use would fail
+    s = TwoTurnSampler(model, 7, PAD)
+    s.attempt1(prompts, max_new_tokens=3, greedy=True)
+    s.attempt1(prompts, max_new_tokens=3, temperature=0.8, top_p=0.9)
+
+
+def test_fused_sampling_switch(model, monkeypatch):
+    """SCORE_FAST_FUSED_SAMPLING=1 on a model whose logits are not hidden @ lm_head.weight.T
+    is an error naming why; unset, such a model samples the usual way; 0 turns it off."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    capped = transformers.LlamaForCausalLM(cfg).eval()
+    capped.config.final_logit_softcapping = 30.0
+    assert TwoTurnSampler(capped, None, PAD)._fused is None
+    monkeypatch.setenv("SCORE_FAST_FUSED_SAMPLING", "1")
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        TwoTurnSampler(capped, None, PAD)
+    assert TwoTurnSampler(model, None, PAD)._fused is not None
+    monkeypatch.setenv("SCORE_FAST_FUSED_SAMPLING", "0")
+    assert TwoTurnSampler(model, None, PAD)._fused is None
+    monkeypatch.setenv("SCORE_FAST_FUSED_SAMPLING", "yes")
+    with pytest.raises(ValueError, match="must be 0, 1 or unset"):
+        TwoTurnSampler(model, None, PAD)
