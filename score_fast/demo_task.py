@@ -102,17 +102,22 @@ _CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
+def build_tokenizer(vocab_size: int = 0) -> transformers.PreTrainedTokenizerFast:
     """A character-level tokenizer with a chat template, built locally (no downloads).
 
     Vocabulary (100 tokens): <pad>=0, <bos>=1, <eos>=2, <unk>=3, then printable ASCII
     (space..~) and newline, one token per character. Plain encoding adds no special tokens,
     so decode(encode(x)) == x for any ASCII text; the chat template writes <bos>/<eos>
     itself. Round-trips through save_pretrained / AutoTokenizer.from_pretrained.
+    vocab_size > 100 pads the vocabulary with tokens "<w100>", "<w101>", ... that encoding
+    never produces but a model of that vocabulary can sample (benchmarks at a real LM-head
+    size, bench/bench_e2e.py).
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {tok: i for i, tok in enumerate(_SPECIALS + _CHARS)}
+    base = _SPECIALS + _CHARS
+    filler = [f"<w{i}>" for i in range(len(base), vocab_size)]
+    vocab = {tok: i for i, tok in enumerate(base + filler)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     # Every character is its own pre-token; [\s\S] rather than "." so newlines match too.
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")

@@ -11,13 +11,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 BENCHES = ["bench/bench_packing.py", "bench/bench_losses.py", "bench/bench_lmhead.py",
-           "bench/bench_rewards.py", "bench/bench_step.py", "bench/bench_rollout.py"]
+           "bench/bench_rewards.py", "bench/bench_step.py", "bench/bench_rollout.py",
+           "bench/bench_trl_loss.py", "bench/bench_e2e.py"]
 
 
 @pytest.mark.parametrize("bench", BENCHES)
 def test_bench_runs_and_reports(bench, tmp_path):
+    if bench in ("bench/bench_trl_loss.py", "bench/bench_e2e.py"):
+        pytest.importorskip("trl")  # the bench extra (the test extra has it too)
     env = dict(os.environ, SCORE_FAST_BENCH_QUICK="1", SCORE_FAST_BENCH_DEVICE="cpu",
-               OUT=str(tmp_path), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+               OUT=str(tmp_path), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+               SCORE_FAST_BENCH_E2E_SHAPES="tiny")  # the 32k shape runs the same code
     proc = subprocess.run(["bash", "bench/run.sh", bench], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
