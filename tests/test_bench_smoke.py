@@ -45,3 +45,17 @@ def test_bench_memory_runs(tmp_path):
     rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| fp32")
             or ln.startswith("| bf16+LoRA")]
     assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 for r in rows)
+
+
+def test_bench_sampling_runs(tmp_path):
+    """bench_sampling.py --quick: the op table and the sampler table (generate, sampler with
+    and without fused sampling) at smoke shapes."""
+    out = tmp_path / "sampling.md"
+    proc = subprocess.run([sys.executable, "bench/bench_sampling.py", "--quick", "--reps", "1",
+                           "--rounds", "1", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert text.count("| 4 | 1000 | 64 |") == 1
+    for provider in ("generate", "sampler (multinomial)", "sampler (fused)"):
+        assert f"| {provider} |" in text, text
