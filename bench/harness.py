@@ -3,6 +3,8 @@ benchmark records so bench/report.py can write CSV rows and ratio tables.
 
 SCORE_FAST_BENCH_DEVICE=cpu|cuda picks the device (default: cuda when available).
 SCORE_FAST_BENCH_QUICK=1 shrinks every shape to a smoke test (tests/test_bench_smoke.py)."""
+import ctypes
+import ctypes.util
 import os
 import re
 import subprocess
@@ -10,6 +12,23 @@ import subprocess
 import torch
 
 QUICK = os.environ.get("SCORE_FAST_BENCH_QUICK") == "1"
+
+
+def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """CPU peak memory is the RSS high-water mark. glibc raises its mmap threshold after each
+    large free (up to 32 MB), after which big tensors come from the heap and reuse pages an
+    earlier provider left resident: a later provider's peak would read as ~0. A fixed 1 MB
+    threshold keeps every tensor >= 1 MB in its own mapping, returned to the OS on free
+    (tests/conftest.py does the same for the memory tests)."""
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).mallopt(-3, nbytes)  # M_MMAP_THRESHOLD (glibc)
+        except (OSError, AttributeError):
+            pass
+
+
+_fixed_mmap_threshold()
 
 
 def bench_device() -> str:
