@@ -150,7 +150,8 @@ def _fused_head(model):
         return f"the model scales or caps its logits ({', '.join(extras)})"
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear:
-        return f"its output layer is {type(head).__name__}, not a plain nn.Linear"
+        kind = type(head)
+        return f"its output layer is {kind.__module__}.{kind.__qualname__}, not torch.nn.Linear"
     if any(type(p.data) is not torch.Tensor for p in head.parameters()):
         return "its LM-head weight is not a plain tensor (an FSDP2 shard?)"
     if any(type(m).__name__.startswith("FSDP") for m in (model, base)):

@@ -320,12 +320,17 @@ def test_fused_sampling_switch(model, monkeypatch):
                                    num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=2, max_position_embeddings=64)
     capped = transformers.LlamaForCausalLM(cfg).eval()
-    capped.config.final_logit_softcapping = 30.0
+    capped.config = transformers.LlamaConfig(**cfg.to_dict(), final_logit_softcapping=30.0)
     assert TwoTurnSampler(capped, None, PAD)._fused is None
     monkeypatch.setenv("SCORE_FAST_FUSED_SAMPLING", "1")
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         TwoTurnSampler(capped, None, PAD)
     assert TwoTurnSampler(model, None, PAD)._fused is not None
+    peft = pytest.importorskip("peft")  # a LoRA-wrapped head: its logits are not W h alone
+    lora = peft.get_peft_model(transformers.LlamaForCausalLM(cfg),
+                               peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match=r"output layer is peft\..*, not torch.nn.Linear"):
+        TwoTurnSampler(lora, None, PAD)
     monkeypatch.setenv("SCORE_FAST_FUSED_SAMPLING", "0")
     assert TwoTurnSampler(model, None, PAD)._fused is None
     monkeypatch.setenv("SCORE_FAST_FUSED_SAMPLING", "yes")
