@@ -144,11 +144,16 @@ def _fused_head(model):
     from score_fast.models import lora_base
     base = lora_base(model)
     cfg = getattr(base, "config", None)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    extras = [k for k in _HEAD_EXTRAS if getattr(text, k, None) not in (None, 1, 1.0)]
+    if hasattr(cfg, "get_text_config") and cfg.get_text_config() is not cfg:
+        return "a composite (e.g. vision-language) model: its decoder's inputs are its own"
+    extras = [k for k in _HEAD_EXTRAS if getattr(cfg, k, None) not in (None, 1, 1.0)]
     if extras:
         return f"the model scales or caps its logits ({', '.join(extras)})"
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    try:
+        head = base.get_output_embeddings()
+        decoder = base.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError) as e:
+        return f"no output layer or decoder module found ({e})"
     if type(head) is not torch.nn.Linear:
         kind = type(head)
         return f"its output layer is {kind.__module__}.{kind.__qualname__}, not torch.nn.Linear"
@@ -156,7 +161,6 @@ def _fused_head(model):
         return "its LM-head weight is not a plain tensor (an FSDP2 shard?)"
     if any(type(m).__name__.startswith("FSDP") for m in (model, base)):
         return "it is an FSDP2 module (its decoder cannot be called alone)"
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if decoder is None or decoder is base:
         return "it has no separate decoder module"
     return decoder, head
