@@ -18,6 +18,10 @@ only the model samples): tiny, a 5.2M-parameter Llama (hidden 256, 3 layers, voc
 19.5M parameters). 8 arithmetic prompts x 4 samples a step, 64 new tokens (random weights
 rarely sample eos: most attempts run the full 64), temperature 1, beta 0.04 (the reference
 model on), fp32; CUDA: bf16 and Qwen2.5-0.5B's vocabulary (151,936) on the tiny body.
+The attempt-2 instruction is the paper's MATH instruction cut to its first two sentences
+(129 characters): the character tokenizer spells every character as a token, so the whole
+337-character instruction would cost 337 tokens per episode where a BPE tokenizer (about
+4-5 characters a token) spends about 75.
 
 Each timed call is one full step: rollouts, rewards, reference forward, loss, backward and
 the optimizer. extra_info: gen_tokens (sampled), trained_tokens (with a loss term),
@@ -54,6 +58,8 @@ SHAPES = {k: v for k, v in SHAPES.items() if not PICK or k in PICK.split(",")}
 HIDDEN, LAYERS = (64, 1) if QUICK else (256, 3)
 PROMPTS, SAMPLES, NEW = (2, 2, 8) if QUICK else (8, 4, 64)
 BETA, LR = 0.04, 1e-5
+INSTRUCTION = ("There might be an error in the solution above because of lack of understanding "
+               "of the question. Please correct the error, if any.")
 ROUNDS, WARMUP = (1, 1) if QUICK else (6, 2)
 PROVIDERS = ["trl", "trl_fused", "sf_single_turn", "sf_two_turn", "sf_vllm"]
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -113,7 +119,8 @@ def _trl_step_fn(sh, fused):
              train_dataset=ds, processing_class=sh.tok)
     tr.create_optimizer_and_scheduler(num_training_steps=1000)
     tr.current_gradient_accumulation_steps = 1
-    batches = iter(tr.get_train_dataloader())
+    loader = tr.get_train_dataloader()
+    batches = (b for _ in range(10**6) for b in loader)  # epochs of 64 prompts, 8 a step
     clock, seen = _Clock(), {}
     clock.wrap(tr, "_generate", "gen_s")
     clock.wrap(tr, "_generate_and_score_completions", "prep_s")
@@ -152,7 +159,7 @@ def _sf_step_fn(sh, single_turn, backend="hf"):
     c.train.overwrite = True
     c.train.prompts_per_step, c.rollout.samples_per_prompt = PROMPTS, SAMPLES
     c.rollout.max_new_tokens, c.rollout.temperature = NEW, 1.0
-    c.rollout.backend = backend
+    c.rollout.backend, c.rollout.instruction = backend, INSTRUCTION
     c.stage1.steps, c.stage2.steps = 0, 1000
     c.stage2.beta1, c.train.lr, c.train.max_grad_norm = BETA, LR, 1.0
     c.train.single_turn = single_turn

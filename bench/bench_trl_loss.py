@@ -105,9 +105,10 @@ def setup(tmp_path_factory):
                   advantages=torch.randn(B, generator=g))
     tr = trainers["trl"]
     with torch.no_grad():
-        logp = tr._get_per_token_logps_and_entropies(
-            tr.model.to(DEVICE), torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1).to(DEVICE),
-            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1).to(DEVICE), C)[0].cpu()
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        logp = tr._get_per_token_logps_and_entropies(tr.model.to(DEVICE), ids.to(DEVICE),
+                                                     mask.to(DEVICE), C)[0].cpu()
     inputs["ref_per_token_logps"] = logp + 0.2 * torch.randn(B, C, generator=g)
     inputs["old_per_token_logps"] = logp + 0.1 * torch.randn(B, C, generator=g)
     inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
@@ -133,9 +134,8 @@ def _step(s, name):
 def test_trl_loss(benchmark, provider, setup):
     tokens = int(setup.inputs["completion_mask"].sum())
     run(benchmark, lambda: _step(setup, provider), device=DEVICE, provider=provider,
-        baseline="trl", shape=f"B={B} prompt={P} completion<={C} H={HIDDEN} L={LAYERS} "
-                               f"V={VOCAB}",
-        dtype="bf16" if DEVICE == "cuda" else "fp32", rounds=2 if QUICK else 3,
+        baseline="trl", shape=f"B={B} prompt={P} completion<={C} H={HIDDEN} L={LAYERS} V={VOCAB}",
+        dtype="bf16" if DEVICE == "cuda" else "fp32", rounds=2 if QUICK or DEVICE == "cpu" else 3,
         tokens=tokens, loss=round(setup.losses[provider], 6))
     stats = getattr(benchmark.stats, "stats", None)
     if stats is not None and stats.median > 0:

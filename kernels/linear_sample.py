@@ -54,8 +54,9 @@ from ._dispatch import checks_enabled, interpreting, use_triton
 __all__ = ["linear_sample", "linear_sample_ref"]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_TILE_COLS = 4096   # CPU vocabulary tile (tests shrink it to exercise many tiles); measured
-                    # 130 ms at B = 256, V = 32000, H = 512 against 133 ms with 16384
+# CPU vocabulary tile (tests shrink it to exercise many tiles); measured 130 ms at B = 256,
+# V = 32000, H = 512 against 133 ms with 16384
+_TILE_COLS = 4096
 _GPU_PROGRAMS = 1024  # GPU: enough (row block, split) programs to fill 132 SMs several times
 # compile gate (triton 3.9, 8 warps): sm_100a at BLOCK_B = 32 spills 4 B stored + 4 B loaded
 # (16-bit) and 16 + 12 B (fp32) at its 128-register cap, a few words a thread once per

@@ -146,7 +146,8 @@ def linear_score_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
 
     hidden [..., H], weight [V, H] (same float dtype), bias [V] or None; targets, ref_logp,
     turn, episode (and old_logp): shape hidden.shape[:-1]; advantages [E, 2]. stage, beta1,
-    beta2, kl, reduction, old_logp, clip_eps, kl_ratio: as in score_loss. Design in the module doc."""
+    beta2, kl, reduction, old_logp, clip_eps, kl_ratio: as in score_loss. Design in the module
+    doc."""
     _check_inputs(hidden, weight, targets, bias)
     inv_t = _check_temperature(temperature)
     for name, a in (("ref_logp", ref_logp), ("turn", turn), ("episode", episode),

@@ -70,7 +70,8 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, completion_ids: torch.
     weight [V, H] (bias [V]): the LM head; completion_mask [B, T] (1 = trained token);
     advantages [B]; ref_logp, old_logp [B, T] or None (beta must be 0 without ref_logp;
     old_logp None = on-policy, r = 1). normalizer: dapo's divisor (default: the number of
-    masked tokens). Defaults are GRPOConfig's. Returns (loss, metrics) with linear_score_loss's metrics."""
+    masked tokens). Defaults are GRPOConfig's. Returns (loss, metrics), the metrics
+    linear_score_loss's."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if hidden.dim() != 3 or tuple(completion_ids.shape) != tuple(hidden.shape[:2]):
