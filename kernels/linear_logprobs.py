@@ -74,11 +74,12 @@ import triton
 import triton.language as tl
 
 from ._dispatch import checks_enabled, interpreting, use_triton
+from ._lmhead import FLOATS as _FLOATS
+from ._lmhead import check_head
 from .token_logprobs import _check_targets, _check_temperature, _round_to_bf16
 
 __all__ = ["linear_logprobs", "linear_logprobs_ref"]
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _ROWS = 256           # CPU row chunk: fixed, so a row's result never depends on the batch
 _TILE_ELEMS = 2**23   # CPU logit tile: 256 rows x 32768 columns x 4 bytes = 32 MB
 
@@ -508,28 +509,7 @@ class _LinearLogprobs(torch.autograd.Function):
 # ------------------------------------------------------------------------- checks, API
 def _check_inputs(hidden, weight, targets, bias):
     """Shape, dtype and device checks (free); returns V, H."""
-    for name, a in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(a, torch.Tensor) or a.dtype not in _FLOATS:
-            raise ValueError(f"{name} must be a float32, bfloat16 or float16 tensor, "
-                             f"got {getattr(a, 'dtype', type(a).__name__)}")
-    if hidden.dim() < 1:
-        raise ValueError(f"hidden must be [..., H], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[0] < 1:
-        raise ValueError(f"weight must be [V, H] with V >= 1, got shape {tuple(weight.shape)}")
-    V, H = weight.shape
-    if hidden.shape[-1] != H:
-        raise ValueError(f"hidden shape {tuple(hidden.shape)} and weight shape "
-                         f"{tuple(weight.shape)} disagree on H ({hidden.shape[-1]} vs {H})")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype} "
-                         f"(hidden shape {tuple(hidden.shape)}, weight shape "
-                         f"{tuple(weight.shape)})")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,):
-            raise ValueError(f"bias must have shape ({V},) to match weight shape "
-                             f"{tuple(weight.shape)}, got {tuple(getattr(bias, 'shape', ()))}")
-        if bias.dtype != weight.dtype:
-            raise ValueError(f"bias dtype {bias.dtype} must equal weight dtype {weight.dtype}")
+    V, H = check_head(hidden, weight, bias)
     _check_targets(targets, "hidden", hidden)
     devs = {a.device for a in (hidden, weight, targets, bias) if a is not None}
     if len(devs) != 1:
