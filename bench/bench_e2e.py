@@ -45,7 +45,7 @@ from harness import QUICK, bench_device, run
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from score_fast import demo_task  # noqa: E402
+from score_fast.demo import task as demo_task  # noqa: E402
 from score_fast.config import Config  # noqa: E402
 from score_fast.trainer import Trainer  # noqa: E402
 

@@ -52,7 +52,7 @@ def _model(quick: bool, shape: str, layers: int | None):
     import torch
     import transformers
     if quick:
-        from score_fast import demo_task
+        from score_fast.demo import task as demo_task
         return transformers.LlamaForCausalLM(
             demo_task.tiny_model_config(demo_task.build_tokenizer()))
     from score_fast import memory
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(child(a.workdir, a.child)), flush=True)
         return 0
     import torch
-    from score_fast import demo_task
+    from score_fast.demo import task as demo_task
     with tempfile.TemporaryDirectory() as work:
         torch.manual_seed(0)
         model = _model(a.quick, a.shape, a.layers)

@@ -37,7 +37,7 @@ if DEVICE == "cuda":
         tie_word_embeddings=False)
     EPISODES, LENGTHS, BUDGET = (8, (64, 256), 1024) if QUICK else (32, (256, 2048), 16384)
 else:
-    from score_fast import demo_task
+    from score_fast.demo import task as demo_task
     MODEL = demo_task.tiny_model_config(demo_task.build_tokenizer(), max_positions=1024)
     EPISODES, LENGTHS, BUDGET = (8, (16, 48), 256) if QUICK else (32, (64, 512), 4096)
 

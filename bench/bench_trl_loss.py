@@ -27,7 +27,7 @@ trl = pytest.importorskip("trl")
 liger = pytest.importorskip("liger_kernel.chunked_loss")
 datasets = pytest.importorskip("datasets")
 
-from score_fast import demo_task  # noqa: E402
+from score_fast.demo import task as demo_task  # noqa: E402
 from score_fast.integrations.trl import FusedGRPOTrainer  # noqa: E402
 
 DEVICE = bench_device()

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from score_fast.demo import run_demo
+from score_fast.demo.experiment import run_demo
 out = {}
 for seed in [int(s) for s in sys.argv[1:]] or [0, 1, 2]:
     for backend in ("hf", "vllm"):

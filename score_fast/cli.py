@@ -65,7 +65,7 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("demo", demo, help="run the built-in demo end to end")
     ab = ArgumentParser(exit_on_error=False,
                         description="the paper's ablations (Table 4) on the demo task, "
-                                    "several seeds (score_fast.ablate)")
+                                    "several seeds (score_fast.demo.ablate)")
     ab.add_argument("--out", type=str, default="runs/ablate", help="where results go")
     ab.add_argument("--seeds", type=list[int], default=[0, 1, 2], help="one run per seed")
     ab.add_argument("--quick", type=bool, default=False,
@@ -181,7 +181,7 @@ def _run(argv: list[str]) -> int:
     elif isinstance(config, EvalConfig):
         run_eval(config)
     elif config["command"] == "ablate":
-        from score_fast.ablate import run_ablation
+        from score_fast.demo.ablate import run_ablation
         run_ablation(config["out"], seeds=tuple(config["seeds"]), quick=config["quick"],
                      workers=config["workers"])
     elif config["command"] == "plot":
@@ -191,7 +191,7 @@ def _run(argv: list[str]) -> int:
         from score_fast.memory import plan_text
         print(plan_text(config))
     else:
-        from score_fast.demo import run_demo
+        from score_fast.demo.experiment import run_demo
         run_demo(run_dir=config["run_dir"], seed=config["seed"],
                  rollout_backend=config["rollout_backend"])
     return 0

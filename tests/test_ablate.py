@@ -1,4 +1,4 @@
-"""The ablation runner (score_fast.ablate): each variant's config differs from full SCoRe in
+"""The ablation runner (score_fast.demo.ablate): each variant's config differs from full SCoRe in
 exactly the intended fields, the summary statistics, and the quick mode end to end. Which
 tokens each variant trains, with which advantage and KL weight, is checked against a hand
 computation in tests/test_trainer.py (test_objective_matches_hand_computed)."""
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from score_fast.ablate import VARIANTS, format_summary, summarize, variant_config
+from score_fast.demo.ablate import VARIANTS, format_summary, summarize, variant_config
 
 N1, N2 = 5, 7
 

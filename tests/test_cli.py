@@ -92,7 +92,7 @@ def test_eval_missing_checkpoint(tmp_path, capsys):
 
 def test_demo_runs_end_to_end_small(tmp_path):
     """The demo's pipeline with a handful of steps (the real one: `score-fast demo`)."""
-    from score_fast.demo import run_demo
+    from score_fast.demo.experiment import run_demo
     table = run_demo(str(tmp_path / "demo"), warmup_steps=3, stage1_steps=1, stage2_steps=1,
                      quiet=True)
     phases = ["base", "after Stage I", "after Stage II"]
@@ -102,7 +102,7 @@ def test_demo_runs_end_to_end_small(tmp_path):
     assert (run / "config.yaml").exists() and (run / "checkpoint-2").is_dir()
     text = (tmp_path / "demo" / "table.md").read_text()
     assert text.count("Acc@t1") == 2 and "held-out problems (50" in text
-    from score_fast.demo import demo_rows, split_rows
+    from score_fast.demo.experiment import demo_rows, split_rows
     rl_rows = [json.loads(line) for line in open(tmp_path / "demo" / "problems.jsonl")]
     assert rl_rows == split_rows(demo_rows(), 50)[0]  # RL's data file: RL-train rows only
 
@@ -113,8 +113,8 @@ def test_demo_split_and_warmup_transcripts():
     (demo.corrupt) and attempt 2 is fixed / broken at p_fix / p_break."""
     import random
 
-    from score_fast import demo_task
-    from score_fast.demo import corrupt, demo_rows, split_rows, warmup_transcripts
+    from score_fast.demo import task as demo_task
+    from score_fast.demo.experiment import corrupt, demo_rows, split_rows, warmup_transcripts
     from score_fast.rollout import Formatter
     rows = demo_rows()
     train, test = split_rows(rows, 50)

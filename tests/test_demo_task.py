@@ -1,10 +1,10 @@
-"""score_fast.demo_task: problem generation, the exact-match reward, the character tokenizer
+"""score_fast.demo.task: problem generation, the exact-match reward, the character tokenizer
 and its chat template, and the tiny Llama config."""
 import pytest
 import torch
 import transformers
 
-from score_fast.demo_task import (DEMO_INSTRUCTION, build_tokenizer, exact_reward,
+from score_fast.demo.task import (DEMO_INSTRUCTION, build_tokenizer, exact_reward,
                                   make_problems, tiny_model_config)
 
 
@@ -83,7 +83,7 @@ def test_exact_reward_ignores_other_fields_and_checks_lengths():
 
 def test_exact_reward_loads_as_custom_reward():
     from score_fast.rewards import CustomReward, CustomRewardConfig
-    reward = CustomReward(CustomRewardConfig(function="score_fast.demo_task:exact_reward"))
+    reward = CustomReward(CustomRewardConfig(function="score_fast.demo.task:exact_reward"))
     rows = make_problems(2, seed=0)
     good = [rows[0]["problem"] + "=" + rows[0]["answer"], "nope"]
     assert reward.score(good, rows) == [1.0, 0.0]

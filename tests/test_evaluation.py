@@ -11,7 +11,7 @@ import torch
 import transformers
 import yaml
 
-from score_fast import demo_task
+from score_fast.demo import task as demo_task
 from score_fast import evaluation as ev
 from score_fast.prompts import MATH_PROMPT
 pytest.importorskip("jsonargparse")  # the GPU image (bench/gpu_check.sh) does not have it

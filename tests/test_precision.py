@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from score_fast import demo_task
+from score_fast.demo import task as demo_task
 from score_fast.models import load_model, resolve_dtype
 from score_fast.trainer import Trainer, plan_objective
 from test_trainer import R1, R2, VARIANTS, _episodes, _hand_loss, make_run

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from score_fast import demo_task
+from score_fast.demo import task as demo_task
 from score_fast import evaluation as ev
 from score_fast import trainer as tr
 from score_fast.config import (CODE_INSTRUCTION, MATH_INSTRUCTION, Config, DataConfig,

@@ -8,7 +8,7 @@ import os
 import pytest
 from test_trainer import make_run
 
-from score_fast import demo_task
+from score_fast.demo import task as demo_task
 from score_fast.trainer import Trainer
 
 

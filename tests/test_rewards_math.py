@@ -191,7 +191,7 @@ def test_pool_kills_a_stuck_or_dead_worker():
     """The backstop behind the alarm: a worker stuck where signals cannot reach (a long C
     call) or dead is SIGKILLed / reaped, its item gets a reason, and the slot is reused."""
     import sys
-    from score_fast.rewards._pool import WorkerPool
+    from score_fast.rewards.sandbox.pool import WorkerPool
 
     script = ("import json, sys, time\n"
               "for line in sys.stdin:\n"

@@ -3,7 +3,7 @@ import pytest
 import torch
 import transformers
 
-from score_fast import demo_task
+from score_fast.demo import task as demo_task
 from score_fast.rollout import Formatter, _strip, rollout
 
 

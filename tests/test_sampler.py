@@ -204,7 +204,7 @@ def test_empty_instruction_rejected(model):
 
 def test_rollout_uses_engine_and_matches_reference_path():
     """rollout() (engine) == the old path: rollout.generate per attempt on the full context."""
-    from score_fast import demo_task
+    from score_fast.demo import task as demo_task
     from score_fast.rollout import Formatter, generate, rollout
     tok = demo_task.build_tokenizer()
     torch.manual_seed(0)

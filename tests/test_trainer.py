@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import score_fast as sf
-from score_fast import demo_task
+from score_fast.demo import task as demo_task
 from score_fast.config import (Config, DataConfig, ModelConfig, RewardConfig, RolloutConfig,
                                Stage1Config, Stage2Config, TrainConfig)
 from score_fast.rollout import Episode

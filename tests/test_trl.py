@@ -13,7 +13,7 @@ datasets = pytest.importorskip("datasets")
 from conftest import assert_within_rule  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from score_fast import demo_task  # noqa: E402
+from score_fast.demo import task as demo_task  # noqa: E402
 from score_fast.integrations.trl import LOSS_TYPES, FusedGRPOTrainer, grpo_loss  # noqa: E402
 
 B, P, C = 4, 7, 9  # completions, prompt and completion lengths

@@ -6,7 +6,8 @@ import pytest
 import torch
 import transformers
 
-from score_fast import demo_task, models
+from score_fast import models
+from score_fast.demo import task as demo_task
 from score_fast.config import VLLMConfig
 from score_fast.rollout import Formatter, rollout
 

@@ -7,7 +7,7 @@ else the whole response); HumanEval completions that do not define the entry poi
 appended to the prompt, as in the original harness.
 
 The candidate is written by a model optimised to get reward, so it runs in a sandbox (see
-_sandbox.py for each limit and how it is enforced): a pool of `workers` zygote processes,
+sandbox/zygote.py for each limit and how it is enforced): a pool of `workers` zygote processes,
 each owning two unprivileged uids, forks per candidate one confined process that runs the
 candidate's code and a checker process that runs the tests and alone decides pass/fail,
 calling the candidate's functions through a pipe that carries plain data only. The test code
@@ -27,12 +27,12 @@ import sysconfig
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from score_fast.rewards._pool import WorkerPool
+from score_fast.rewards.sandbox.pool import WorkerPool
 from score_fast.rewards.base import Reward, RewardResult
 
 log = logging.getLogger("score_fast")
 
-_SANDBOX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox.py")
+_SANDBOX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox", "zygote.py")
 # Imported once per zygote, before the uid drop: the dropped uid may not be able to read the
 # stdlib (here it lives under /root, mode 0700), so a module not listed may fail to import.
 PRELOAD = ("math", "cmath", "re", "string", "collections", "itertools", "functools", "heapq",
@@ -181,7 +181,7 @@ def _targets(row: Mapping) -> list[str]:
 
 def _request(program: dict) -> bytes:
     """The zygote's framing: it reads the header (what the candidate process gets) and passes
-    the test part on to the checker without ever holding it, see _sandbox.py."""
+    the test part on to the checker without ever holding it, see sandbox/zygote.py."""
     header = json.dumps({"setup_src": program.get("setup_src", ""),
                          **{k: program.get(k, []) for k in ("src", "entries", "override",
                                                             "targets", "setup_names")}}).encode()

@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping
 
-from score_fast.rewards._pool import WorkerPool
+from score_fast.rewards.sandbox.pool import WorkerPool
 from score_fast.rewards.base import OK, Reward, RewardResult
 
 

@@ -2,7 +2,7 @@
 
     score-fast demo [--run_dir runs/demo]
 
-1. A tiny Llama (score_fast.demo_task.tiny_model_config) and a character tokenizer.
+1. A tiny Llama (score_fast.demo.task.tiny_model_config) and a character tokenizer.
 2. Supervised warm-up (teacher forcing) on two-turn transcripts of one-digit "a+b" / "a-b"
    problems (all 200 of them), standing in for pre-training:
      attempt 1: on the 82 "hard" problems it makes a systematic slip 80% of the time (a
@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from score_fast import demo_task
+from score_fast.demo import task as demo_task
 from score_fast.config import (Config, DataConfig, ModelConfig, RewardConfig, RolloutConfig,
                                Stage1Config, Stage2Config, TrainConfig)
 from score_fast.rollout import Episode, Formatter
@@ -174,7 +174,7 @@ def demo_config(base: str, train_file: str, run_dir: str, *, seed: int = 0,
         rollout=RolloutConfig(samples_per_prompt=samples_per_prompt, max_new_tokens=4,
                               instruction=demo_task.DEMO_INSTRUCTION,
                               backend=rollout_backend),
-        reward=RewardConfig(kind="custom", function="score_fast.demo_task:exact_reward"),
+        reward=RewardConfig(kind="custom", function="score_fast.demo.task:exact_reward"),
         stage1=Stage1Config(steps=stage1_steps),
         stage2=Stage2Config(steps=stage2_steps),
         # overwrite: running the demo (or an ablation arm) again starts it over

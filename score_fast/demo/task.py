@@ -56,7 +56,7 @@ def make_problems(n: int, *, seed: int, digits: int = 2, ops: str = "+-") -> lis
 
 
 def exact_reward(completions: Sequence[str], answer: Sequence[Any], **_: Any) -> list[float]:
-    """Custom reward "score_fast.demo_task:exact_reward": 1.0 where the completion's final
+    """Custom reward "score_fast.demo.task:exact_reward": 1.0 where the completion's final
     answer equals the row's answer string exactly, else 0.0.
 
     Called as fn(completions, **row_fields) with each field a list over the batch (the TRL

@@ -1,5 +1,5 @@
 """`score-fast ablate`: the paper's ablation table (Table 4, plus its baselines) in miniature,
-on the built-in demo task (score_fast.demo), several seeds per variant.
+on the built-in demo task (score_fast.demo.experiment), several seeds per variant.
 
     score-fast ablate [--seeds 0 1 2] [--quick] [--out runs/ablate] [--workers 2]
 
@@ -61,7 +61,7 @@ VARIANTS = (
 def variant_config(variant: Variant, base: str, train_file: str, run_dir: str, seed: int,
                    n1: int, n2: int, **demo):
     """The demo's config with the variant's changes; the same total of n1 + n2 RL steps."""
-    from score_fast.demo import demo_config
+    from score_fast.demo.experiment import demo_config
     s1, s2 = (n1, n2) if variant.stage1 else (0, n1 + n2)
     c = demo_config(base, train_file, run_dir, seed=seed, stage1_steps=s1, stage2_steps=s2,
                     **demo)
@@ -75,7 +75,7 @@ def _job(args) -> dict:
     """One (seed, variant): train (unless base) and evaluate; runs in a worker process."""
     import torch
 
-    from score_fast import demo_task
+    from score_fast.demo import task as demo_task
     from score_fast.trainer import Trainer, evaluate, make_reward_from
     variant, seed, base, data, train_rows, test_rows, run_dir, n1, n2, demo = args
     torch.set_num_threads(1)  # the demo's tiny matrices: one thread per process is fastest
@@ -108,7 +108,7 @@ def _job(args) -> dict:
 def _warm(args) -> str:
     import torch
 
-    from score_fast.demo import demo_rows, warm_up
+    from score_fast.demo.experiment import demo_rows, warm_up
     run_dir, seed, steps = args
     torch.set_num_threads(1)
     return warm_up(run_dir, demo_rows(), seed=seed, steps=steps, say=lambda *a: None)
@@ -118,7 +118,7 @@ def run_ablation(out: str = "runs/ablate", seeds=(0, 1, 2), quick: bool = False,
                  workers: int = 2, variants=VARIANTS, say=print) -> dict:
     """Run every variant for every seed; write results.json, table.md, ablation.png.
     quick: a smoke run (short warm-up, 2 + 2 RL steps, small batches), for CI."""
-    from score_fast.demo import write_problems
+    from score_fast.demo.experiment import write_problems
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     warm_steps, n1, n2 = (60, 2, 2) if quick else (600, 60, 60)

@@ -1,5 +1,5 @@
 """Code-reward sandbox zygote: one per pool slot, started by code.py as
-`python -I -S -B _sandbox.py CONFIG_JSON` with an EMPTY environment, as root.
+`python -I -S -B zygote.py CONFIG_JSON` with an EMPTY environment, as root.
 
 Standalone on purpose (stdlib only, no score_fast import): candidates are forked from this
 process and inherit its memory, so it must hold nothing worth stealing. It pre-imports the
