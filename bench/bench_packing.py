@@ -9,8 +9,8 @@ pack: the whole pack() of token ids (ids, positions, cu_seqlens) at 10k / 100k s
 Padded batching fills each batch in input order while (count + 1) * longest <= 16,384 and
 pads to the longest; its `fill` is real tokens / padded tokens. Packing's `fill` is real
 tokens / bin capacity (bins * 16,384).
-partition: balanced_partition of 100k sequences into 8 data-parallel parts (Karmarkar-Karp),
-      plain and equal_count; `spread` is the largest minus the smallest part's tokens."""
+partition: balanced_partition of 100k sequences into 8 data-parallel parts (Karmarkar-Karp);
+      `spread` is the largest minus the smallest part's tokens."""
 
 import numpy as np
 import pytest
@@ -101,14 +101,13 @@ def test_pack(benchmark, provider, n, monkeypatch):
         tokens=int(lengths.sum()))
 
 
-@pytest.mark.parametrize("equal_count", [False, True], ids=["plain", "equal_count"])
 @pytest.mark.parametrize("n", PARTITION_SIZES)
 @pytest.mark.parametrize("provider", ["cpp", "python"])
-def test_partition(benchmark, provider, n, equal_count, monkeypatch):
+def test_partition(benchmark, provider, n, monkeypatch):
     _select(provider, monkeypatch)
     lengths = _lengths(n)
-    fn = lambda: packing.balanced_partition(lengths, PARTS, equal_count=equal_count)  # noqa: E731
+    fn = lambda: packing.balanced_partition(lengths, PARTS)  # noqa: E731
     sums = [int(lengths[p].sum()) for p in fn()]
     run(benchmark, fn, device="cpu", provider=provider,
-        shape=f"n={n},parts={PARTS}" + (",equal_count" if equal_count else ""), dtype="int64",
+        shape=f"n={n},parts={PARTS}", dtype="int64",
         baseline="python", rounds=3, bytes_moved=lengths.nbytes, spread=max(sums) - min(sums))

@@ -79,18 +79,14 @@ static py::tuple pack(const I64& ids, const I64& seq_offsets, const py::object& 
                         cu_seqlens, token_offsets, max_seqlen);
 }
 
-static py::tuple balanced_partition(const I64& lengths, const py::object& groups, int64_t n_groups,
-                                    int64_t parts, bool equal_count) {
+static py::tuple balanced_partition(const I64& lengths, int64_t parts) {
   CHECK_1D(lengths, "lengths");
   const int64_t n = lengths.shape(0);
-  const bool has_groups = !groups.is_none();
-  const I64 g = optional_i64(groups, "groups", n);
   I64 order(n);
   std::vector<int64_t> offsets;
   {
     py::gil_scoped_release nogil;
-    offsets = score_fast::balanced_partition(lengths.data(), n, has_groups ? g.data() : nullptr,
-                                             n_groups, parts, equal_count, order.mutable_data());
+    offsets = score_fast::balanced_partition(lengths.data(), n, parts, order.mutable_data());
   }
   I64 part_offsets(static_cast<py::ssize_t>(offsets.size()));
   std::copy(offsets.begin(), offsets.end(), part_offsets.mutable_data());
@@ -129,7 +125,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("order"), py::arg("bin_offsets"),
         "-> (input_ids, position_ids, segment_ids|None, cu_seqlens, token_offsets, max_seqlen)");
   m.def("unpack", &unpack, py::arg("values"), py::arg("cu_seqlens"));
-  m.def("balanced_partition", &balanced_partition, py::arg("lengths"), py::arg("groups"),
-        py::arg("n_groups"), py::arg("parts"), py::arg("equal_count"),
-        "-> (order int64[n], part_offsets int64[parts+1]); groups: None or dense ids");
+  m.def("balanced_partition", &balanced_partition, py::arg("lengths"), py::arg("parts"),
+        "-> (order int64[n], part_offsets int64[parts+1])");
 }

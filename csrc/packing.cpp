@@ -107,14 +107,14 @@ struct Slot {
   int64_t sum, count, head, tail;
 };
 
-// Slot order within a state: sum descending, then unit count descending (so empty slots
+// Slot order within a state: sum descending, then item count descending (so empty slots
 // come last and the pairing fills them first). Ties beyond that keep their order.
 inline bool heavier(const Slot& a, const Slot& b) {
   return a.sum != b.sum ? a.sum > b.sum : a.count > b.count;
 }
 
 // A state in the heap: `parts` slots stored at pool[block * parts], or, while block < 0, a
-// singleton holding only `unit` (not materialised: n items x parts slots would not fit).
+// singleton holding only item `unit` (not materialised: n items x parts slots would not fit).
 struct State {
   int64_t spread, id, block, unit;
 };
@@ -140,23 +140,23 @@ void sort_slots(Slot* s, int64_t k) {
   }
 }
 
-// Unit ids ordered by weight (ascending or descending), ties by id ascending. Weights are
-// token counts, usually small next to the unit count: a counting sort then (as plan_bins),
-// ~5x faster than a comparison sort of 100k units; std::stable_sort otherwise.
-std::vector<int64_t> rank_by_weight(const std::vector<int64_t>& weight, bool descending) {
+// Item ids ordered by weight descending, ties by id ascending. Weights are token counts,
+// usually small next to the item count: a counting sort then (as plan_bins), ~5x faster
+// than a comparison sort of 100k items; std::stable_sort otherwise.
+std::vector<int64_t> rank_heaviest_first(const std::vector<int64_t>& weight) {
   const int64_t m = static_cast<int64_t>(weight.size());
   std::vector<int64_t> ranked(m);
   const int64_t top = m ? *std::max_element(weight.begin(), weight.end()) : 0;
   if (top <= 8 * m) {
     std::vector<int64_t> start(top + 2, 0);
-    auto key = [&](int64_t u) { return descending ? top - weight[u] : weight[u]; };
+    auto key = [&](int64_t u) { return top - weight[u]; };
     for (int64_t u = 0; u < m; ++u) ++start[key(u) + 1];
     for (int64_t w = 0; w <= top; ++w) start[w + 1] += start[w];
     for (int64_t u = 0; u < m; ++u) ranked[start[key(u)]++] = u;
   } else {
     std::iota(ranked.begin(), ranked.end(), 0);
     std::stable_sort(ranked.begin(), ranked.end(), [&](int64_t a, int64_t b) {
-      return descending ? weight[a] > weight[b] : weight[a] < weight[b];
+      return weight[a] > weight[b];
     });
   }
   return ranked;
@@ -164,41 +164,18 @@ std::vector<int64_t> rank_by_weight(const std::vector<int64_t>& weight, bool des
 
 }  // namespace
 
-std::vector<int64_t> balanced_partition(const int64_t* lengths, int64_t n, const int64_t* groups,
-                                        int64_t n_groups, int64_t parts, bool equal_count,
+std::vector<int64_t> balanced_partition(const int64_t* lengths, int64_t n, int64_t parts,
                                         int64_t* order) {
   if (parts < 1) throw std::invalid_argument("parts must be >= 1, got " + std::to_string(parts));
   for (int64_t i = 0; i < n; ++i)
     if (lengths[i] < 0)
       throw std::invalid_argument("sequence " + std::to_string(i) + " has length " +
                                   std::to_string(lengths[i]) + " is negative");
-  // Units: the items themselves, or the groups weighted by their token totals.
-  const int64_t m = groups ? n_groups : n;
-  const char* unit_name = groups ? " groups" : " items";
-  std::vector<int64_t> weight;
-  if (groups) {
-    if (n_groups < 0) throw std::invalid_argument("n_groups must be >= 0");
-    weight.assign(n_groups, 0);
-    std::vector<int64_t> used(n_groups, 0);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t g = groups[i];
-      if (g < 0 || g >= n_groups)
-        throw std::invalid_argument("groups[" + std::to_string(i) + "] = " + std::to_string(g) +
-                                    " is outside [0, " + std::to_string(n_groups) + ")");
-      weight[g] += lengths[i];
-      used[g] = 1;
-    }
-    for (int64_t g = 0; g < n_groups; ++g)
-      if (!used[g]) throw std::invalid_argument("group " + std::to_string(g) + " has no items");
-  } else {
-    weight.assign(lengths, lengths + n);
-  }
-  if (parts > m)
-    throw std::invalid_argument("parts = " + std::to_string(parts) + " > " + std::to_string(m) +
-                                unit_name + ": every part needs at least one");
-  if (equal_count && m % parts != 0)
-    throw std::invalid_argument("equal_count: " + std::to_string(m) + unit_name +
-                                " do not divide evenly into " + std::to_string(parts) + " parts");
+  if (parts > n)
+    throw std::invalid_argument("parts = " + std::to_string(parts) + " > " + std::to_string(n) +
+                                " items: every part needs at least one");
+  const int64_t m = n;
+  const std::vector<int64_t> weight(lengths, lengths + n);
 
   const int64_t k = parts;
   std::vector<int64_t> next(m, -1);
@@ -222,36 +199,15 @@ std::vector<int64_t> balanced_partition(const int64_t* lengths, int64_t n, const
   // takes whichever front comes first: the same order as one heap of everything, but most
   // pops are O(1) (one heap of 100k singletons made the heap ~45% of the time).
   std::vector<State> queue;
-  int64_t next_id;
-  if (equal_count) {
-    // Units by weight ascending (ties: lower id first), cut into runs of k: one per slot.
-    const std::vector<int64_t> ranked = rank_by_weight(weight, /*descending=*/false);
-    queue.reserve(m / k);
-    for (int64_t c = 0; c < m / k; ++c) {
-      const int64_t b = alloc();
-      Slot* s = pool.data() + b * k;
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t u = ranked[c * k + j];
-        s[j] = Slot{weight[u], 1, u, u};
-      }
-      sort_slots(s, k);
-      queue.push_back(State{s[0].sum - s[k - 1].sum, c, b, -1});
-    }
-    next_id = m / k;
-    // (spread, id) is unique, so sorting by "pops first" is a total order.
-    std::sort(queue.begin(), queue.end(),
-              [](const State& a, const State& b) { return PopsLater{}(b, a); });
+  // A singleton's spread is its weight (0 with one part: then id order is pop order).
+  queue.reserve(m);
+  if (k > 1) {
+    for (int64_t u : rank_heaviest_first(weight))
+      queue.push_back(State{weight[u], u, -1, u});
   } else {
-    // A singleton's spread is its weight (0 with one part: then id order is pop order).
-    queue.reserve(m);
-    if (k > 1) {
-      for (int64_t u : rank_by_weight(weight, /*descending=*/true))
-        queue.push_back(State{weight[u], u, -1, u});
-    } else {
-      for (int64_t u = 0; u < m; ++u) queue.push_back(State{0, u, -1, u});
-    }
-    next_id = m;
+    for (int64_t u = 0; u < m; ++u) queue.push_back(State{0, u, -1, u});
   }
+  int64_t next_id = m;
   std::vector<State> heap;
   heap.reserve(queue.size());
   size_t front = 0;
@@ -291,13 +247,13 @@ std::vector<int64_t> balanced_partition(const int64_t* lengths, int64_t n, const
   }
   const State last = pop();
 
-  // Units -> slots -> items; parts renumbered by (token sum descending, first item).
-  std::vector<int64_t> part_of_unit(m, -1);
+  // Slots -> items; parts renumbered by (token sum descending, first item).
+  std::vector<int64_t> part_of_item(m, -1);
   for (int64_t i = 0; i < k; ++i)
-    for (int64_t u = slot(last, i).head; u >= 0; u = next[u]) part_of_unit[u] = i;
+    for (int64_t u = slot(last, i).head; u >= 0; u = next[u]) part_of_item[u] = i;
   std::vector<int64_t> sums(k, 0), first(k, n), count(k, 0);
   for (int64_t j = 0; j < n; ++j) {
-    const int64_t p = part_of_unit[groups ? groups[j] : j];
+    const int64_t p = part_of_item[j];
     sums[p] += lengths[j];
     first[p] = std::min(first[p], j);
     ++count[p];
@@ -314,7 +270,7 @@ std::vector<int64_t> balanced_partition(const int64_t* lengths, int64_t n, const
   }
   std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
   for (int64_t j = 0; j < n; ++j)
-    order[cursor[new_of[part_of_unit[groups ? groups[j] : j]]]++] = j;
+    order[cursor[new_of[part_of_item[j]]]++] = j;
   return offsets;
 }
 

@@ -30,22 +30,17 @@ void pack(const int64_t* ids, const int64_t* seq_offsets, int64_t n, const int64
           const int64_t* order, const int64_t* bin_offsets, int64_t n_bins, const PackOut& out);
 
 // Balanced k-way partition by token count (data-parallel ranks), Karmarkar-Karp largest
-// differencing. The units partitioned are the items, or with `groups` (dense ids in
-// [0, n_groups), every id used) the groups, weighted by their token totals; a group never
-// splits. Each unit starts as a state of `parts` slots (one holding it, the rest empty) or,
-// with equal_count, units sorted by (weight, id) ascending are cut into states of `parts`
-// consecutive units, one per slot. Slots within a state are kept stable-sorted by (sum
-// descending, unit count descending). The two states of largest spread (max - min slot
-// sum; ties: the state created first, initial states by id, merged states after them in
-// merge order) are merged by pairing slot i of the first with slot parts-1-i of the second.
-// Writes the item indices grouped by part (ascending within a part) to `order` (n entries)
-// and returns the part boundaries (parts + 1 entries); parts are ordered by token sum
-// descending, ties by smallest item index. Every part is non-empty, and the largest part
-// sum exceeds the mean by at most the largest unit weight. Throws std::invalid_argument
-// on a negative length, a group id out of range or unused, parts < 1 or above the number
-// of units, or equal_count with a unit count that parts does not divide.
-std::vector<int64_t> balanced_partition(const int64_t* lengths, int64_t n, const int64_t* groups,
-                                        int64_t n_groups, int64_t parts, bool equal_count,
+// differencing. Each item starts as a state of `parts` slots (one holding it, the rest
+// empty). Slots within a state are kept stable-sorted by (sum descending, item count
+// descending). The two states of largest spread (max - min slot sum; ties: the state
+// created first, initial states by id, merged states after them in merge order) are merged
+// by pairing slot i of the first with slot parts-1-i of the second. Writes the item indices
+// grouped by part (ascending within a part) to `order` (n entries) and returns the part
+// boundaries (parts + 1 entries); parts are ordered by token sum descending, ties by
+// smallest item index. Every part is non-empty, and the largest part sum exceeds the mean
+// by at most the largest item. Throws std::invalid_argument on a negative length, or parts
+// < 1 or above n.
+std::vector<int64_t> balanced_partition(const int64_t* lengths, int64_t n, int64_t parts,
                                         int64_t* order);
 
 }  // namespace score_fast

@@ -10,8 +10,7 @@ The work runs in the C++ extension score_fast._C when it is built; a pure-Python
 every function gives identical results and is used when it is not.
 SCORE_FAST_PACKING=python|cpp forces one (cpp raises if the extension is missing).
 
-balanced_partition splits sequences (or whole groups of them) across data-parallel ranks
-with near-equal token counts, optionally with the same number on every rank.
+balanced_partition splits sequences across data-parallel ranks with near-equal token counts.
 
     from score_fast.packing import pack
     batches = pack([[1, 2, 3], [4, 5]], max_tokens=8, segments=[[0, 1, 1], [0, 2]])
@@ -144,34 +143,25 @@ def pack(sequences: Sequence, max_tokens: int, segments: Sequence | None = None
     return batches
 
 
-def balanced_partition(lengths, parts: int, groups=None, equal_count: bool = False
-                       ) -> list[list[int]]:
+def balanced_partition(lengths, parts: int) -> list[list[int]]:
     """Split item indices into `parts` lists (one per data-parallel rank) with near-equal
     token sums: Karmarkar-Karp largest differencing for k-way partitioning.
 
-    `groups` (optional, one integer label per item) keeps all items with the same label in
-    one part (an RLOO group on one rank): the groups are partitioned by their token totals
-    and expanded. `equal_count=True` gives every part the same number of items (groups)
-    and needs that number to divide by `parts`.
-
-    Method: every unit (item, or group) starts as a state of `parts` slots, one holding the
-    unit and the rest empty; with equal_count, the units sorted by (weight, index)
-    ascending are cut into runs of `parts` and each run is one state, a unit per slot.
-    Until one state is left, the two states of largest spread (heaviest minus lightest
-    slot) merge, slot i of the first with slot parts-1-i of the second (heaviest with
-    lightest), and the merged slots are re-sorted. The largest part sum exceeds the mean by
-    at most the largest unit: a merge never widens the spread past its inputs'.
+    Method: every item starts as a state of `parts` slots, one holding the item and the
+    rest empty. Until one state is left, the two states of largest spread (heaviest minus
+    lightest slot) merge, slot i of the first with slot parts-1-i of the second (heaviest
+    with lightest), and the merged slots are re-sorted. The largest part sum exceeds the
+    mean by at most the largest item: a merge never widens the spread past its inputs'.
 
     Tie-breaks (the C++ and Python paths agree exactly):
-      - groups are numbered by label ascending; units with equal weight by index;
-      - states with equal spread: the one created first (initial states by index, or by
-        run with equal_count; merged states after all initial ones, in merge order);
-      - slots within a state: sum descending, then unit count descending (empty slots
+      - states with equal spread: the one created first (initial states by index, merged
+        states after all initial ones, in merge order);
+      - slots within a state: sum descending, then item count descending (empty slots
         last), remaining ties keep their order (stable sort);
       - the returned parts: token sum descending, ties by smallest item index.
 
     Returns `parts` lists of item indices, ascending within each; every part is non-empty.
-    O(units * (parts * log parts + log units)) time, O(units + parts * live states) memory.
+    O(n * (parts * log parts + log n)) time, O(n + parts * live states) memory.
 
         balanced_partition([5, 4, 3, 3, 2, 1], 2)   # [[0, 3, 5], [1, 2, 4]]: 9 and 9 tokens
     """
@@ -181,26 +171,11 @@ def balanced_partition(lengths, parts: int, groups=None, equal_count: bool = Fal
     if parts < 1:
         raise ValueError(f"parts must be >= 1, got {parts}")
     lengths = _check_lengths(lengths, _INT64_MAX)
-    n = len(lengths)
-    dense, n_groups = None, n
-    if groups is not None:
-        g = groups.cpu().numpy() if isinstance(groups, torch.Tensor) else np.asarray(groups)
-        if g.ndim != 1 or (g.dtype.kind not in "iu" and g.size):
-            raise ValueError(f"groups must be a 1-D integer array, got dtype {g.dtype} and "
-                             f"shape {g.shape}")
-        if len(g) != n:
-            raise ValueError(f"groups has {len(g)} entries but lengths has {n}")
-        labels, dense = np.unique(g, return_inverse=True)
-        dense = dense.reshape(-1).astype(np.int64, copy=False)
-        n_groups = len(labels)
-    unit = "groups" if groups is not None else "items"
-    if parts > n_groups:
-        raise ValueError(f"parts = {parts} > {n_groups} {unit}: every part needs at least one")
-    if equal_count and n_groups % parts:
-        raise ValueError(f"equal_count: {n_groups} {unit} do not divide evenly into "
-                         f"{parts} parts")
+    if parts > len(lengths):
+        raise ValueError(f"parts = {parts} > {len(lengths)} items: every part needs at least "
+                         f"one")
     run = _load_native().balanced_partition if backend() == "cpp" else _py_balanced_partition
-    order, offsets = run(lengths, dense, n_groups, parts, bool(equal_count))
+    order, offsets = run(lengths, parts)
     cuts = offsets.tolist()
     return [order[a:b].tolist() for a, b in zip(cuts[:-1], cuts[1:])]
 
@@ -291,33 +266,17 @@ def _py_plan_bins(lengths: np.ndarray, max_tokens: int) -> tuple[np.ndarray, np.
     return order, bin_offsets
 
 
-def _py_balanced_partition(lengths: np.ndarray, groups: np.ndarray | None, n_groups: int,
-                           parts: int, equal_count: bool) -> tuple[np.ndarray, np.ndarray]:
-    # Inputs are validated by balanced_partition. A slot is (sum, unit count, head, tail)
-    # of a linked list of units through `nxt`; a heap entry is (-spread, id, slots), slots
-    # None for a singleton state (unit = id) not yet materialised.
+def _py_balanced_partition(lengths: np.ndarray, parts: int) -> tuple[np.ndarray, np.ndarray]:
+    # Inputs are validated by balanced_partition. A slot is (sum, item count, head, tail)
+    # of a linked list of items through `nxt`; a heap entry is (-spread, id, slots), slots
+    # None for a singleton state (item = id) not yet materialised.
     k, n = parts, len(lengths)
-    if groups is None:
-        weight, m = lengths.tolist(), n
-    else:
-        m = n_groups
-        weight = np.zeros(m, np.int64)
-        np.add.at(weight, groups, lengths)
-        weight = weight.tolist()
+    weight, m = lengths.tolist(), n
     nxt = [-1] * m
     rest = [(0, 0, -1, -1)] * (k - 1)
     heavier_first = lambda s: (-s[0], -s[1])  # noqa: E731  list.sort is stable
-    if equal_count:
-        ranked = sorted(range(m), key=weight.__getitem__)  # ties: lower index first
-        heap = []
-        for c in range(m // k):
-            slots = [(weight[u], 1, u, u) for u in ranked[c * k:(c + 1) * k]]
-            slots.sort(key=heavier_first)
-            heap.append((slots[-1][0] - slots[0][0], c, slots))
-        next_id = m // k
-    else:
-        heap = [(-weight[u] if k > 1 else 0, u, None) for u in range(m)]
-        next_id = m
+    heap = [(-weight[u] if k > 1 else 0, u, None) for u in range(m)]
+    next_id = m
     heapq.heapify(heap)  # (-spread, id) are unique: the pop order is fixed
     pop, push = heapq.heappop, heapq.heappush
     while len(heap) > 1:
@@ -342,15 +301,13 @@ def _py_balanced_partition(lengths: np.ndarray, groups: np.ndarray | None, n_gro
     _, last, final = heap[0]
     if final is None:
         final = [(weight[last], 1, last, last)] + rest
-    part_of_unit = [0] * m
+    part_of_item = [0] * m
     for i, s in enumerate(final):
         u = s[2]
         while u >= 0:
-            part_of_unit[u] = i
+            part_of_item[u] = i
             u = nxt[u]
-    part = np.asarray(part_of_unit, np.int64)
-    if groups is not None:
-        part = part[groups]
+    part = np.asarray(part_of_item, np.int64)
     sums = np.zeros(k, np.int64)
     np.add.at(sums, part, lengths)
     first = np.full(k, n, np.int64)

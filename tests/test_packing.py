@@ -233,63 +233,44 @@ from score_fast.packing import balanced_partition  # noqa: E402
 
 @st.composite
 def partition_cases(draw):
-    """(lengths, parts, groups or None, equal_count): many ties (small length ranges,
-    zeros), negative and sparse group labels, parts dividing the units when equal_count."""
+    """(lengths, parts): many ties (small length ranges, zeros)."""
     n = draw(st.integers(1, 70))
     hi = draw(st.sampled_from([0, 3, 100, 5000]))
     lengths = draw(st.lists(st.integers(0, hi), min_size=n, max_size=n))
-    groups = None
-    if draw(st.booleans()):
-        groups = draw(st.lists(st.integers(-3, draw(st.integers(-3, 40))), min_size=n, max_size=n))
-    units = n if groups is None else len(set(groups))
-    equal = draw(st.booleans())
-    choices = [d for d in range(1, min(units, 12) + 1) if not equal or units % d == 0]
-    return lengths, draw(st.sampled_from(choices)), groups, equal
+    return lengths, draw(st.integers(1, min(n, 12)))
 
 
-def _check_partition(out, lengths, parts, groups, equal):
+def _check_partition(out, lengths, parts):
     n = len(lengths)
     assert len(out) == parts and all(isinstance(p, list) for p in out)
     assert sorted(i for p in out for i in p) == list(range(n))  # every item exactly once
     assert all(p and p == sorted(p) for p in out)  # non-empty, ascending
     sums = [sum(lengths[i] for i in p) for p in out]
     assert sums == sorted(sums, reverse=True)
-    if groups is None:
-        weights, units = list(lengths), [[i] for p in out for i in p]
-        units_per_part = [len(p) for p in out]
-    else:
-        part_of = {}
-        for k, p in enumerate(out):
-            for i in p:
-                assert part_of.setdefault(groups[i], k) == k  # a group never splits
-        weights = [sum(l for l, g in zip(lengths, groups) if g == label) for label in part_of]
-        units_per_part = [sum(1 for k in part_of.values() if k == j) for j in range(parts)]
-    if equal:
-        assert len(set(units_per_part)) == 1
-    # largest part - mean part <= largest unit (in integers: times parts)
-    assert max(sums) * parts - sum(sums) <= max(weights) * parts
+    # largest part - mean part <= largest item (in integers: times parts)
+    assert max(sums) * parts - sum(sums) <= max(lengths) * parts
 
 
 @pytest.mark.skipif(packing._load_native() is None, reason="score_fast._C is not built")
 @settings(max_examples=300, deadline=None)
 @given(case=partition_cases())
 def test_partition_cpp_and_python_identical(case):
-    lengths, parts, groups, equal = case
-    a, b = _both(lambda: balanced_partition(lengths, parts, groups, equal_count=equal))
+    lengths, parts = case
+    a, b = _both(lambda: balanced_partition(lengths, parts))
     assert a == b
 
 
 @settings(max_examples=200, deadline=None)
 @given(case=partition_cases())
 def test_partition_invariants(case):
-    lengths, parts, groups, equal = case
+    lengths, parts = case
     for name in BACKENDS if packing._load_native() else ["python"]:
         os.environ["SCORE_FAST_PACKING"] = name
         try:
-            out = balanced_partition(np.array(lengths, np.int64), parts, groups, equal_count=equal)
+            out = balanced_partition(np.array(lengths, np.int64), parts)
         finally:
             del os.environ["SCORE_FAST_PACKING"]
-        _check_partition(out, lengths, parts, groups, equal)
+        _check_partition(out, lengths, parts)
 
 
 def test_partition_by_hand(backend):
@@ -299,13 +280,6 @@ def test_partition_by_hand(backend):
     # first) -> (2 | 1); (5 | 4) + (2 | 1) reversed -> (5,1 | 4,2); (3 | 3) + that
     # reversed -> (3,4,2 | 3,5,1): 9 and 9, the part holding item 0 first.
     assert balanced_partition(lengths, 2) == [[0, 3, 5], [1, 2, 4]]
-    # equal_count: runs of 2 by (length, index) ascending: (2 | 1), (3 | 3), (5 | 4);
-    # spread 1 ties go to run 0: (2 | 1) + (4 | 5) -> (2,4 | 1,5); then (3 | 3) + it.
-    assert balanced_partition(lengths, 2, equal_count=True) == [[0, 2, 5], [1, 3, 4]]
-    # Groups 9, 6, 3 tokens: (9 | 6), then {3} (spread 3, created first) + it -> (3,6 | 9).
-    assert balanced_partition(lengths, 2, groups=[0, 0, 1, 1, 2, 2]) == [[0, 1], [2, 3, 4, 5]]
-    # Labels are any integers, numbered ascending; the same grouping gives the same parts.
-    assert balanced_partition(lengths, 2, groups=[7, 7, -1, -1, 3, 3]) == [[0, 1], [2, 3, 4, 5]]
     assert balanced_partition(lengths, 1) == [[0, 1, 2, 3, 4, 5]]
     assert balanced_partition(lengths, 6) == [[0], [1], [2], [3], [4], [5]]
     # Zero lengths still give every part an item (empty slots sort after zero-sum ones).
@@ -315,25 +289,18 @@ def test_partition_by_hand(backend):
     assert balanced_partition([0, 0, 0, 0], 2) == [[0, 3], [1, 2]]
 
 
-def test_partition_rlo_groups_equal_count(backend):
-    # 64 prompts x 4 samples (RLOO groups, labels shuffled) onto 8 ranks: 8 prompts each,
-    # groups whole, and token sums within one group's worth of each other.
+def test_partition_quality(backend):
+    # 64 prompts x 4 samples of 16..4096 tokens onto 8 ranks (the trainer's use), and 5000
+    # items: token sums within one item of each other, within 1 token at 5000.
     rng = np.random.default_rng(0)
     lengths = torch.from_numpy(rng.integers(16, 4097, 256))
-    groups = torch.from_numpy(rng.permutation(64).repeat(4))
-    out = balanced_partition(lengths, 8, groups=groups, equal_count=True)
-    _check_partition(out, lengths.tolist(), 8, groups.tolist(), True)
+    out = balanced_partition(lengths, 8)
+    _check_partition(out, lengths.tolist(), 8)
     sums = [int(lengths[p].sum()) for p in out]
     assert max(sums) - min(sums) < 4096
-
-
-def test_partition_quality(backend):
-    rng = np.random.default_rng(1)
-    lengths = rng.integers(16, 4097, 5000)
+    lengths = np.random.default_rng(1).integers(16, 4097, 5000)
     sums = [int(lengths[p].sum()) for p in balanced_partition(lengths, 8)]
     assert max(sums) - min(sums) <= 1
-    sums = [int(lengths[p].sum()) for p in balanced_partition(lengths, 8, equal_count=True)]
-    assert max(sums) - min(sums) <= 16
 
 
 @pytest.mark.parametrize("call, match", [
@@ -343,19 +310,8 @@ def test_partition_quality(backend):
     (lambda: balanced_partition([1, 2], True), r"parts must be an integer, got True"),
     (lambda: balanced_partition([1, 2], 3), r"parts = 3 > 2 items: every part needs at least one"),
     (lambda: balanced_partition([], 1), r"parts = 1 > 0 items"),
-    (lambda: balanced_partition([1, 2, 3], 3, groups=[5, 5, 1]), r"parts = 3 > 2 groups"),
     (lambda: balanced_partition([1, -2, 3], 1), r"sequence 1 has length -2 is negative"),
     (lambda: balanced_partition([1.0, 2.0], 1), r"lengths must be a 1-D integer array"),
-    (lambda: balanced_partition([1, 2, 3], 1, groups=[0, 1]),
-     r"groups has 2 entries but lengths has 3"),
-    (lambda: balanced_partition([1, 2], 1, groups=[0.5, 1.0]),
-     r"groups must be a 1-D integer array, got dtype float64"),
-    (lambda: balanced_partition([1, 2], 1, groups=[[0, 1]]),
-     r"groups must be a 1-D integer array, got dtype int64 and shape \(1, 2\)"),
-    (lambda: balanced_partition([1, 2, 3, 4, 5], 2, equal_count=True),
-     r"equal_count: 5 items do not divide evenly into 2 parts"),
-    (lambda: balanced_partition([1] * 5, 2, groups=[0, 0, 1, 1, 2], equal_count=True),
-     r"equal_count: 3 groups do not divide evenly into 2 parts"),
 ])
 def test_partition_bad_input(backend, call, match):
     with pytest.raises(ValueError, match=match):
@@ -364,20 +320,12 @@ def test_partition_bad_input(backend, call, match):
 
 @pytest.mark.skipif(packing._load_native() is None, reason="score_fast._C is not built")
 def test_native_partition_rejects_bad_arrays():
-    # The extension checks what the Python front end already does, and dense group ids.
+    # The extension checks what the Python front end already does.
     _C = packing._load_native()
     lengths = np.array([3, 1, 2], np.int64)
-    with pytest.raises(ValueError, match=r"groups\[2\] = 5 is outside \[0, 2\)"):
-        _C.balanced_partition(lengths, np.array([0, 1, 5]), 2, 2, False)
-    with pytest.raises(ValueError, match="group 1 has no items"):
-        _C.balanced_partition(lengths, np.array([0, 0, 2]), 3, 2, False)
-    with pytest.raises(ValueError, match="groups has 2 entries, expected 3"):
-        _C.balanced_partition(lengths, np.array([0, 1]), 2, 2, False)
     with pytest.raises(ValueError, match="sequence 0 has length -3 is negative"):
-        _C.balanced_partition(-lengths, None, 0, 2, False)
+        _C.balanced_partition(-lengths, 2)
     with pytest.raises(ValueError, match="parts must be >= 1, got 0"):
-        _C.balanced_partition(lengths, None, 0, 0, False)
+        _C.balanced_partition(lengths, 0)
     with pytest.raises(ValueError, match=r"parts = 4 > 3 items"):
-        _C.balanced_partition(lengths, None, 0, 4, False)
-    with pytest.raises(ValueError, match="equal_count: 3 items do not divide evenly into 2"):
-        _C.balanced_partition(lengths, None, 0, 2, True)
+        _C.balanced_partition(lengths, 4)
