@@ -27,7 +27,9 @@ from score_fast.config import Config
 from score_fast.kernels.score_loss import score_loss_ref
 from score_fast.rollout import Episode
 from score_fast.distributed import Dist
-from score_fast.trainer import Objective, PhaseTimer, Trainer, prepare_model
+from score_fast.models import prepare_model
+from score_fast.objective import Objective
+from score_fast.trainer import PhaseTimer, Trainer
 
 DEVICE = bench_device()
 if DEVICE == "cuda":

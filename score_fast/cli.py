@@ -206,8 +206,8 @@ def run_eval(ec: EvalConfig) -> dict:
 
     from score_fast import evaluation as ev
     from score_fast.metrics import format_table
-    from score_fast.trainer import load_model, load_tokenizer, make_reward_from
-    from score_fast.models import resolve_dtype
+    from score_fast.models import load_model, load_tokenizer, resolve_dtype
+    from score_fast.rewards import make_reward_from
     model = load_model(ec.checkpoint, "--checkpoint",
                        resolve_dtype("auto", ec.checkpoint, "--checkpoint"))
     saved_path = os.path.join(ec.checkpoint, "config.yaml")

@@ -46,7 +46,7 @@ from score_fast.prompts import PromptBuilder
 from score_fast.rewards.code import extract_code
 from score_fast.rewards.math import extract_answer, last_boxed
 from score_fast.rollout import Episode, Formatter, rollout
-from score_fast.trainer import score_episodes
+from score_fast.scoring import score_episodes
 
 __all__ = ["GROUP_FIELDS", "Task", "last_boxed", "detect_config", "prepare_rows", "load_task",
            "breakdown_metrics", "normalize_answer", "answer_key", "program_key", "vote_key",

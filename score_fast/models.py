@@ -1,5 +1,6 @@
 """Models of a run: loading (dtype, revision, remote code, attention, the local hub cache),
-LoRA adapters through peft, and the precision plan the trainer follows.
+LoRA adapters through peft, readying a model for the training step (prepare_model), and the
+precision plan the trainer follows.
 
 Precision (model.dtype, model.lora, model.offload_optimizer), per parameter of a P-parameter
 model, b = 2 bytes for bf16 / fp16, 4 for fp32:
@@ -28,7 +29,8 @@ import torch
 
 __all__ = ["DTYPES", "GC_AUTO_PARAMS", "resolve_dtype", "load_model", "load_tokenizer",
            "apply_lora", "load_lora", "is_lora", "lora_base", "compute_dtype", "model_device",
-           "uses_fsdp", "merged_state_dict", "policy_weights", "weights_path"]
+           "uses_fsdp", "merged_state_dict", "policy_weights", "weights_path",
+           "disable_dropout", "prepare_model"]
 
 # model.gradient_checkpointing=None turns it on from here: at 1B parameters (Qwen2.5-1.5B:
 # H 1536, I 8960, 28 layers) the saved activations of one 8192-token bf16 micro-batch are
@@ -177,6 +179,49 @@ def lora_base(model):
     """The HF model that runs: a PeftModel's base (its Linear layers carry the adapters), or
     the model itself."""
     return model.get_base_model() if is_lora(model) else model
+
+
+def disable_dropout(model) -> None:
+    """Dropout off for good (TRL's disable_dropout does the same): RL compares the policy
+    with the policy that sampled and with the reference, so with dropout on the KL is not 0
+    at step 0 and the trained log-probs are not the sampler's. nn.Dropout modules get p = 0,
+    and float attributes named *dropout* (the rate attention functions read, e.g. Llama's
+    attention_dropout) 0.0; the model's config is left as it was."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
+def prepare_model(model, dist=None, shard: bool = False,
+                  param_dtype: torch.dtype | None = None, offload: bool = False):
+    """Ready a HF causal LM (or a peft LoRA model) for the training step: dropout off,
+    varlen attention for packed rows (never the whole [T, T] row), the fused-loss entry
+    points `score_fast_loss` (policy) and `score_fast_logprobs` (reference) bound to it,
+    FSDP2 sharding when `shard` (param_dtype: the compute dtype the fp32 shards are
+    gathered in; offload: the shards live in host memory), and the move to dist's device
+    (a score_fast.distributed.Dist; one process on the CPU by default)."""
+    import types
+
+    from score_fast import distributed
+    from score_fast.attention import use_varlen_attention
+    from score_fast.objective import _policy_loss, _ref_logprobs
+    dist = dist or distributed.Dist()
+    disable_dropout(model)
+    use_varlen_attention(lora_base(model))
+    model.score_fast_loss = types.MethodType(_policy_loss, model)
+    model.score_fast_logprobs = types.MethodType(_ref_logprobs, model)
+    if shard:
+        distributed.shard(model, dist, param_dtype=param_dtype, offload=offload)
+    if not offload:  # offloaded shards stay on the host; FSDP moves what it gathers
+        model.to(dist.device)
+    for module in {model, lora_base(model)}:  # where inputs go (the sampler runs the base)
+        module.score_fast_device = dist.device
+    distributed.register_method(model, "score_fast_loss", dist)
+    distributed.register_method(model, "score_fast_logprobs", dist)
+    return model
 
 
 def compute_dtype(model) -> torch.dtype:

@@ -46,7 +46,6 @@ import os
 import shutil
 import sys
 import time
-import types
 
 import numpy as np
 import torch
@@ -54,21 +53,22 @@ import yaml
 
 import score_fast as sf
 from score_fast import distributed
-from score_fast.attention import use_varlen_attention
 from score_fast.checkpoint import (STATE_FILE, load_state, recover_interrupted,
                                    rotate_checkpoints, save_checkpoint, set_rng_state,
                                    usable_checkpoint)
 from score_fast.config import BEST_METRICS, Config, check_kl, config_from_dict
 from score_fast.flops import matmul_params, peak_flops, step_flops
-from score_fast.models import (GC_AUTO_PARAMS, apply_lora, is_lora, load_lora, load_model,
-                               load_tokenizer, lora_base, policy_weights, resolve_dtype,
-                               uses_fsdp, weights_path)
+from score_fast.models import (GC_AUTO_PARAMS, apply_lora, disable_dropout, load_lora,
+                               load_model, load_tokenizer, policy_weights, prepare_model,
+                               resolve_dtype, uses_fsdp, weights_path)
+from score_fast.objective import Objective, build_step_tensors, plan_objective, stage_at
 from score_fast.prompts import PromptBuilder
+from score_fast.rewards import make_reward_from
 from score_fast.rollout import Episode, Formatter, rollout
+from score_fast.scoring import score_episodes
 
-__all__ = ["Trainer", "NonFiniteLossError", "RewardError", "Objective", "plan_objective",
-           "prepare_model",
-           "build_step_tensors", "score_episodes", "evaluate", "load_model", "stage_at"]
+__all__ = ["Trainer", "NonFiniteLossError", "PhaseTimer", "format_line", "format_eval",
+           "evaluate"]
 
 log = logging.getLogger("score_fast")
 
@@ -80,173 +80,6 @@ ATTEMPT2_KEYS = ("reward_t2", "kl_t2", "entropy_t2", "len_t2", "zeros_t2")
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class RewardError(RuntimeError):
-    pass
-
-
-def stage_at(config: Config, step: int) -> int:
-    """Stage (1 or 2) of 0-based step `step`: n1 Stage I steps, n2 Stage II, `rounds` times."""
-    n1 = config.stage1.steps
-    return 1 if step % (n1 + config.stage2.steps) < n1 else 2
-
-
-@dataclasses.dataclass
-class Objective:
-    """What one step trains: advantages [E, 2] (attempt 1, attempt 2), which (episode,
-    attempt) pairs are trained at all ([E, 2] bool; the others' tokens get turn 0), and
-    the loss's stage and KL weights (stage 1: beta2 KL and no policy gradient on attempt
-    1; stage 2: policy gradient + beta1 KL on both attempts)."""
-    adv: torch.Tensor
-    train: torch.Tensor
-    stage: int
-    beta1: float
-    beta2: float
-
-
-def plan_objective(config: Config, stage: int, r1: torch.Tensor, r2: torch.Tensor | None,
-                   group: torch.Tensor) -> Objective:
-    """The step's objective, the paper's (Stage I / Stage II) or one of the Table 4
-    ablations the config selects (train.single_turn, stage2.method = star). r2 is not read
-    for single_turn (its steps sample no attempt 2: pass None)."""
-    c = config
-    E = len(r1)
-    both = torch.ones(E, 2, dtype=torch.bool)
-    if c.train.single_turn:  # REINFORCE on attempt 1 with its own reward, every step
-        adv = sf.score_advantages(r1, r1, group, stage=2, alpha=0.0, baseline=c.train.baseline,
-                                  normalize=c.train.normalize)
-        first_only = torch.tensor([[True, False]]).expand(E, 2)
-        return Objective(adv, first_only, 2, c.stage2.beta1, 0.0)
-    if stage == 2 and c.stage2.method == "star":  # SFT on own wrong -> right corrections
-        fixed = (r1 <= 0) & (r2 > 0)
-        adv = torch.zeros(E, 2)
-        adv[:, 1] = 1.0  # REINFORCE with advantage 1 and no KL = the NLL gradient
-        train = torch.stack([torch.zeros_like(fixed), fixed], 1)
-        return Objective(adv, train, 2, 0.0, 0.0)
-    adv = sf.score_advantages(r1, r2, group, stage=stage, alpha=c.stage2.alpha,
-                              baseline=c.train.baseline, normalize=c.train.normalize)
-    beta1 = c.stage1.beta1 if stage == 1 else c.stage2.beta1
-    return Objective(adv, both, stage, beta1, c.stage1.beta2)
-
-
-def _policy_loss(self, ids, pos, seq, targets, ref_logp, turn, episode, adv, **loss_kw):
-    """Bound to the policy as `score_fast_loss` (and registered with FSDP as a forward, so
-    the sharded LM head is gathered for it): last hidden states -> linear_score_loss on the
-    LM head weight, never the [T, V] logits."""
-    h = self.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False,
-                           **seq).last_hidden_state[0]
-    w = self.get_output_embeddings().weight
-    return sf.linear_score_loss(h, w.to(h.dtype), targets, ref_logp, turn, episode, adv,
-                                **loss_kw)
-
-
-def _ref_logprobs(self, ids, pos, seq, targets, live, temperature=1.0):
-    """Bound to the reference as `score_fast_logprobs`: fp32 log-probs of the targets at
-    the `live` rows (the only ones a KL applies to), 0 elsewhere, at `temperature`. A LoRA
-    policy is its own reference: the base, with the adapters disabled."""
-    with self.disable_adapter() if is_lora(self) else contextlib.nullcontext():
-        h = self.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False,
-                               **seq).last_hidden_state[0]
-    w = self.get_output_embeddings().weight
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
-    out[live] = sf.linear_logprobs(h[live], w.to(h.dtype), targets[live],
-                                   temperature=temperature).float()
-    return out
-
-
-def disable_dropout(model) -> None:
-    """Dropout off for good (TRL's disable_dropout does the same): RL compares the policy
-    with the policy that sampled and with the reference, so with dropout on the KL is not 0
-    at step 0 and the trained log-probs are not the sampler's. nn.Dropout modules get p = 0,
-    and float attributes named *dropout* (the rate attention functions read, e.g. Llama's
-    attention_dropout) 0.0; the model's config is left as it was."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
-            m.p = 0.0
-        for name, value in list(vars(m).items()):
-            if "dropout" in name and isinstance(value, float):
-                setattr(m, name, 0.0)
-
-
-def prepare_model(model, d: distributed.Dist | None = None, shard: bool = False,
-                  param_dtype: torch.dtype | None = None, offload: bool = False):
-    """Ready a HF causal LM (or a peft LoRA model) for the training step: dropout off,
-    varlen attention for packed rows (never the whole [T, T] row), the fused-loss entry
-    points `score_fast_loss` (policy) and `score_fast_logprobs` (reference) bound to it,
-    FSDP2 sharding when `shard` (param_dtype: the compute dtype the fp32 shards are
-    gathered in; offload: the shards live in host memory), and the move to d's device."""
-    d = d or distributed.Dist()
-    disable_dropout(model)
-    use_varlen_attention(model.get_base_model() if is_lora(model) else model)
-    model.score_fast_loss = types.MethodType(_policy_loss, model)
-    model.score_fast_logprobs = types.MethodType(_ref_logprobs, model)
-    if shard:
-        distributed.shard(model, d, param_dtype=param_dtype, offload=offload)
-    if not offload:  # offloaded shards stay on the host; FSDP moves what it gathers
-        model.to(d.device)
-    for m in {model, lora_base(model)}:  # where inputs go (the sampler runs the base)
-        m.score_fast_device = d.device
-    distributed.register_method(model, "score_fast_loss", d)
-    distributed.register_method(model, "score_fast_logprobs", d)
-    return model
-
-
-def build_step_tensors(batch, train: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """targets, turn, episode (each [T]) of one packed micro-batch; see the module doc.
-    train: optional [E, 2] bool (Objective.train); untrained attempts' rows get turn 0."""
-    ids = batch.input_ids[0]
-    seg = batch.segment_ids[0]
-    lengths = batch.cu_seqlens.diff().long()
-    last = batch.cu_seqlens[1:].long() - 1
-    targets = torch.roll(ids, -1).clone()
-    turn = torch.roll(seg, -1).clone()
-    targets[last] = 0  # no next token: the row gets turn 0 and is never scored
-    turn[last] = 0
-    episode = torch.repeat_interleave(batch.seq_index, lengths)
-    if train is not None:
-        keep = torch.cat([torch.zeros(len(train), 1, dtype=torch.bool), train], 1)
-        turn = torch.where(keep[episode, turn.long()], turn, torch.zeros_like(turn))
-    return {"targets": targets, "turn": turn, "episode": episode}
-
-
-def score_episodes(reward, texts: list[str], rows: list[dict], name: str = "reward",
-                   failures: collections.Counter | None = None
-                   ) -> tuple[list[float], int, list[str]]:
-    """Scores for texts[i] against rows[i]. If the batch raises, each sample is scored alone
-    and a sample that raises scores 0 (counted, its error returned). If every sample
-    raises, or none does alone, the reward itself is broken: RewardError.
-    failures: a Counter that gets why each zero was given (RewardResult.reasons:
-    "wrong_answer", "timeout", ...; "exception" for a sample whose scoring raised)."""
-    def one_batch(t, r):
-        if hasattr(reward, "evaluate"):
-            res = reward.evaluate(t, r)
-            if failures is not None:
-                failures.update(res.failures())
-            return list(res.scores)
-        return list(reward.score(t, r))
-
-    try:
-        return one_batch(texts, rows), 0, []
-    except TimeoutError as e:  # a stuck reward: one call per sample would take N times as long
-        raise RewardError(f"{name}: {e}") from e
-    except Exception as batch_error:  # noqa: BLE001 - any user reward error
-        scores, errors = [], []
-        for t, r in zip(texts, rows):
-            try:
-                scores.append(float(one_batch([t], [r])[0]))
-            except Exception as e:  # noqa: BLE001
-                scores.append(0.0)
-                errors.append(f"{type(e).__name__}: {e}")
-        if len(errors) == len(texts) or not errors:
-            # every sample fails, or none does alone (e.g. a wrong-length return): the
-            # reward itself is broken, not one sample
-            first = errors[0] if errors else "each sample alone scores fine"
-            raise RewardError(f"{name} failed on the batch: {type(batch_error).__name__}: "
-                              f"{batch_error} ({first})") from batch_error
-        if failures is not None:
-            failures["exception"] += len(errors)
-        return scores, len(errors), errors
 
 
 class PhaseTimer:
@@ -292,26 +125,6 @@ def lr_scheduler(optimizer, train, total_steps: int):
         name = "constant_with_warmup"
     return get_scheduler(name, optimizer, num_warmup_steps=train.warmup_steps,
                          num_training_steps=max(total_steps, 1))
-
-
-def make_reward_from(config: Config, function=None):
-    """The reward the run's config names, with its workers, timeout and sandbox limits;
-    `function` (a callable passed to Trainer) makes it a custom reward of that function."""
-    from score_fast.rewards import make_reward
-    r = config.reward
-    if r.kind == "custom" or function is not None:
-        return make_reward({"kind": "custom", "function": function or r.function,
-                            "problem_field": config.problem_field(),
-                            **({} if r.timeout_s is None else {"timeout_s": r.timeout_s})})
-    limits = {"workers": r.workers}
-    if r.kind == "math":
-        if r.timeout_s is not None:
-            limits["timeout_s"] = r.timeout_s
-        return make_reward({"kind": "math", "answer_field": config.answer_field() or "answer",
-                            "lenient": r.lenient_math, **limits})
-    if r.timeout_s is not None:
-        limits["wall_s"] = r.timeout_s
-    return make_reward({"kind": "code", **limits, **dataclasses.asdict(r.sandbox)})
 
 
 @torch.no_grad()
@@ -495,9 +308,9 @@ class Trainer:
         self.engine = None
         if c.rollout.backend == "vllm":
             from score_fast.vllm_engine import VLLMEngine
-            # one engine per rank (a collective: every rank builds its own at once)
+            # an engine per tensor_parallel_size ranks (a collective: every rank at once)
             self.engine = VLLMEngine(weights_path(m.path, **self.hub), dtype=self.dtype,
-                                     seed=c.train.seed + d.rank, config=c.rollout.vllm,
+                                     seed=c.train.seed, config=c.rollout.vllm,
                                      ranks=d.world, **self.hub)
             # the files are not the policy after a resume, nor with LoRA's own init
             self.sync_engine()

@@ -10,7 +10,8 @@ import yaml
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])  # test_trainer, for its fixed episodes
 from score_fast.config import config_from_dict  # noqa: E402
-from score_fast.trainer import Trainer, plan_objective  # noqa: E402
+from score_fast.objective import plan_objective  # noqa: E402
+from score_fast.trainer import Trainer  # noqa: E402
 
 
 def main(config_path: str, out_path: str) -> None:

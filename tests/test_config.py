@@ -123,7 +123,7 @@ def test_a_run_dir_holding_a_run_is_not_silently_reused(tmp_path):
 def test_reward_settings_reach_the_reward():
     """reward.workers / timeout_s / sandbox (YAML, overrides, --help) are what the run's
     reward object is built with: math's per-check timeout, code's wall clock and limits."""
-    from score_fast.trainer import make_reward_from
+    from score_fast.rewards import make_reward_from
     c = Config(reward=RewardConfig(kind="math", workers=1, timeout_s=2.5))
     with make_reward_from(c) as r:
         assert (r.config.workers, r.config.timeout_s) == (1, 2.5)

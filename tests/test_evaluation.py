@@ -297,7 +297,9 @@ def test_cli_real_model_math_and_humaneval(tmp_path, checkpoint, capsys, caplog)
     """The tiny random model end to end: MATH500 and MATH files (breakdowns), HumanEval (the
     saved math kind gives way, logged), and --samples 4. The greedy numbers must equal the
     trainer's own greedy evaluator on the same rows."""
-    from score_fast.trainer import evaluate, load_model, load_tokenizer, make_reward_from
+    from score_fast.models import load_model, load_tokenizer
+    from score_fast.rewards import make_reward_from
+    from score_fast.trainer import evaluate
     m500 = write_jsonl(tmp_path / "math500.jsonl", MATH500)
     res = run_eval(parse_config(["eval", "--checkpoint", checkpoint, "--data", m500,
                                  "--samples", "4"]))

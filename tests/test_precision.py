@@ -14,7 +14,8 @@ import transformers
 
 from score_fast.demo import task as demo_task
 from score_fast.models import load_model, resolve_dtype
-from score_fast.trainer import Trainer, plan_objective
+from score_fast.objective import plan_objective
+from score_fast.trainer import Trainer
 from test_trainer import R1, R2, VARIANTS, _episodes, _hand_loss, make_run
 
 

@@ -156,7 +156,7 @@ def test_a_stuck_custom_reward_times_out_naming_itself(fn):
 
 
 def test_the_trainer_stops_on_a_stuck_reward_with_its_name():
-    from score_fast.trainer import RewardError, score_episodes
+    from score_fast.scoring import RewardError, score_episodes
     r = make_reward({"kind": "custom", "function": _sleeper, "timeout_s": 0.3})
     with pytest.raises(RewardError, match="ran past reward.timeout_s=0.3 s"):
         score_episodes(r, ["a", "b", "c"], [{}, {}, {}])

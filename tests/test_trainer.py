@@ -14,9 +14,9 @@ from score_fast.demo import task as demo_task
 from score_fast.config import (Config, DataConfig, ModelConfig, RewardConfig, RolloutConfig,
                                Stage1Config, Stage2Config, TrainConfig)
 from score_fast.rollout import Episode
-from score_fast.trainer import (NonFiniteLossError, Objective, RewardError, Trainer,
-                                build_step_tensors,
-                                score_episodes, stage_at)
+from score_fast.objective import Objective, build_step_tensors, plan_objective, stage_at
+from score_fast.scoring import RewardError, score_episodes
+from score_fast.trainer import NonFiniteLossError, Trainer
 
 
 def make_run(tmp_path, n_rows=12, **train):
@@ -128,7 +128,6 @@ def test_objective_matches_hand_computed(tmp_path, variant, kl, temperature):
     """Which tokens get which advantage and KL weight, for the paper's two stages and the
     Table 4 ablations, against the loss and gradients written out by hand; the KL option and
     the sampling temperature (log-probs of softmax(logits / T), the sampler's policy) too."""
-    from score_fast.trainer import plan_objective
     opts, stage, table = VARIANTS[variant]
     # 3 episodes of ~25 tokens: 3 micro-batches
     c = make_run(tmp_path, max_tokens=40, kl=kl)
@@ -161,7 +160,6 @@ def test_objective_matches_hand_computed(tmp_path, variant, kl, temperature):
 
 
 def test_star_step_without_corrections_trains_nothing(tmp_path):
-    from score_fast.trainer import plan_objective
     tr = Trainer(make_run(tmp_path, max_tokens=40))
     tr.config.stage2.method = "star"
     r1, r2 = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 0.0])
@@ -519,7 +517,6 @@ def test_single_turn_packs_less_and_trains_attempt1_as_the_two_turn_path_did(tmp
     loss and gradients the old path (whole four-part episodes, attempt 2 masked out by
     Objective.train) gave, and score_loss's on the policy's log-probs of those tokens, from
     fewer packed tokens with no turn-2 labels."""
-    from score_fast.trainer import plan_objective
     c = make_run(tmp_path, max_tokens=40, single_turn=True)
     tr = Trainer(c)
     with torch.no_grad():  # move the policy off the reference so that the KL is not 0

@@ -76,7 +76,8 @@ def _job(args) -> dict:
     import torch
 
     from score_fast.demo import task as demo_task
-    from score_fast.trainer import Trainer, evaluate, make_reward_from
+    from score_fast.rewards import make_reward_from
+    from score_fast.trainer import Trainer, evaluate
     variant, seed, base, data, train_rows, test_rows, run_dir, n1, n2, demo = args
     torch.set_num_threads(1)  # the demo's tiny matrices: one thread per process is fastest
     # each run's metric lines go to its metrics.jsonl; 2 workers' interleaved step lines on
@@ -94,7 +95,7 @@ def _job(args) -> dict:
                 trainer.train(progress=False)
                 model = trainer.policy
             else:
-                from score_fast.trainer import load_model
+                from score_fast.models import load_model
                 model = load_model(base)
             out = {"variant": variant.name, "seed": seed,
                    "train": evaluate(model, tok, config, train_rows, reward),

@@ -204,7 +204,8 @@ def run_demo(run_dir: str = "runs/demo", *, warmup_steps: int = 600, stage1_step
     `base`: an existing warmed-up model directory to start from (skips the warm-up).
     rollout_backend: rollout.backend of the RL stages (hf | vllm); evaluation uses hf."""
     from score_fast.metrics import format_table
-    from score_fast.trainer import Trainer, evaluate, make_reward_from
+    from score_fast.rewards import make_reward_from
+    from score_fast.trainer import Trainer, evaluate
     t0 = time.perf_counter()
     say = (lambda *a: None) if quiet else print
     # The model's matrices are ~64 x 128: a second intra-op thread only adds sync, and on a
