@@ -48,10 +48,10 @@ from score_fast.rewards.math import extract_answer, last_boxed
 from score_fast.rollout import Episode, Formatter, rollout
 from score_fast.scoring import score_episodes
 
-__all__ = ["GROUP_FIELDS", "Task", "last_boxed", "detect_config", "prepare_rows", "load_task",
-           "breakdown_metrics", "normalize_answer", "answer_key", "program_key", "vote_key",
-           "majority_vote", "greedy_attempts", "evaluate_greedy", "inference_scaling",
-           "format_scaling"]
+__all__ = ["GROUP_FIELDS", "Task", "last_boxed", "detect_config", "prepare_rows", "make_task",
+           "load_task", "breakdown_metrics", "normalize_answer", "answer_key", "program_key",
+           "vote_key", "majority_vote", "greedy_attempts", "evaluate_greedy",
+           "inference_scaling", "format_scaling"]
 
 log = logging.getLogger("score_fast")
 
@@ -159,12 +159,18 @@ def prepare_rows(rows: Sequence[dict], config: Config, path: str
     return problems, out
 
 
+def make_task(rows: Sequence[dict], config: Config, path: str = "the rows") -> Task:
+    """`rows` made ready to evaluate with `config` as they are (prepare_rows; no detection):
+    rows already in memory (the demo's problems, a rank's share of an eval file). `path`
+    names them in errors."""
+    problems, prepared = prepare_rows(rows, config, path)
+    return Task(path, config, problems, prepared)
+
+
 def load_task(path: str, saved: Config | None = None, kind: str | None = None,
               limit: int | None = None) -> Task:
     rows = load_rows(path, [], limit=limit)
-    config = detect_config(rows, path, saved, kind)
-    problems, rows = prepare_rows(rows, config, path)
-    return Task(path, config, problems, rows)
+    return make_task(rows, detect_config(rows, path, saved, kind), path)
 
 
 # ------------------------------------------------------------------ metrics
@@ -266,15 +272,22 @@ def majority_vote(keys: Sequence[Optional[Hashable]]) -> int | None:
 # ------------------------------------------------------------------ generation
 def _episodes(model, tokenizer, task: Task, *, samples: int, greedy: bool,
               temperature: float, max_new_tokens: int | None) -> list[Episode]:
-    c = task.config
+    """Sampled (or greedy) episodes of every problem, with the model in eval mode (its
+    training mode is restored after)."""
+    config = task.config
+    was_training = model.training
     model.eval()
-    with torch.no_grad():
-        episodes, _ = rollout(
-            model, tokenizer, Formatter(tokenizer, c.instruction()), task.problems,
-            samples=samples, greedy=greedy, temperature=temperature,
-            max_new_tokens=max_new_tokens or c.rollout.max_new_tokens,
-            batch_size=c.rollout.gen_batch_size, max_prompt_tokens=c.data.max_prompt_tokens,
-            row_names=[f"row {i} of {task.path}" for i in range(1, len(task.rows) + 1)])
+    try:
+        with torch.no_grad():
+            episodes, _ = rollout(
+                model, tokenizer, Formatter(tokenizer, config.instruction()), task.problems,
+                samples=samples, greedy=greedy, temperature=temperature,
+                max_new_tokens=max_new_tokens or config.rollout.max_new_tokens,
+                batch_size=config.rollout.gen_batch_size,
+                max_prompt_tokens=config.data.max_prompt_tokens,
+                row_names=[f"row {i} of {task.path}" for i in range(1, len(task.rows) + 1)])
+    finally:
+        model.train(was_training)
     return episodes
 
 
@@ -297,7 +310,10 @@ def greedy_attempts(model, tokenizer, task: Task, reward, max_new_tokens: int | 
 
 def evaluate_greedy(model, tokenizer, task: Task, reward, max_new_tokens: int | None = None
                     ) -> dict[str, dict[str, float]]:
-    """Both attempts greedy at every problem; breakdown_metrics of the result."""
+    """Both attempts greedy at every problem; breakdown_metrics of the result (its "all"
+    entry: the paper's metrics over every row, plus "n"). The one greedy evaluator: score-fast
+    eval, the trainer's train.eval_file evaluations (greedy_attempts, a share per rank) and
+    the demo and ablation tables (make_task on their rows) all use it."""
     return breakdown_metrics(task.rows, *greedy_attempts(model, tokenizer, task, reward,
                                                          max_new_tokens))
 

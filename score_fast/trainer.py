@@ -67,8 +67,7 @@ from score_fast.rewards import make_reward_from
 from score_fast.rollout import Episode, Formatter, rollout
 from score_fast.scoring import score_episodes
 
-__all__ = ["Trainer", "NonFiniteLossError", "PhaseTimer", "format_line", "format_eval",
-           "evaluate"]
+__all__ = ["Trainer", "NonFiniteLossError", "PhaseTimer", "format_line", "format_eval"]
 
 log = logging.getLogger("score_fast")
 
@@ -125,28 +124,6 @@ def lr_scheduler(optimizer, train, total_steps: int):
         name = "constant_with_warmup"
     return get_scheduler(name, optimizer, num_warmup_steps=train.warmup_steps,
                          num_training_steps=max(total_steps, 1))
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, config: Config, rows: list[dict], reward,
-             max_new_tokens: int | None = None) -> dict:
-    """Greedy two-attempt evaluation: the paper's metrics (score_fast.metrics) over rows."""
-    from score_fast.metrics import self_correction_metrics
-    was_training = model.training
-    model.eval()
-    prompts = PromptBuilder.from_config(config)
-    fmt = Formatter(tokenizer, prompts.instruction)
-    problems = [prompts.render(r, f"row {i + 1}") for i, r in enumerate(rows)]
-    eps, _ = rollout(model, tokenizer, fmt, problems, samples=1, greedy=True,
-                     max_new_tokens=max_new_tokens or config.rollout.max_new_tokens,
-                     batch_size=config.rollout.gen_batch_size,
-                     max_prompt_tokens=config.data.max_prompt_tokens,
-                     row_names=[f"row {i + 1}" for i in range(len(rows))])
-    s1, _, _ = score_episodes(reward, [e.text1 for e in eps], rows)
-    s2, _, _ = score_episodes(reward, [e.text2 for e in eps], rows)
-    model.train(was_training)
-    return self_correction_metrics([s > 0 for s in s1], [s > 0 for s in s2],
-                                   [e.text1 for e in eps], [e.text2 for e in eps])
 
 
 class Trainer:
@@ -451,22 +428,22 @@ class Trainer:
         """train.eval_file read, checked against the run's reward and rendered with the
         run's prompt format, before any model loads (score_fast.evaluation's loader)."""
         from score_fast.data import DataError, load_rows
-        from score_fast.evaluation import Task, detect_config, prepare_rows
-        c, path = self.config, self.config.train.eval_file
-        rows = load_rows(path, [], limit=c.train.eval_limit)
-        kind = c.reward.kind
-        config = detect_config(rows, path, c, kind=None if kind == "custom" else kind)
-        if config.reward.kind != kind:
+        from score_fast.evaluation import detect_config, make_task
+        config, path = self.config, self.config.train.eval_file
+        rows = load_rows(path, [], limit=config.train.eval_limit)
+        kind = config.reward.kind
+        eval_config = detect_config(rows, path, config, kind=None if kind == "custom" else kind)
+        if eval_config.reward.kind != kind:
             raise DataError(f"train.eval_file {path}: its rows lack the fields of the run's "
-                            f"{kind} reward ({', '.join(c.required_fields())})")
-        problems, rows = prepare_rows(rows, config, path)
-        over, what, _ = self._over_budget(problems)
+                            f"{kind} reward ({', '.join(config.required_fields())})")
+        task = make_task(rows, eval_config, path)
+        over, what, _ = self._over_budget(task.problems)
         if over:  # an evaluation scores every row, so none is skipped
             raise ValueError(f"train.eval_file {path}: {what}; raise the budget or drop them")
-        if len(rows) < self.dist.world:
-            raise ValueError(f"train.eval_file {path} has {len(rows)} rows, fewer than the "
-                             f"{self.dist.world} ranks that evaluate a share each")
-        return Task(path, config, problems, rows)
+        if len(task.rows) < self.dist.world:
+            raise ValueError(f"train.eval_file {path} has {len(task.rows)} rows, fewer than "
+                             f"the {self.dist.world} ranks that evaluate a share each")
+        return task
 
     def load_models(self, ckpt: str | None) -> None:
         """The policy, the frozen reference and the optimizer, per the precision plan
@@ -767,19 +744,19 @@ class Trainer:
         """Greedy two-attempt metrics of the policy on train.eval_file (score-fast eval's
         code: score_fast.evaluation), each rank a share of the rows; eval/* keys."""
         from score_fast.evaluation import Task, breakdown_metrics, greedy_attempts
-        task, d = self.eval_task, self.dist
-        mine = list(range(d.rank, len(task.rows), d.world))
+        task, dist = self.eval_task, self.dist
+        mine = list(range(dist.rank, len(task.rows), dist.world))
         share = Task(task.path, task.config, [task.problems[i] for i in mine],
                      [task.rows[i] for i in mine])
-        with distributed.generation(self.policy, d):
+        with distributed.generation(self.policy, dist):
             results = greedy_attempts(self.policy, self.tokenizer, share, self.eval_reward,
                                       self.config.train.eval_max_new_tokens)
-        if d.enabled:  # back into file order: rank r holds rows r, r + world, ...
+        if dist.enabled:  # back into file order: rank r holds rows r, r + world, ...
             merged = [[None] * len(task.rows) for _ in results]
-            for rows, part in distributed.gather_objects((mine, results), d):
+            for rows, part in distributed.gather_objects((mine, results), dist):
                 for column, values in zip(merged, part):
-                    for i, x in zip(rows, values):
-                        column[i] = x
+                    for i, value in zip(rows, values):
+                        column[i] = value
             results = tuple(merged)
         table = breakdown_metrics(task.rows, *results)
         return {f"eval/{k}": v for k, v in table["all"].items()}

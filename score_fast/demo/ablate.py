@@ -76,8 +76,9 @@ def _job(args) -> dict:
     import torch
 
     from score_fast.demo import task as demo_task
+    from score_fast.evaluation import evaluate_greedy, make_task
     from score_fast.rewards import make_reward_from
-    from score_fast.trainer import Trainer, evaluate
+    from score_fast.trainer import Trainer
     variant, seed, base, data, train_rows, test_rows, run_dir, n1, n2, demo = args
     torch.set_num_threads(1)  # the demo's tiny matrices: one thread per process is fastest
     # each run's metric lines go to its metrics.jsonl; 2 workers' interleaved step lines on
@@ -98,8 +99,9 @@ def _job(args) -> dict:
                 from score_fast.models import load_model
                 model = load_model(base)
             out = {"variant": variant.name, "seed": seed,
-                   "train": evaluate(model, tok, config, train_rows, reward),
-                   "held_out": evaluate(model, tok, config, test_rows, reward)}
+                   **{split: evaluate_greedy(model, tok, make_task(rows, config, split),
+                                             reward)["all"]
+                      for split, rows in (("train", train_rows), ("held_out", test_rows))}}
     finally:
         logger.setLevel(level)
     out["seconds"] = time.perf_counter() - t0

@@ -203,9 +203,10 @@ def run_demo(run_dir: str = "runs/demo", *, warmup_steps: int = 600, stage1_step
     RL-train problems, plus the same keys prefixed "held-out " when held_out > 0.
     `base`: an existing warmed-up model directory to start from (skips the warm-up).
     rollout_backend: rollout.backend of the RL stages (hf | vllm); evaluation uses hf."""
+    from score_fast.evaluation import evaluate_greedy, make_task
     from score_fast.metrics import format_table
     from score_fast.rewards import make_reward_from
-    from score_fast.trainer import Trainer, evaluate
+    from score_fast.trainer import Trainer
     t0 = time.perf_counter()
     say = (lambda *a: None) if quiet else print
     # The model's matrices are ~64 x 128: a second intra-op thread only adds sync, and on a
@@ -226,11 +227,13 @@ def run_demo(run_dir: str = "runs/demo", *, warmup_steps: int = 600, stage1_step
     trainer = Trainer(config)
     table: dict = {}
 
-    def measure(phase: str) -> None:
-        table[phase] = evaluate(trainer.policy, tok, config, train_rows, reward)
-        if test_rows:
-            table["held-out " + phase] = evaluate(trainer.policy, tok, config, test_rows,
-                                                  reward)
+    splits = {"": make_task(train_rows, config, "the RL-train problems")}
+    if test_rows:
+        splits["held-out "] = make_task(test_rows, config, "the held-out problems")
+
+    def measure(phase: str) -> None:  # greedy, both attempts (score_fast.evaluation)
+        for prefix, task in splits.items():
+            table[prefix + phase] = evaluate_greedy(trainer.policy, tok, task, reward)["all"]
 
     measure("base")
     trainer.train(until=stage1_steps, progress=not quiet)
