@@ -7,7 +7,8 @@
     sampler.stats  # tokens each forward processed, prefill / decode totals
 
 Design (any Hugging Face causal LM that takes a cache, a 2-D or 4-D attention mask and
-position ids; transformers 5.x: `cache=` from 5.2x, `past_key_values=` before, e.g. 5.17):
+position ids; transformers 5.x: `cache=` from 5.2x, `past_key_values=` before, e.g. 5.17;
+the section "transformers adaptations" holds what depends on the version):
 
 * Batches: rows are left-padded (right-aligned) with explicit position ids (each row counts
   from 0 at its first real token) and an explicit mask; more rows than batch_size are
@@ -166,6 +167,77 @@ def _fused_head(model):
     return decoder, head
 
 
+def _fused_sampling(model):
+    """(decoder, lm_head) where fused sampling is on (module doc), else None: unset
+    SCORE_FAST_FUSED_SAMPLING means wherever the model allows it, 0 never, 1 always (an error
+    naming why where the model does not allow it)."""
+    want = os.environ.get("SCORE_FAST_FUSED_SAMPLING", "auto").lower()
+    if want not in ("auto", "0", "1"):
+        raise ValueError(f"SCORE_FAST_FUSED_SAMPLING must be 0, 1 or unset, got {want!r}")
+    head = _fused_head(model) if model is not None and want != "0" else "turned off"
+    if want == "1" and isinstance(head, str):
+        raise ValueError(f"SCORE_FAST_FUSED_SAMPLING=1 but this model cannot sample fused: "
+                         f"{head}")
+    return None if isinstance(head, str) else head
+
+
+# ---- transformers adaptations -------------------------------------------------------------
+# Everything that depends on how this transformers version (and the model's attention
+# implementation) takes a cache, its keyword arguments and a mask lives here; the sampler
+# below only calls these.
+
+
+@dataclass(frozen=True)
+class _ForwardKwargs:
+    """The cache / logits keyword arguments a model's (or decoder's) forward takes:
+    transformers >= 5.2x names the cache argument `cache`, earlier 5.x `past_key_values`;
+    `logits_to_keep` (only the last position's logits) where the forward has it."""
+    cache_name: str
+    logits_to_keep: bool
+
+    @classmethod
+    def of(cls, forward, *, logits: bool = True) -> "_ForwardKwargs":
+        """From `forward`'s signature; logits=False for a decoder (it returns hidden states,
+        there are no logits to cut)."""
+        try:
+            params = inspect.signature(forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover
+            params = {}
+        return cls("cache" if "cache" in params else "past_key_values",
+                   logits and "logits_to_keep" in params)
+
+    def __call__(self, cache) -> dict:
+        kwargs = {self.cache_name: cache, "use_cache": True}
+        if self.logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        return kwargs
+
+
+def _mask_kind_of(config) -> str:
+    """sdpa / eager attention take a prepared 4-D mask as is (so transformers' per-step mask
+    building is skipped); other implementations (flash, flex) get the 2-D padding mask."""
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    return {"sdpa": "sdpa", "eager": "eager"}.get(impl, "2d")
+
+
+def _attention_mask(mask: torch.Tensor, new_tokens: int, kind: str, dtype) -> torch.Tensor:
+    """The attention_mask argument for `new_tokens` queries at the end of `mask` ([B, kv]
+    bool over the cache incl. the new tokens, True = real) in the form `kind` wants: 2-D
+    long, 4-D bool (sdpa) or 4-D additive in `dtype` (eager)."""
+    if kind == "2d":
+        return mask.long()
+    mask4 = mask[:, None, None, :]
+    if new_tokens > 1:  # causal within the new block; pad queries see themselves (no NaN)
+        width = mask.shape[1]
+        query_col = torch.arange(new_tokens, device=mask.device)[:, None] + (width - new_tokens)
+        key_col = torch.arange(width, device=mask.device)[None, :]
+        mask4 = (mask4 & (key_col <= query_col)) | (key_col == query_col)
+    if kind == "eager":
+        mask4 = torch.zeros(mask4.shape, dtype=dtype, device=mask4.device).masked_fill_(
+            ~mask4, torch.finfo(dtype).min)
+    return mask4
+
+
 class _BufferLayer(DynamicLayer):
     """A DynamicLayer whose keys/values live in a preallocated [B, H, capacity, D] buffer:
     appending a step writes in place (no concatenation of the whole cache per step);
@@ -179,10 +251,10 @@ class _BufferLayer(DynamicLayer):
             self._views()
 
     def lazy_initialization(self, key_states, value_states) -> None:
-        b, h, _, d = key_states.shape
+        batch, heads, _, dim = key_states.shape
         self.device, self.is_initialized = key_states.device, True
-        self.kbuf = key_states.new_empty((b, h, self.capacity, d))
-        self.vbuf = value_states.new_empty((b, value_states.shape[1], self.capacity,
+        self.kbuf = key_states.new_empty((batch, heads, self.capacity, dim))
+        self.vbuf = value_states.new_empty((batch, value_states.shape[1], self.capacity,
                                             value_states.shape[3]))
 
     def _views(self):
@@ -207,9 +279,35 @@ class _BufferLayer(DynamicLayer):
 
 
 def _cache(layers: list[_BufferLayer]) -> DynamicCache:
+    """A DynamicCache made of our layers (its own would concatenate per step)."""
     cache = DynamicCache()
     cache.layers = layers
     return cache
+
+
+# ---- the sampler ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    """One batch in the middle of a turn. Slots are the batch's rows in the cache; a retired
+    slot (its row finished) stays until the next compaction, masked and fed pads."""
+    cache: DynamicCache
+    mask: torch.Tensor  # [slots, capacity] bool: True where a slot's column is a real token
+    filled: int  # cache columns written so far
+    lengths: torch.Tensor  # [slots] each row's true length = position id of its next token
+    slot_row: list  # batch slot -> row of this batch, -1 once retired
+    out: torch.Tensor  # the last forward's logits (or hidden states, fused) of every slot
+    device: torch.device  # where the batch lives (the model's device)
+    retired: int = 0  # retired slots still in the batch
+
+    def live_slots(self) -> list[int]:
+        return [slot for slot, row in enumerate(self.slot_row) if row >= 0]
+
+    def retire(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.slot_row[slot] = -1
+        self.retired += len(slots)
 
 
 class TwoTurnSampler:
@@ -223,9 +321,6 @@ class TwoTurnSampler:
                  decode: Callable[[list[int]], str] | None = None, batch_size: int = 64,
                  compact_at: float = 0.125):
         from score_fast.models import compute_dtype, lora_base
-        # a peft model is called as itself (under FSDP2 it is the root unit whose hooks
-        # gather the embeddings), its keyword arguments reaching its base's forward: the
-        # base's signature says which (cache, logits_to_keep)
         self.model = model
         if eos_id is None:
             self.eos = set()
@@ -244,32 +339,18 @@ class TwoTurnSampler:
                                           and getattr(cfg, "sliding_window", None)):
             raise NotImplementedError("TwoTurnSampler supports full-attention models only; "
                                       f"this one has layer types {sorted(types)}")
-        try:
-            params = inspect.signature(lora_base(model).forward).parameters
-        except (TypeError, ValueError):  # pragma: no cover
-            params = {}
-        # transformers >= 5.2x names the argument `cache`; earlier 5.x `past_key_values`
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._logits_kw = "logits_to_keep" in params
-        impl = getattr(cfg, "_attn_implementation", None) or "eager"
-        # sdpa / eager take a prepared 4-D mask as is; others get the 2-D padding mask
-        self._mask_kind = {"sdpa": "sdpa", "eager": "eager"}.get(impl, "2d")
+        # a peft model is called as itself (under FSDP2 it is the root unit whose hooks
+        # gather the embeddings), its keyword arguments reaching its base's forward: the
+        # base's signature says which (cache, logits_to_keep)
+        self._model_kwargs = _ForwardKwargs.of(lora_base(model).forward)
+        self._mask_kind = _mask_kind_of(cfg)
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self._n_layers = text.num_hidden_layers
         # the compute dtype (an FSDP2 bf16 model keeps fp32 master parameters)
         self._dtype = compute_dtype(model) if model is not None else torch.float32
-        # fused sampling (module doc): (decoder, lm_head) or why not
-        want = os.environ.get("SCORE_FAST_FUSED_SAMPLING", "auto").lower()
-        if want not in ("auto", "0", "1"):
-            raise ValueError(f"SCORE_FAST_FUSED_SAMPLING must be 0, 1 or unset, got {want!r}")
-        head = _fused_head(model) if model is not None and want != "0" else "turned off"
-        if want == "1" and isinstance(head, str):
-            raise ValueError(f"SCORE_FAST_FUSED_SAMPLING=1 but this model cannot sample fused: "
-                             f"{head}")
-        self._fused = None if isinstance(head, str) else head
+        self._fused = _fused_sampling(model)
         if self._fused is not None:
-            dec = inspect.signature(self._fused[0].forward).parameters
-            self._dec_cache_kw = "cache" if "cache" in dec else "past_key_values"
+            self._decoder_kwargs = _ForwardKwargs.of(self._fused[0].forward, logits=False)
 
     # ---- public API -------------------------------------------------------------------
     def attempt1(self, prompts: list[list[int]], **kw) -> tuple[list[list[int]], TurnState]:
@@ -338,33 +419,24 @@ class TwoTurnSampler:
             raise ValueError("stop strings need decode= (a tokenizer's decode)")
         return per
 
-    def _forward(self, ids, mask, pos, cache, t, fused=False):
-        """Run `t` new tokens per row; mask: [b, kv] bool (True = real) over the cache
-        including the new tokens. Returns the last position's logits [b, V], or with
-        `fused` the decoder's last hidden state [b, H] (the LM head is left to the sampler)."""
+    def _forward(self, ids, mask, pos, cache, new_tokens, fused=False):
+        """Run `new_tokens` new tokens per row; mask: [B, kv] bool (True = real) over the cache
+        including the new tokens. Returns the last position's logits [B, V], or with `fused`
+        the decoder's last hidden state [B, H] (the LM head is left to the sampler)."""
+        attention_mask = _attention_mask(mask, new_tokens, self._mask_kind, self._dtype)
         if fused:
-            kw = {self._dec_cache_kw: cache, "use_cache": True}
-        else:
-            kw = {self._cache_kw: cache, "use_cache": True}
-            if self._logits_kw:
-                kw["logits_to_keep"] = 1
-        kv = mask.shape[1]
-        if self._mask_kind == "2d":
-            am = mask.long()
-        else:
-            am = mask[:, None, None, :]
-            if t > 1:  # causal within the new block; pad queries see themselves (no NaN)
-                q = torch.arange(t, device=mask.device)[:, None] + (kv - t)
-                k = torch.arange(kv, device=mask.device)[None, :]
-                am = (am & (k <= q)) | (k == q)
-            if self._mask_kind == "eager":
-                am = torch.zeros(am.shape, dtype=self._dtype, device=am.device).masked_fill_(
-                    ~am, torch.finfo(self._dtype).min)
-        if fused:
-            out = self._fused[0](input_ids=ids, attention_mask=am, position_ids=pos, **kw)
+            out = self._fused[0](input_ids=ids, attention_mask=attention_mask, position_ids=pos,
+                                 **self._decoder_kwargs(cache))
             return out.last_hidden_state[:, -1, :]
-        out = self.model(input_ids=ids, attention_mask=am, position_ids=pos, **kw)
+        out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=pos,
+                         **self._model_kwargs(cache))
         return out.logits[:, -1, :]
+
+    def _fused_for(self, sampling) -> bool:
+        """Whether this turn samples fused: the fused sampler draws from softmax(logits / T)
+        only, so greedy and top-p sampling keep the logits path."""
+        return (self._fused is not None and not sampling["greedy"]
+                and sampling["temperature"] > 0 and sampling["top_p"] >= 1.0)
 
     def _sample(self, out, fused, sampling):
         """The next token of each row from _forward's output (logits, or hidden states)."""
@@ -377,147 +449,186 @@ class TwoTurnSampler:
 
     @torch.no_grad()
     def _batch(self, rows, new_ids, stops, *, keep, phase, max_new_tokens, sampling):
-        dev = model_device(self.model)
-        b = len(rows)
-        width_prev = max(r.length for r in rows)
-        t = max(len(x) for x in new_ids)
-        cap = width_prev + t + max_new_tokens + 1
-        # cache of the rows' previous turns, left-padded to the longest
-        layers = []
-        for li in range(self._n_layers):
-            if width_prev:
-                k0, v0 = next(r for r in rows if r.length).kv[li]
-                kb = k0.new_zeros((b, k0.shape[0], cap, k0.shape[2]))
-                vb = v0.new_zeros((b, v0.shape[0], cap, v0.shape[2]))
-                for j, r in enumerate(rows):
-                    if not r.length:
-                        continue
-                    rk, rv = r.kv[li]
-                    kb[j, :, width_prev - r.length:width_prev] = rk
-                    vb[j, :, width_prev - r.length:width_prev] = rv
-                layers.append(_BufferLayer(cap, kb, vb, width_prev))
-            else:
-                layers.append(_BufferLayer(cap))
-        cache = _cache(layers)
-        ids = torch.full((b, t), self.pad, dtype=torch.long)
-        mask = torch.zeros((b, cap), dtype=torch.bool)
-        pos = torch.zeros((b, t), dtype=torch.long)
-        for j, (r, x) in enumerate(zip(rows, new_ids)):
-            m = len(x)
-            ids[j, t - m:] = torch.as_tensor(x, dtype=torch.long)
-            mask[j, width_prev - r.length:width_prev] = True
-            mask[j, width_prev + t - m:width_prev + t] = True
-            pos[j, t - m:] = torch.arange(r.length, r.length + m)
-            pos[j, :t - m] = r.length  # pad queries: any position, never attended to
-        ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
-        n = width_prev + t  # filled cache columns
-        lengths = torch.tensor([r.length + len(x) for r, x in zip(rows, new_ids)],
-                               dtype=torch.long, device=dev)  # true length of each row
-        self.stats.record(phase, "prefill", sum(len(x) for x in new_ids), b * t)
-        # fused sampling: the forwards return last hidden states, `logits` below holds them
-        fused = (self._fused is not None and not sampling["greedy"]
-                 and sampling["temperature"] > 0 and sampling["top_p"] >= 1.0)
-        logits = self._forward(ids, mask[:, :n], pos, cache, t, fused)
-
-        slot_row = list(range(b))  # batch slot -> row of this batch, -1 once finished
-        outs: list[list[int]] = [[] for _ in range(b)]
-        kept: list = [None] * b
-        eos = self.eos
-        window = [max((len(s) for s in st), default=0) + 2 for st in stops]
-        n_dead = 0
+        """One batch of a turn: prefill the rows' new ids, then decode step by step until
+        every row finished. Returns each row's new ids and (keep) its cache."""
+        fused = self._fused_for(sampling)  # then the forwards return last hidden states
+        batch = self._prefill(rows, new_ids, phase, max_new_tokens, fused)
+        outs: list[list[int]] = [[] for _ in rows]
+        kept: list = [None] * len(rows)
+        # a stop string just completed lies within the last len(stop) tokens (each decodes to
+        # at least one character; +2 of margin): only that tail is decoded per step
+        windows = [max((len(stop) for stop in row_stops), default=0) + 2 for row_stops in stops]
         for step in range(1, max_new_tokens + 1):
-            alive = [s for s, r in enumerate(slot_row) if r >= 0]
-            if n_dead:
-                alive_t = torch.tensor(alive, device=dev)
-                logits = logits[alive_t]
-            nxt = self._sample(logits, fused, sampling)
-            toks = nxt.tolist()
-            done = []
-            for j, (slot, tok) in enumerate(zip(alive, toks)):
-                row = slot_row[slot]
-                o = outs[row]
-                o.append(tok)
-                if tok in eos or len(o) >= max_new_tokens:
-                    done.append(j)
-                elif stops[row]:
-                    tail = self.decode(o[-window[row]:])
-                    if any(s in tail for s in stops[row]):
-                        done.append(j)
-            # keep: every sampled token is fed (finished rows too: their cache then holds
-            # the whole attempt) and the finished rows are moved out after the forward;
-            # otherwise finished rows are not fed at all
-            if keep or not done:
-                feed, feed_tok = alive, nxt
+            alive = batch.live_slots()
+            tokens = self._sample_live(batch, alive, fused, sampling)
+            done_at = self._append(batch, alive, tokens.tolist(), outs, stops, windows,
+                                   max_new_tokens)
+            finished = [alive[at] for at in done_at]
+            # keep: every sampled token is fed (finished rows too: their cache then holds the
+            # whole attempt) and the finished rows are retired after the step; otherwise they
+            # are retired now and not fed at all
+            if keep or not finished:
+                feed, feed_tokens = alive, tokens
             else:
-                gone = set(done)
-                sel = [j for j in range(len(alive)) if j not in gone]
-                feed = [alive[j] for j in sel]
-                feed_tok = nxt[torch.tensor(sel, device=dev)] if feed else nxt[:0]
-                for j in done:
-                    slot_row[alive[j]] = -1
-                n_dead += len(done)
+                feed, feed_tokens = self._retire_unfed(batch, alive, done_at, tokens)
                 if not feed:
                     break
-            if len(feed) == len(slot_row):
-                inp = feed_tok
-                mask[:, n] = True
-            else:
-                feed_t = torch.tensor(feed, device=dev)
-                inp = torch.full((len(slot_row),), self.pad, dtype=torch.long, device=dev)
-                inp[feed_t] = feed_tok
-                mask[:, n] = False
-                mask[feed_t, n] = True
-            n += 1
-            self.stats.record(phase, "decode", len(feed), len(slot_row))
-            logits = self._forward(inp[:, None], mask[:, :n], lengths[:, None], cache, 1, fused)
-            lengths = lengths + 1
-            if keep and done:
-                slots = [alive[j] for j in done]
-                self._stash(cache, mask, n, lengths, slots, slot_row, kept)
-                for sl in slots:
-                    slot_row[sl] = -1
-                n_dead += len(done)
-            if n_dead == len(slot_row):
+            self._decode_step(batch, feed, feed_tokens, phase, fused)
+            if keep and finished:
+                self._stash(batch, finished, kept)
+                batch.retire(finished)
+            if batch.retired == len(batch.slot_row):
                 break
-            if n_dead and n_dead >= self.compact_at * len(slot_row):
-                live = [s for s, r in enumerate(slot_row) if r >= 0]
-                sel_t = torch.tensor(live, device=dev)
-                room = max_new_tokens - step + 1
-                mask, n = self._select(cache, mask, n, sel_t, room)
-                lengths, logits = lengths[sel_t], logits[sel_t]
-                slot_row = [slot_row[s] for s in live]
-                n_dead = 0
+            if batch.retired and batch.retired >= self.compact_at * len(batch.slot_row):
+                self._compact(batch, room=max_new_tokens - step + 1)
         return outs, kept
 
-    @staticmethod
-    def _select(cache, mask, n, sel, room):
-        """Keep batch slots `sel` (one gather per buffer, of the filled columns plus `room`
-        for the steps left); cut leading columns no kept row attends to. Returns the new
-        mask and fill."""
-        mask = mask[sel]
-        used = mask[:, :n].any(0)
-        cut = int(used.int().argmax()) if bool(used.any()) else 0
-        end = min(n + room, mask.shape[1])
-        for layer in cache.layers:
-            layer.kbuf = layer.kbuf[sel, :, cut:end]
-            layer.vbuf = layer.vbuf[sel, :, cut:end]
-            layer.n -= cut
-            layer._views()
-        return mask[:, cut:end], n - cut
+    # ---- phases of a batch ------------------------------------------------------------
+    def _prefill(self, rows, new_ids, phase, max_new_tokens, fused) -> _Batch:
+        """Build the batch's cache from the rows' previous turns and run their new ids."""
+        device = model_device(self.model)
+        prev_width = max(row.length for row in rows)  # cache columns of the previous turns
+        new_width = max(len(row_ids) for row_ids in new_ids)
+        # one column per decode step (+1 spare): the buffers never have to grow
+        capacity = prev_width + new_width + max_new_tokens + 1
+        cache = _cache(self._prefix_layers(rows, prev_width, capacity))
+        ids, mask, pos = self._prefill_inputs(rows, new_ids, prev_width, new_width, capacity)
+        ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+        filled = prev_width + new_width
+        lengths = torch.tensor([row.length + len(row_ids) for row, row_ids in zip(rows, new_ids)],
+                               dtype=torch.long, device=device)
+        self.stats.record(phase, "prefill", sum(map(len, new_ids)), len(rows) * new_width)
+        out = self._forward(ids, mask[:, :filled], pos, cache, new_width, fused)
+        return _Batch(cache, mask, filled, lengths, list(range(len(rows))), out, device)
+
+    def _prefix_layers(self, rows, prev_width, capacity) -> list[_BufferLayer]:
+        """Per layer a buffer holding the rows' previous turns, left-padded to `prev_width`;
+        on a first turn empty buffers (the prefill's keys give their shape)."""
+        if not prev_width:
+            return [_BufferLayer(capacity) for _ in range(self._n_layers)]
+        layers = []
+        for layer in range(self._n_layers):
+            key0, value0 = next(row for row in rows if row.length).kv[layer]
+            keys = key0.new_zeros((len(rows), key0.shape[0], capacity, key0.shape[2]))
+            values = value0.new_zeros((len(rows), value0.shape[0], capacity, value0.shape[2]))
+            for slot, row in enumerate(rows):
+                if not row.length:  # nothing cached: its columns stay masked zeros
+                    continue
+                row_keys, row_values = row.kv[layer]
+                keys[slot, :, prev_width - row.length:prev_width] = row_keys
+                values[slot, :, prev_width - row.length:prev_width] = row_values
+            layers.append(_BufferLayer(capacity, keys, values, prev_width))
+        return layers
+
+    def _prefill_inputs(self, rows, new_ids, prev_width, new_width, capacity):
+        """Prefill ids and position ids [B, new_width] and the mask [B, capacity]: each row's
+        new ids right-aligned in the new block, positions continuing from the row's length."""
+        ids = torch.full((len(rows), new_width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), capacity), dtype=torch.bool)
+        pos = torch.zeros((len(rows), new_width), dtype=torch.long)
+        for slot, (row, row_ids) in enumerate(zip(rows, new_ids)):
+            start = new_width - len(row_ids)  # the row's left padding in the new block
+            ids[slot, start:] = torch.as_tensor(row_ids, dtype=torch.long)
+            mask[slot, prev_width - row.length:prev_width] = True
+            mask[slot, prev_width + start:prev_width + new_width] = True
+            pos[slot, start:] = torch.arange(row.length, row.length + len(row_ids))
+            pos[slot, :start] = row.length  # pad queries: any position, never attended to
+        return ids, mask, pos
+
+    def _sample_live(self, batch, alive, fused, sampling):
+        """The next token of each live slot in `alive`; retired slots are not sampled, so the
+        random stream depends on the live rows only."""
+        out = batch.out
+        if batch.retired:
+            out = out[torch.tensor(alive, device=batch.device)]
+        return self._sample(out, fused, sampling)
+
+    def _append(self, batch, alive, tokens, outs, stops, windows, max_new_tokens) -> list[int]:
+        """Append each live slot's token to its row's output. Returns the indices into
+        `alive` of the rows that finished (eos, max_new_tokens or a stop string)."""
+        done_at = []
+        for at, (slot, token) in enumerate(zip(alive, tokens)):
+            row = batch.slot_row[slot]
+            row_out = outs[row]
+            row_out.append(token)
+            if token in self.eos or len(row_out) >= max_new_tokens:
+                done_at.append(at)
+            elif stops[row]:
+                tail = self.decode(row_out[-windows[row]:])
+                if any(stop in tail for stop in stops[row]):
+                    done_at.append(at)
+        return done_at
 
     @staticmethod
-    def _stash(cache, mask, n, lengths, done, slot_row, kept):
-        """Copy the real (unmasked) cache positions of finished slots out of the batch: one
-        gather per buffer of the last columns, then a view per row."""
-        idx = torch.tensor(done, device=mask.device)
-        lens = lengths[idx].tolist()
-        w = max(lens)
-        real = mask[idx, :n]
-        gathered = [(c.kbuf[idx, :, n - w:n], c.vbuf[idx, :, n - w:n]) for c in cache.layers]
-        for j, (s, L) in enumerate(zip(done, lens)):
-            if bool(real[j, n - L:].all()):  # the row's real tokens are its last L columns
-                kv = [(k[j, :, w - L:], v[j, :, w - L:]) for k, v in gathered]
+    def _retire_unfed(batch, alive, done_at, tokens):
+        """Retire the finished slots before the step (no state is kept, so their last token
+        need not enter the cache). Returns the slots left to feed and their tokens."""
+        gone = set(done_at)
+        stay = [at for at in range(len(alive)) if at not in gone]
+        feed = [alive[at] for at in stay]
+        feed_tokens = tokens[torch.tensor(stay, device=batch.device)] if feed else tokens[:0]
+        batch.retire([alive[at] for at in done_at])
+        return feed, feed_tokens
+
+    def _decode_step(self, batch, feed, feed_tokens, phase, fused) -> None:
+        """One decode forward: each slot in `feed` gets its token in the next cache column;
+        the other slots (retired) get a pad whose column is masked, holding their place."""
+        column, width = batch.filled, len(batch.slot_row)
+        if len(feed) == width:
+            step_ids = feed_tokens
+            batch.mask[:, column] = True
+        else:
+            feed_t = torch.tensor(feed, device=batch.device)
+            step_ids = torch.full((width,), self.pad, dtype=torch.long, device=batch.device)
+            step_ids[feed_t] = feed_tokens
+            batch.mask[:, column] = False
+            batch.mask[feed_t, column] = True
+        batch.filled += 1
+        self.stats.record(phase, "decode", len(feed), width)
+        batch.out = self._forward(step_ids[:, None], batch.mask[:, :batch.filled],
+                                  batch.lengths[:, None], batch.cache, 1, fused)
+        batch.lengths = batch.lengths + 1
+
+    @staticmethod
+    def _compact(batch, room) -> None:
+        """Drop the retired slots (one gather per buffer, of the filled columns plus `room`
+        for the steps left) and cut leading columns no live row attends to: the copy costs
+        about what one step reads, and every later step then reads less."""
+        live = batch.live_slots()
+        live_t = torch.tensor(live, device=batch.device)
+        mask = batch.mask[live_t]
+        used = mask[:, :batch.filled].any(0)
+        cut = int(used.int().argmax()) if bool(used.any()) else 0
+        end = min(batch.filled + room, mask.shape[1])
+        for layer in batch.cache.layers:
+            layer.kbuf = layer.kbuf[live_t, :, cut:end]
+            layer.vbuf = layer.vbuf[live_t, :, cut:end]
+            layer.n -= cut
+            layer._views()
+        batch.mask, batch.filled = mask[:, cut:end], batch.filled - cut
+        batch.lengths, batch.out = batch.lengths[live_t], batch.out[live_t]
+        batch.slot_row = [batch.slot_row[slot] for slot in live]
+        batch.retired = 0
+
+    @staticmethod
+    def _stash(batch, slots, kept) -> None:
+        """Copy the real (unmasked) cache positions of the finished `slots` out of the batch
+        into `kept` (by row), so the batch can drop them: one gather per buffer of the last
+        columns, then a view per row."""
+        filled = batch.filled
+        slots_t = torch.tensor(slots, device=batch.mask.device)
+        lengths = batch.lengths[slots_t].tolist()
+        width = max(lengths)
+        real = batch.mask[slots_t, :filled]
+        gathered = [(layer.kbuf[slots_t, :, filled - width:filled],
+                     layer.vbuf[slots_t, :, filled - width:filled])
+                    for layer in batch.cache.layers]
+        for at, (slot, length) in enumerate(zip(slots, lengths)):
+            if bool(real[at, filled - length:].all()):  # real tokens = its last `length` columns
+                kv = [(keys[at, :, width - length:], values[at, :, width - length:])
+                      for keys, values in gathered]
             else:  # holes (a row continued from an earlier turn): pick the real columns
-                kv = [(c.kbuf[s, :, :n][:, real[j]], c.vbuf[s, :, :n][:, real[j]])
-                      for c in cache.layers]
-            kept[slot_row[s]] = _Row(kv, L)
+                kv = [(layer.kbuf[slot, :, :filled][:, real[at]],
+                       layer.vbuf[slot, :, :filled][:, real[at]])
+                      for layer in batch.cache.layers]
+            kept[batch.slot_row[slot]] = _Row(kv, length)

@@ -336,3 +336,68 @@ def test_fused_sampling_switch(model, monkeypatch):
     monkeypatch.setenv("SCORE_FAST_FUSED_SAMPLING", "yes")
     with pytest.raises(ValueError, match="must be 0, 1 or unset"):
         TwoTurnSampler(model, None, PAD)
+
+
+@torch.no_grad()
+def ref_sampled(model, contexts, eos, n, *, temperature, top_p, fused, generator, batch_size):
+    """The sampler's random stream, without cache or compaction: batches as the sampler forms
+    them (length-sorted when more rows than batch_size), per step the full left-padded
+    contexts of the live rows through the model and one draw for them, in row order, from
+    `generator` (sample_next on the logits, or linear_sample on the last hidden state)."""
+    from score_fast.kernels.linear_sample import linear_sample
+    order = list(range(len(contexts)))
+    if len(contexts) > batch_size:
+        order = sorted(order, key=lambda row: len(contexts[row]))
+    outs = [[] for _ in contexts]
+    for start in range(0, len(order), batch_size):
+        live = order[start:start + batch_size]
+        while live:
+            ctx = [contexts[row] + outs[row] for row in live]
+            width = max(map(len, ctx))
+            ids = torch.full((len(ctx), width), PAD)
+            mask = torch.zeros_like(ids)
+            for slot, seq in enumerate(ctx):
+                ids[slot, width - len(seq):] = torch.tensor(seq)
+                mask[slot, width - len(seq):] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            if fused:
+                hidden = model.model(input_ids=ids, attention_mask=mask,
+                                     position_ids=pos).last_hidden_state[:, -1]
+                tokens = linear_sample(hidden, model.lm_head.weight, bias=model.lm_head.bias,
+                                       temperature=temperature, generator=generator)
+            else:
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+                tokens = sample_next(logits[:, -1], greedy=False, temperature=temperature,
+                                     top_p=top_p, generator=generator)
+            for row, token in zip(live, tokens.tolist()):
+                outs[row].append(token)
+            live = [row for row in live if outs[row][-1] != eos and len(outs[row]) < n]
+    return outs
+
+
+@pytest.mark.parametrize("fused,top_p", [("1", 1.0), ("0", 1.0), ("0", 0.9)])
+@pytest.mark.parametrize("batch_size,compact_at", [(64, 0.6), (3, 0.0)])
+def test_sampled_tokens_follow_the_reference_stream(model, monkeypatch, fused, top_p,
+                                                    batch_size, compact_at):
+    """Sampled (not greedy) attempts 1 and 2 equal ref_sampled's: the same draws from the
+    generator in the same order, only live rows drawn for, fused or not, while rows finish
+    at different steps, are compacted away and attempt 2 continues attempt 1's cache."""
+    import copy
+    model = copy.deepcopy(model)
+    model.lm_head.weight.data *= 30  # peaked logits: the sampled eos ends rows early
+    monkeypatch.setenv("SCORE_FAST_FUSED_SAMPLING", fused)
+    prompts = _prompts(LENGTHS)
+    eos = _common_eos(model, prompts)
+    kw = dict(temperature=0.8, top_p=top_p)
+    s = TwoTurnSampler(model, eos, PAD, batch_size=batch_size, compact_at=compact_at)
+    assert (s._fused is not None) == (fused == "1")
+    gen, ref_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a1, state = s.attempt1(prompts, max_new_tokens=8, generator=gen, **kw)
+    ref_kw = dict(kw, fused=fused == "1", generator=ref_gen, batch_size=batch_size)
+    assert a1 == ref_sampled(model, prompts, eos, 8, **ref_kw)
+    assert len({len(a) for a in a1}) > 1  # rows ended at different steps
+    instr = _instructions(len(prompts))
+    a2 = s.attempt2(state, instr, max_new_tokens=8, generator=gen, **kw)
+    ctx = [p + a + x for p, a, x in zip(prompts, a1, instr)]
+    assert a2 == ref_sampled(model, ctx, eos, 8, **ref_kw)
+    assert torch.equal(gen.get_state(), ref_gen.get_state())  # nothing else drawn
