@@ -149,7 +149,8 @@ class VLLMConfig:
     """GPU: the fraction of the device vLLM may take for its weights and KV cache; the rest
     is the trainer's (score-fast plan says what the training step needs)"""
     tensor_parallel_size: int = 1
-    """1 only, for now: weights are pushed by reference into an engine in this process"""
+    """ranks per engine (torchrun): each holds 1/k of the weights and KV cache, the k ranks
+    pool their prompts into one batch; must divide the rank count (score_fast.vllm_engine)"""
     cpu_kv_cache_gib: float = 1.0
     """CPU: the KV cache's size (VLLM_CPU_KVCACHE_SPACE, unless that is set)"""
     enforce_eager: bool = True
@@ -162,10 +163,7 @@ class VLLMConfig:
     """attempt 2 reuses attempt 1's KV blocks; False only to measure what that saves"""
 
     def __post_init__(self):
-        if self.tensor_parallel_size != 1:
-            raise ValueError("rollout.vllm.tensor_parallel_size must be 1: the policy's weights "
-                             "are pushed into an in-process engine after every step, which "
-                             "one worker supports; use data parallelism (torchrun) instead")
+        _at_least("rollout.vllm", 1, tensor_parallel_size=self.tensor_parallel_size)
         if not 0 < self.gpu_memory_utilization < 1:
             raise ValueError(f"rollout.vllm.gpu_memory_utilization must be in (0, 1), got "
                              f"{self.gpu_memory_utilization}")

