@@ -197,30 +197,23 @@ def disable_dropout(model) -> None:
 
 def prepare_model(model, dist=None, shard: bool = False,
                   param_dtype: torch.dtype | None = None, offload: bool = False):
-    """Ready a HF causal LM (or a peft LoRA model) for the training step: dropout off,
-    varlen attention for packed rows (never the whole [T, T] row), the fused-loss entry
-    points `score_fast_loss` (policy) and `score_fast_logprobs` (reference) bound to it,
-    FSDP2 sharding when `shard` (param_dtype: the compute dtype the fp32 shards are
-    gathered in; offload: the shards live in host memory), and the move to dist's device
-    (a score_fast.distributed.Dist; one process on the CPU by default)."""
-    import types
-
+    """Ready a HF causal LM (or a peft LoRA model) for the training step (the fused passes
+    of score_fast.objective: policy_loss, reference_logprobs): dropout off, varlen
+    attention for packed rows (never the whole [T, T] row), FSDP2 sharding when `shard`
+    (param_dtype: the compute dtype the fp32 shards are gathered in; offload: the shards
+    live in host memory), and the move to dist's device (a score_fast.distributed.Dist; one
+    process on the CPU by default)."""
     from score_fast import distributed
     from score_fast.attention import use_varlen_attention
-    from score_fast.objective import _policy_loss, _ref_logprobs
     dist = dist or distributed.Dist()
     disable_dropout(model)
     use_varlen_attention(lora_base(model))
-    model.score_fast_loss = types.MethodType(_policy_loss, model)
-    model.score_fast_logprobs = types.MethodType(_ref_logprobs, model)
     if shard:
         distributed.shard(model, dist, param_dtype=param_dtype, offload=offload)
     if not offload:  # offloaded shards stay on the host; FSDP moves what it gathers
         model.to(dist.device)
     for module in {model, lora_base(model)}:  # where inputs go (the sampler runs the base)
         module.score_fast_device = dist.device
-    distributed.register_method(model, "score_fast_loss", dist)
-    distributed.register_method(model, "score_fast_logprobs", dist)
     return model
 
 

@@ -1,19 +1,23 @@
 """What one training step optimises (trainer.py's step, see its module doc): the stage
 schedule, the Objective the config selects (the paper's Stage I / Stage II or a Table 4
-ablation), the per-token tensors of a packed micro-batch, and the fused-loss entry points
-a prepared model computes them through."""
+ablation), the per-token tensors of a packed micro-batch, and the two fused passes over a
+prepared model (score_fast.models.prepare_model): policy_loss and reference_logprobs, plain
+functions of the model (nothing is bound to it)."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 
 import torch
 
 import score_fast as sf
+from score_fast import distributed
 from score_fast.config import Config
-from score_fast.models import is_lora
+from score_fast.models import is_lora, lora_base
 
-__all__ = ["Objective", "plan_objective", "stage_at", "build_step_tensors"]
+__all__ = ["Objective", "plan_objective", "stage_at", "build_step_tensors", "policy_loss",
+           "reference_logprobs"]
 
 
 def stage_at(config: Config, step: int) -> int:
@@ -78,26 +82,67 @@ def build_step_tensors(batch, train: torch.Tensor | None = None) -> dict[str, to
     return {"targets": targets, "turn": turn, "episode": episode}
 
 
-def _policy_loss(self, ids, pos, seq, targets, ref_logp, turn, episode, adv, **loss_kw):
-    """Bound to the policy as `score_fast_loss` (and registered with FSDP as a forward, so
-    the sharded LM head is gathered for it): last hidden states -> linear_score_loss on the
-    LM head weight, never the [T, V] logits."""
-    h = self.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False,
-                           **seq).last_hidden_state[0]
-    w = self.get_output_embeddings().weight
-    return sf.linear_score_loss(h, w.to(h.dtype), targets, ref_logp, turn, episode, adv,
-                                **loss_kw)
+def _last_hidden(model, ids, pos, seq, adapters_off: bool = False) -> torch.Tensor:
+    """[T, H] last hidden states of one packed row (ids, pos: [1, T]; seq: the varlen
+    attention bounds). Unsharded: the decoder alone, no LM head. adapters_off: a LoRA
+    model's base alone (peft's disable_adapter, for the decoder's forward only).
+
+    Under FSDP2 the root unit's parameters (embeddings, final norm, LM head) are gathered by
+    hooks on the model's own forward, so the model is called as itself (logits_to_keep=1:
+    its head runs on one position) and the decoder's output is taken by a forward hook on
+    the way. The root is set to keep its parameters gathered after its forward (FSDP's
+    default for a root, which distributed.generation leaves switched off): the LM head
+    weight the caller reads next is the full one, and the root's parameters stay gathered
+    into its backward, whose post-backward reduce-scatters their gradients and reshards
+    them. The adapters go off in a pre-hook of the decoder, after the root's pre-forward:
+    disable_adapter also clears their requires_grad, and FSDP's lazy initialisation (in
+    the first pre-forward) plans gradient dtypes from it. No method is bound to the model
+    and no private FSDP API is used."""
+    kwargs = dict(input_ids=ids, position_ids=pos, use_cache=False, **seq)
+    decoder = model.get_decoder()
+    with contextlib.ExitStack() as adapters:
+        def turn_adapters_off(*_):
+            if adapters_off:
+                adapters.enter_context(model.disable_adapter())
+
+        if not distributed.is_sharded(model):
+            turn_adapters_off()
+            return decoder(**kwargs).last_hidden_state[0]
+        if "logits_to_keep" not in inspect.signature(lora_base(model).forward).parameters:
+            raise NotImplementedError(
+                f"{type(lora_base(model)).__name__}.forward takes no logits_to_keep: under "
+                f"FSDP2 the fused loss calls the model itself and would get the full [T, V] "
+                f"logits")
+        model.set_reshard_after_forward(False, recurse=False)
+        captured = []
+        hooks = [decoder.register_forward_pre_hook(turn_adapters_off),
+                 decoder.register_forward_hook(
+                     lambda module, args, output: captured.append(output.last_hidden_state))]
+        try:
+            model(logits_to_keep=1, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    return captured[0][0]
 
 
-def _ref_logprobs(self, ids, pos, seq, targets, live, temperature=1.0):
-    """Bound to the reference as `score_fast_logprobs`: fp32 log-probs of the targets at
-    the `live` rows (the only ones a KL applies to), 0 elsewhere, at `temperature`. A LoRA
-    policy is its own reference: the base, with the adapters disabled."""
-    with self.disable_adapter() if is_lora(self) else contextlib.nullcontext():
-        h = self.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False,
-                               **seq).last_hidden_state[0]
-    w = self.get_output_embeddings().weight
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
-    out[live] = sf.linear_logprobs(h[live], w.to(h.dtype), targets[live],
+def policy_loss(model, ids, pos, seq, targets, ref_logp, turn, episode, adv, **loss_kw):
+    """The policy's loss on one packed micro-batch (and its metrics): last hidden states ->
+    linear_score_loss on the LM head weight, never the [T, V] logits. loss_kw: stage,
+    beta1, beta2, kl, reduction, temperature (linear_score_loss's)."""
+    hidden = _last_hidden(model, ids, pos, seq)
+    weight = model.get_output_embeddings().weight
+    return sf.linear_score_loss(hidden, weight.to(hidden.dtype), targets, ref_logp, turn,
+                                episode, adv, **loss_kw)
+
+
+def reference_logprobs(model, ids, pos, seq, targets, live, temperature=1.0) -> torch.Tensor:
+    """The reference's fp32 log-probs of the targets at the `live` rows (the only ones a KL
+    applies to), 0 elsewhere, at `temperature`. A LoRA policy is its own reference: the
+    base, with the adapters disabled."""
+    hidden = _last_hidden(model, ids, pos, seq, adapters_off=is_lora(model))
+    weight = model.get_output_embeddings().weight
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    out[live] = sf.linear_logprobs(hidden[live], weight.to(hidden.dtype), targets[live],
                                    temperature=temperature).float()
     return out

@@ -61,7 +61,8 @@ from score_fast.flops import matmul_params, peak_flops, step_flops
 from score_fast.models import (GC_AUTO_PARAMS, apply_lora, disable_dropout, load_lora,
                                load_model, load_tokenizer, policy_weights, prepare_model,
                                resolve_dtype, uses_fsdp, weights_path)
-from score_fast.objective import Objective, build_step_tensors, plan_objective, stage_at
+from score_fast.objective import (Objective, build_step_tensors, plan_objective,
+                                  policy_loss, reference_logprobs, stage_at)
 from score_fast.prompts import PromptBuilder
 from score_fast.rewards import make_reward_from
 from score_fast.rollout import Episode, Formatter, rollout
@@ -79,6 +80,42 @@ ATTEMPT2_KEYS = ("reward_t2", "kl_t2", "entropy_t2", "len_t2", "zeros_t2")
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+@dataclasses.dataclass
+class StepShare:
+    """One rank's share of a step, ready to train: its episodes, their rewards (scores2 is
+    None when attempt 2 was not sampled), the objective of its prompt groups, its rollout
+    timing, how many samples the reward failed on, and why rewards were 0 per attempt.
+    With several ranks every rank gathers all shares and merges them into the whole step."""
+    episodes: list[Episode]
+    scores1: list[float]
+    scores2: list[float] | None
+    objective: Objective
+    timing: dict
+    reward_errors: int
+    zeros1: collections.Counter
+    zeros2: collections.Counter
+
+    @classmethod
+    def merge(cls, shares: list[StepShare]) -> StepShare:
+        """The whole step from every rank's share, in rank order: episodes, scores and the
+        objective's rows concatenated; generated tokens, reward errors and zero reasons
+        summed; each timing the slowest rank's."""
+        two = shares[0].scores2 is not None
+        slowest = ("gen_seconds", "attempt1_seconds", "attempt2_seconds")
+        return cls(
+            episodes=[e for share in shares for e in share.episodes],
+            scores1=[x for share in shares for x in share.scores1],
+            scores2=[x for share in shares for x in share.scores2] if two else None,
+            objective=dataclasses.replace(
+                shares[0].objective, adv=torch.cat([share.objective.adv for share in shares]),
+                train=torch.cat([share.objective.train for share in shares])),
+            timing={"gen_tokens": sum(share.timing["gen_tokens"] for share in shares),
+                    **{k: max(share.timing[k] for share in shares) for k in slowest}},
+            reward_errors=sum(share.reward_errors for share in shares),
+            zeros1=sum((share.zeros1 for share in shares), collections.Counter()),
+            zeros2=sum((share.zeros2 for share in shares), collections.Counter()))
 
 
 class PhaseTimer:
@@ -529,75 +566,77 @@ class Trainer:
         """Packed forward/backward over the step's episodes (the same global list on every
         rank; gradients accumulate in .grad). With several ranks each trains on its
         balanced share (by token count) and the loss is normalised over all ranks."""
-        c, d, o = self.config, self.dist, objective
-        mine = (sf.balanced_partition([len(e.ids) for e in episodes], d.world)[d.rank]
-                if d.enabled else list(range(len(episodes))))
+        config, dist = self.config, self.dist
+        mine = (sf.balanced_partition([len(e.ids) for e in episodes], dist.world)[dist.rank]
+                if dist.enabled else list(range(len(episodes))))
         seqs = [episodes[i].ids for i in mine]
         # the run's start checked that every episode fits (_check_episode_budget); one that
         # does not (a chat template whose instruction grows with the problem) gets a
         # micro-batch of its own
-        budget = max(c.train.max_tokens, max(len(s) for s in seqs))
+        budget = max(config.train.max_tokens, max(len(s) for s in seqs))
         batches = sf.pack(seqs, budget, segments=[episodes[i].labels for i in mine])
-        if d.enabled:
+        if dist.enabled:
             # FSDP's all-gathers and reduce-scatters are collectives: every rank runs the
             # same number of micro-batches, short ranks add empty ones (loss 0)
-            n = max(distributed.gather_objects(len(batches), d))
+            n = max(distributed.gather_objects(len(batches), dist))
             pad = self.tokenizer.pad_token_id or 0
             batches += sf.pack([[pad, pad]], budget, segments=[[0, 0]]) * (n - len(batches))
-        train = o.train[mine]
-        parts = [build_step_tensors(b, train) for b in batches]
-        per_token = c.train.reduction == "token_mean"
-        units = [int((p["turn"] > 0).sum()) if per_token else
-                 len(torch.unique(p["episode"][p["turn"] > 0])) for p in parts]
-        total = max(distributed.all_reduce_sum({"u": sum(units)}, d)["u"], 1)
-        adv = o.adv[mine].to(self.device)
-        kl = check_kl(c.train.kl)  # the estimator kind score_loss takes
+        trained = objective.train[mine]
+        parts = [build_step_tensors(batch, trained) for batch in batches]
+        per_token = config.train.reduction == "token_mean"
+        units = [int((part["turn"] > 0).sum()) if per_token else
+                 len(torch.unique(part["episode"][part["turn"] > 0])) for part in parts]
+        total = max(distributed.all_reduce_sum({"u": sum(units)}, dist)["u"], 1)
+        adv = objective.adv[mine].to(self.device)
+        loss_kw = dict(stage=objective.stage, beta1=objective.beta1, beta2=objective.beta2,
+                       kl=check_kl(config.train.kl),  # the estimator kind score_loss takes
+                       reduction=config.train.reduction, temperature=config.rollout.temperature)
         out = {"loss": 0.0, "kl_sum1": 0.0, "kl_sum2": 0.0, "ent_sum1": 0.0, "ent_sum2": 0.0,
                "n1": 0, "n2": 0, "tokens": 0, "nonfinite": 0}
         self.policy.train()
-        for b, p, u in zip(batches, parts, units):
-            ids, pos = b.input_ids.to(self.device), b.position_ids.to(self.device)
+        for batch, part, share in zip(batches, parts, units):
+            ids, pos = batch.input_ids.to(self.device), batch.position_ids.to(self.device)
             # sequence bounds for varlen attention (score_fast.attention); other
             # implementations ignore them and read position_ids
-            cu = b.cu_seqlens.to(self.device)
-            seq = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": b.max_seqlen,
-                   "max_length_k": b.max_seqlen}
-            targets, turn, episode = (p[k].to(self.device) for k in ("targets", "turn", "episode"))
+            cu = batch.cu_seqlens.to(self.device)
+            seq = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": batch.max_seqlen,
+                   "max_length_k": batch.max_seqlen}
+            targets, turn, episode = (part[k].to(self.device)
+                                      for k in ("targets", "turn", "episode"))
             live = turn > 0
-            out["tokens"] += b.num_tokens
-            if not live.any() and not d.enabled:  # nothing trained (e.g. STaR, no correction)
+            out["tokens"] += batch.num_tokens
+            if not live.any() and not dist.enabled:  # nothing trained (e.g. STaR, no fix)
                 continue
             # log-probs at the sampling temperature: the policy that sampled is
             # softmax(logits / T), so the policy gradient and the KL are on-policy for it
             with torch.no_grad(), self.timer("reference"):
-                ref_logp = self.ref.score_fast_logprobs(ids, pos, seq, targets, live,
-                                                        temperature=c.rollout.temperature)
+                ref_logp = reference_logprobs(self.ref, ids, pos, seq, targets, live,
+                                              temperature=config.rollout.temperature)
             with self.timer("policy"):  # forward + backward
-                loss, m = self.policy.score_fast_loss(
-                    ids, pos, seq, targets, ref_logp, turn, episode, adv, stage=o.stage,
-                    beta1=o.beta1, beta2=o.beta2, kl=kl, reduction=c.train.reduction,
-                    temperature=c.rollout.temperature)
+                loss, stats = policy_loss(self.policy, ids, pos, seq, targets, ref_logp, turn,
+                                          episode, adv, **loss_kw)
                 if not torch.isfinite(loss):
                     out["nonfinite"] += 1
-                    if not d.enabled:  # several ranks: all of them stop together, below
-                        self._nonfinite(f"loss is {loss.item()}", o.stage, b.num_tokens)
+                    if not dist.enabled:  # several ranks: all of them stop together, below
+                        self._nonfinite(f"loss is {loss.item()}", objective.stage,
+                                        batch.num_tokens)
                 # FSDP averages gradients over ranks: x world makes it the sum over
                 # micro-batches
-                weighted = loss * (u * d.world / total)
+                weighted = loss * (share * dist.world / total)
                 (self.scaler.scale(weighted) if self.scaler is not None
                  else weighted).backward()
             n1, n2 = int((turn == 1).sum()), int((turn == 2).sum())
-            out["loss"] += loss.item() * u / total
-            out["kl_sum1"] += m["kl_t1"].item() * n1
-            out["kl_sum2"] += m["kl_t2"].item() * n2
-            out["ent_sum1"] += m["entropy_t1"].item() * n1
-            out["ent_sum2"] += m["entropy_t2"].item() * n2
+            out["loss"] += loss.item() * share / total
+            out["kl_sum1"] += stats["kl_t1"].item() * n1
+            out["kl_sum2"] += stats["kl_t2"].item() * n2
+            out["ent_sum1"] += stats["entropy_t1"].item() * n1
+            out["ent_sum2"] += stats["entropy_t2"].item() * n2
             out["n1"] += n1
             out["n2"] += n2
-        out = distributed.all_reduce_sum(out, d)
+        out = distributed.all_reduce_sum(out, dist)
         if out["nonfinite"]:
             self._nonfinite(f"loss is not finite on {int(out['nonfinite'])} micro-batches",
-                            o.stage)
+                            objective.stage)
         return out
 
     def _nonfinite(self, what: str, stage: int, tokens: int | None = None):
@@ -639,90 +678,96 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def train_step(self) -> dict:
-        c, d = self.config, self.dist
-        two = not c.train.single_turn  # single_turn: attempt 2 is not sampled nor scored
-        stage = stage_at(c, self.step)
-        t0 = time.perf_counter()
-        self.timer = PhaseTimer(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+    def _sample_and_score(self, stage: int) -> StepShare:
+        """This rank's share of the step: its rollouts, their rewards, and the objective of
+        its prompt groups (whole on each rank)."""
+        config = self.config
+        two = not config.train.single_turn  # single_turn: attempt 2 is not sampled nor scored
         episodes, rows, timing = self.rollouts(self.step)
         self.timer.seconds["attempt1"] = timing["attempt1_seconds"]
         if two:
             self.timer.seconds["attempt2"] = timing["attempt2_seconds"]
-        fail1, fail2 = collections.Counter(), collections.Counter()
-        s2, e2, err2 = None, 0, []
+        zeros1, zeros2 = collections.Counter(), collections.Counter()
+        scores2, errors2, messages2 = None, 0, []
         with self.timer("rewards"):
-            s1, e1, err1 = score_episodes(self.reward, [e.text1 for e in episodes], rows,
-                                          failures=fail1)
+            scores1, errors1, messages1 = score_episodes(
+                self.reward, [e.text1 for e in episodes], rows, failures=zeros1)
             if two:
-                s2, e2, err2 = score_episodes(self.reward, [e.text2 for e in episodes], rows,
-                                              failures=fail2)
-        for err in (err1 + err2)[:3]:
-            log.warning("reward error (scored 0): %s", err)
-        r1, r2 = torch.tensor(s1), (torch.tensor(s2) if two else None)
-        if c.train.log_samples_every:
+                scores2, errors2, messages2 = score_episodes(
+                    self.reward, [e.text2 for e in episodes], rows, failures=zeros2)
+        for message in (messages1 + messages2)[:3]:
+            log.warning("reward error (scored 0): %s", message)
+        if config.train.log_samples_every:
             from score_fast.reporting import sample_rows
-            self.last_samples = sample_rows(self.step + 1, [r.get(c.problem_field())
-                                                            for r in rows],
-                                            episodes, s1, s2, c.train.log_samples)
+            problems = [row.get(config.problem_field()) for row in rows]
+            self.last_samples = sample_rows(self.step + 1, problems, episodes, scores1,
+                                            scores2, config.train.log_samples)
         group = torch.tensor([e.prompt_index for e in episodes])
-        objective = plan_objective(c, stage, r1, r2, group)  # groups are whole on each rank
-        if d.enabled:  # every rank gets the whole step: episodes, scores, advantages
-            parts = distributed.gather_objects(
-                (episodes, s1, s2, objective.adv, objective.train, timing, e1 + e2,
-                 fail1, fail2), d)
-            episodes = [e for p in parts for e in p[0]]
-            s1 = [x for p in parts for x in p[1]]
-            s2 = [x for p in parts for x in p[2]] if two else None
-            objective.adv = torch.cat([p[3] for p in parts])
-            objective.train = torch.cat([p[4] for p in parts])
-            timing = {"gen_tokens": sum(p[5]["gen_tokens"] for p in parts),
-                      **{k: max(p[5][k] for p in parts) for k in
-                         ("gen_seconds", "attempt1_seconds", "attempt2_seconds")}}
-            e1, e2 = sum(p[6] for p in parts), 0
-            fail1, fail2 = sum((p[7] for p in parts), collections.Counter()), sum(
-                (p[8] for p in parts), collections.Counter())
-        t1 = time.perf_counter()
+        objective = plan_objective(config, stage, torch.tensor(scores1),
+                                   torch.tensor(scores2) if two else None, group)
+        return StepShare(episodes, scores1, scores2, objective, timing, errors1 + errors2,
+                         zeros1, zeros2)
+
+    def train_step(self) -> dict:
+        """One step: this rank samples and scores its prompts, every rank gets the whole
+        step (StepShare.merge), one optimizer step on it; returns the step's metrics."""
+        stage = stage_at(self.config, self.step)
+        started = time.perf_counter()
+        self.timer = PhaseTimer(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        share = self._sample_and_score(stage)
+        if self.dist.enabled:  # every rank gets the whole step: episodes, scores, advantages
+            share = StepShare.merge(distributed.gather_objects(share, self.dist))
+        train_start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]  # this step's (the schedule moves after it)
-        out, norm = self.optimize(episodes, objective)
-        train_s = time.perf_counter() - t1
+        out, norm = self.optimize(share.episodes, share.objective)
+        train_s = time.perf_counter() - train_start
         extra = {}
         if self.engine:
             with self.timer("engine_sync"):
                 extra["engine_sync_s"] = self.sync_engine()
         extra.update(self.timer.metrics(), **memory_metrics(self.device))
         self.step += 1
+        return self._step_metrics(share, out, norm, stage=stage, lr=lr, train_s=train_s,
+                                  extra=extra, started=started)
+
+    def _step_metrics(self, share: StepShare, out: dict, norm: float, *, stage: int,
+                      lr: float, train_s: float, extra: dict, started: float) -> dict:
+        """The metrics of the step just taken (self.step is its 1-based number)."""
         from score_fast.metrics import self_correction_metrics
+        config, episodes = self.config, share.episodes
+        two = share.scores2 is not None
         # the step's own samples (temperature rollout.temperature), not the paper's greedy
         # evaluation: named sample_* here and in metrics.jsonl; single_turn: acc_t1 only
-        sc = {f"sample_{k}": v for k, v in self_correction_metrics(
-            [s > 0 for s in s1], [s > 0 for s in s2] if two else None,
+        samples = {f"sample_{k}": v for k, v in self_correction_metrics(
+            [s > 0 for s in share.scores1], [s > 0 for s in share.scores2] if two else None,
             [e.text1 for e in episodes] if two else None,
             [e.text2 for e in episodes] if two else None).items()}
         if self.peak_flops:  # GPU: model FLOPs of the training step over the devices' peak
             flops = step_flops(*self.flops_shape, [len(e.ids) for e in episodes])
-            sc["mfu"] = flops / (max(train_s, 1e-9) * self.peak_flops * d.world)
-        m = {"step": self.step, "stage": stage, "temperature": c.rollout.temperature,
-             "loss": out["loss"],
-             "reward_t1": float(np.mean(s1)), "reward_t2": float(np.mean(s2)) if two else 0.0,
-             **sc,
-             "kl_t1": out["kl_sum1"] / max(out["n1"], 1),
-             "kl_t2": out["kl_sum2"] / max(out["n2"], 1),
-             # the policy's entropy (at the sampling temperature) on the trained tokens
-             "entropy_t1": out["ent_sum1"] / max(out["n1"], 1),
-             "entropy_t2": out["ent_sum2"] / max(out["n2"], 1),
-             "len_t1": float(np.mean([len(e.attempt1_ids) for e in episodes])),
-             "len_t2": float(np.mean([len(e.attempt2_ids) for e in episodes])),
-             "grad_norm": norm, "lr": lr, "reward_errors": e1 + e2,
-             "zeros_t1": dict(fail1), "zeros_t2": dict(fail2),  # why rewards were 0
-             "gen_tok_s": timing["gen_tokens"] / max(timing["gen_seconds"], 1e-9),
-             "train_tok_s": out["tokens"] / max(train_s, 1e-9), **extra,
-             "step_s": time.perf_counter() - t0}
+            samples["mfu"] = flops / (max(train_s, 1e-9) * self.peak_flops * self.dist.world)
+        timing = share.timing
+        metrics = {
+            "step": self.step, "stage": stage, "temperature": config.rollout.temperature,
+            "loss": out["loss"], "reward_t1": float(np.mean(share.scores1)),
+            "reward_t2": float(np.mean(share.scores2)) if two else 0.0, **samples,
+            "kl_t1": out["kl_sum1"] / max(out["n1"], 1),
+            "kl_t2": out["kl_sum2"] / max(out["n2"], 1),
+            # the policy's entropy (at the sampling temperature) on the trained tokens
+            "entropy_t1": out["ent_sum1"] / max(out["n1"], 1),
+            "entropy_t2": out["ent_sum2"] / max(out["n2"], 1),
+            "len_t1": float(np.mean([len(e.attempt1_ids) for e in episodes])),
+            "len_t2": float(np.mean([len(e.attempt2_ids) for e in episodes])),
+            "grad_norm": norm, "lr": lr, "reward_errors": share.reward_errors,
+            # why rewards were 0
+            "zeros_t1": dict(share.zeros1), "zeros_t2": dict(share.zeros2),
+            "gen_tok_s": timing["gen_tokens"] / max(timing["gen_seconds"], 1e-9),
+            "train_tok_s": out["tokens"] / max(train_s, 1e-9), **extra,
+            "step_s": time.perf_counter() - started}
         if not two:  # no attempt 2 was sampled: its keys are left out, not logged as zeros
-            m = {k: v for k, v in m.items() if k not in ATTEMPT2_KEYS}
-        return m
+            metrics = {k: v for k, v in metrics.items() if k not in ATTEMPT2_KEYS}
+        return metrics
 
     # ------------------------------------------------------------------ the run
     def save(self) -> str:
