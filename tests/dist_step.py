@@ -8,7 +8,7 @@ import sys
 import torch
 import yaml
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])  # test_trainer, for its fixed episodes
+sys.path.insert(0, __file__.rsplit("/", 1)[0])  # tests/helpers.py: the fixed episodes
 from score_fast.config import config_from_dict  # noqa: E402
 from score_fast.objective import plan_objective  # noqa: E402
 from score_fast.trainer import Trainer  # noqa: E402
@@ -18,8 +18,8 @@ def main(config_path: str, out_path: str) -> None:
     with open(config_path) as f:
         config = config_from_dict(yaml.safe_load(f))
     tr = Trainer(config)
-    from test_trainer import _episodes
-    eps = _episodes(tr.tokenizer) * 4  # 12 episodes, 6 prompt groups, 3 lengths
+    from helpers import fixed_episodes
+    eps = fixed_episodes(tr.tokenizer) * 4  # 12 episodes, 6 prompt groups, 3 lengths
     for i, e in enumerate(eps):
         e.prompt_index = i // 2
     r1 = torch.tensor([1.0, 0.0, 0.0] * 4)

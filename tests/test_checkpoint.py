@@ -10,7 +10,7 @@ import pytest
 from score_fast.checkpoint import latest_checkpoint, load_state, rotate_checkpoints
 from score_fast.config import TrainConfig
 from score_fast.trainer import Trainer
-from test_trainer import make_run
+from helpers import make_run
 
 
 def test_round_trip_through_from_pretrained(tmp_path):
@@ -140,12 +140,12 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumes(tmp_path, ca
             "missing_file": "tokenizer.json is missing"}[damage]
     assert any("checkpoint-3 is damaged" in r.message and what in r.message
                for r in caplog.records), [r.message for r in caplog.records]
-    steps = [json.loads(x)["step"] for x in open(os.path.join(c.train.run_dir,
-                                                               "metrics.jsonl"))]
+    steps = [json.loads(x)["step"]
+             for x in open(os.path.join(c.train.run_dir, "metrics.jsonl"))]
     assert steps == [1, 2]  # step 3 is trained again, not logged twice
     tr.train(until=3, progress=False)
-    steps = [json.loads(x)["step"] for x in open(os.path.join(c.train.run_dir,
-                                                               "metrics.jsonl"))]
+    steps = [json.loads(x)["step"]
+             for x in open(os.path.join(c.train.run_dir, "metrics.jsonl"))]
     assert steps == [1, 2, 3]
 
 

@@ -10,10 +10,11 @@ import sys
 import pytest
 import yaml
 
+from helpers import make_run
+from score_fast.config import Config, EvalConfig, config_from_dict
+
 pytest.importorskip("jsonargparse")  # the GPU image (bench/gpu_check.sh) does not have it
 from score_fast.cli import main, parse_config  # noqa: E402
-from score_fast.config import Config, EvalConfig, config_from_dict
-from test_trainer import make_run
 
 
 def _fields(cls, prefix=""):

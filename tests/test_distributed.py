@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from test_trainer import make_run
+from helpers import make_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,7 +1,5 @@
 """MFU accounting (score_fast.flops): the FLOP count by hand, the peak lookup, and the
 trainer reporting MFU when a peak is known."""
-import pytest
-import torch
 import transformers
 
 from score_fast.flops import matmul_params, peak_flops, step_flops
@@ -31,7 +29,7 @@ def test_peak(monkeypatch):
 
 def test_trainer_reports_mfu_with_a_peak(tmp_path, monkeypatch):
     from score_fast.trainer import Trainer, format_line
-    from test_trainer import make_run
+    from helpers import make_run
     monkeypatch.setenv("SCORE_FAST_PEAK_TFLOPS", "0.001")  # 1 GFLOP/s: a visible number
     tr = Trainer(make_run(tmp_path))
     m = tr.train(until=1, progress=False)[0]

@@ -16,7 +16,7 @@ from score_fast.demo import task as demo_task
 from score_fast.models import load_model, resolve_dtype
 from score_fast.objective import plan_objective
 from score_fast.trainer import Trainer
-from test_trainer import R1, R2, VARIANTS, _episodes, _hand_loss, make_run
+from helpers import R1, R2, VARIANTS, fixed_episodes, hand_loss, make_run
 
 
 def _local(p):
@@ -67,7 +67,7 @@ def test_bf16_step_within_twice_torch_bf16_error(tmp_path):
             _local(p).add_(0.05 * torch.randn_like(_local(p)))
     master = {n: _local(p).detach().clone() for n, p in tr.policy.named_parameters()}
     assert all(v.dtype == torch.float32 for v in master.values())
-    eps = _episodes(tr.tokenizer)
+    eps = fixed_episodes(tr.tokenizer)
     obj = plan_objective(tr.config, stage, torch.tensor(R1), torch.tensor(R2),
                          torch.tensor([0, 1, 0]))
     tr.optimizer.zero_grad()
@@ -79,7 +79,7 @@ def test_bf16_step_within_twice_torch_bf16_error(tmp_path):
         pol.load_state_dict({k: v.to(dtype) for k, v in master.items()}, strict=False)
         ref = load_model(c.model.path, dtype=dtype)
         ref.load_state_dict({k: v.to(dtype) for k, v in tr.ref.state_dict().items()})
-        _hand_loss(pol, ref, eps, table).backward()
+        hand_loss(pol, ref, eps, table).backward()
         return _grads(pol)
 
     want, torch_bf16 = run(torch.float64), run(torch.bfloat16)
@@ -144,7 +144,7 @@ def test_lora_objective_and_no_second_copy(tmp_path):
     held = {id(p): p.numel() for m in (tr.policy, tr.ref) for p in m.parameters()}
     trainable = sum(p.numel() for p in tr.policy.parameters() if p.requires_grad)
     assert sum(held.values()) == base + trainable and 0 < trainable < base / 4
-    eps = _episodes(tr.tokenizer)
+    eps = fixed_episodes(tr.tokenizer)
     obj = plan_objective(tr.config, stage, torch.tensor(R1), torch.tensor(R2),
                          torch.tensor([0, 1, 0]))
     out = tr.loss_and_backward(eps, obj)
@@ -159,7 +159,7 @@ def test_lora_objective_and_no_second_copy(tmp_path):
     got = _grads(tr.policy)
     assert got and all("lora_" in n for n in got)
     tr.optimizer.zero_grad()
-    _hand_loss(tr.policy, _AdaptersOff(tr.policy), eps, table).backward()
+    hand_loss(tr.policy, _AdaptersOff(tr.policy), eps, table).backward()
     for n, want in _grads(tr.policy).items():
         err = (got[n] - want).abs().max().item()
         assert err <= 2e-4 * want.abs().max().item() + 1e-8, (n, err)

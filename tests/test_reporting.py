@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from test_trainer import make_run
+from helpers import make_run
 
 from score_fast.demo import task as demo_task
 from score_fast.trainer import Trainer

@@ -103,7 +103,7 @@ def test_first_convention_with_a_completions_parameter_still_works():
 
 def test_a_callable_through_the_api_trains_and_is_named_in_config_yaml(tmp_path):
     import yaml
-    from test_trainer import make_run
+    from helpers import make_run
 
     from score_fast.trainer import Trainer
     calls = []

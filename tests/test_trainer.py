@@ -10,39 +10,12 @@ import torch
 import transformers
 
 import score_fast as sf
+from helpers import R1, R2, VARIANTS, fixed_episodes, hand_loss, make_run
 from score_fast.demo import task as demo_task
-from score_fast.config import (Config, DataConfig, ModelConfig, RewardConfig, RolloutConfig,
-                               Stage1Config, Stage2Config, TrainConfig)
-from score_fast.rollout import Episode
 from score_fast.objective import Objective, build_step_tensors, plan_objective, stage_at
+from score_fast.rollout import Episode
 from score_fast.scoring import RewardError, score_episodes
 from score_fast.trainer import NonFiniteLossError, Trainer
-
-
-def make_run(tmp_path, n_rows=12, **train):
-    """A tiny random Llama + char tokenizer saved to tmp_path/model, a JSONL of arithmetic
-    problems, and a Config for them (2 Stage I + 2 Stage II steps)."""
-    model_dir = tmp_path / "model"
-    if not model_dir.exists():
-        tok = demo_task.build_tokenizer()
-        torch.manual_seed(0)
-        transformers.LlamaForCausalLM(demo_task.tiny_model_config(tok)).save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in demo_task.make_problems(n_rows, seed=1)))
-    # a random model never writes the right sum: reward even-length answers instead, so
-    # that the advantages (and so the updates) are not all zero
-    parity = tmp_path / "parity.py"
-    parity.write_text("def parity(completions, **_):\n"
-                      "    return [float(len(c) % 2 == 0) for c in completions]\n")
-    t = dict(run_dir=str(tmp_path / "run"), prompts_per_step=3, lr=1e-2, save_every=2)
-    t.update(train)
-    return Config(model=ModelConfig(path=str(model_dir)), data=DataConfig(train_file=str(data)),
-                  rollout=RolloutConfig(samples_per_prompt=2, max_new_tokens=4,
-                                        instruction=demo_task.DEMO_INSTRUCTION),
-                  reward=RewardConfig(kind="custom", function=f"{parity}:parity"),
-                  stage1=Stage1Config(steps=2), stage2=Stage2Config(steps=2),
-                  train=TrainConfig(**t))
 
 
 def test_step_tensors_target_labels():
@@ -60,66 +33,6 @@ def test_schedule_interleaves_rounds(tmp_path):
     c = make_run(tmp_path)
     c.train.rounds = 2
     assert [stage_at(c, s) for s in range(8)] == [1, 1, 2, 2, 1, 1, 2, 2]
-
-
-def _episodes(tok):
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    eos = tok.eos_token_id
-    from score_fast.rollout import Formatter
-    fmt = Formatter(tok, demo_task.DEMO_INSTRUCTION)
-    out = []
-    for i, (p, a1, a2) in enumerate([("12+30", "42", "41"), ("7-9", "-2", "-23"),
-                                     ("5+5", "10", "10")]):
-        y1 = enc(a1) + [eos]
-        out.append(Episode(i % 2, fmt.prompt_ids(p), y1, fmt.instruction_ids(p, y1),
-                           enc(a2) + [eos]))
-    return out
-
-
-# Rewards of the three episodes of _episodes (groups 0, 1, 0) and, worked out by hand, what
-# each variant trains: {(episode, attempt): (advantage or None for no policy gradient,
-# KL weight)}; attempts missing from a variant's table are not trained at all. Group 1 has
-# one episode, so its RLOO advantage is 0. Group 0 is episodes 0 and 2:
-#   r1 = (1, 0): attempt-1 advantages (+1, -1)
-#   Stage I reward on attempt 2 is r2 = (0, 1): (-1, +1)
-#   Stage II attempt-2 reward r2 + 10 (r2 - r1) = (-10, 11): (-21, +21); alpha 0: (-1, +1)
-R1, R2 = [1.0, 0.0, 0.0], [0.0, 1.0, 1.0]
-B1, B2 = 0.01, 0.1
-VARIANTS = {
-    "stage1": ({}, 1, {(0, 1): (None, B2), (1, 1): (None, B2), (2, 1): (None, B2),
-                       (0, 2): (-1, B1), (1, 2): (0, B1), (2, 2): (1, B1)}),
-    "stage2": ({}, 2, {(0, 1): (1, B1), (1, 1): (0, B1), (2, 1): (-1, B1),
-                       (0, 2): (-21, B1), (1, 2): (0, B1), (2, 2): (21, B1)}),
-    "stage2_alpha0": ({"alpha": 0.0}, 2, {(0, 1): (1, B1), (1, 1): (0, B1), (2, 1): (-1, B1),
-                                          (0, 2): (-1, B1), (1, 2): (0, B1), (2, 2): (1, B1)}),
-    "single_turn": ({"single_turn": True}, 1, {(0, 1): (1, B1), (1, 1): (0, B1),
-                                               (2, 1): (-1, B1)}),
-    # STaR in Stage II: SFT (advantage 1, no KL) on attempt 2 of the wrong -> right episodes
-    "star": ({"method": "star"}, 2, {(1, 2): (1, 0.0), (2, 2): (1, 0.0)}),
-}
-
-
-def _hand_loss(policy, ref, episodes, table, kl="k2", temperature=1.0):
-    """The objective written out token by token from full logits (token_mean; the k2 KL,
-    the default, or k3 for train.kl=k3_reverse; log-probs of softmax(logits / T))."""
-    terms = []
-    for e_idx, ep in enumerate(episodes):
-        ids = torch.tensor([ep.ids])
-        tgt, lab = ids[0, 1:], torch.tensor(ep.labels[1:])
-        logits = policy(input_ids=ids).logits[0, :-1].double() / temperature
-        logp = torch.log_softmax(logits, -1).gather(1, tgt[:, None])[:, 0]
-        with torch.no_grad():
-            rl = torch.log_softmax(ref(input_ids=ids).logits[0, :-1].double() / temperature,
-                                   -1)
-            rl = rl.gather(1, tgt[:, None])[:, 0]
-        for t in range(len(tgt)):
-            if (e_idx, int(lab[t])) not in table:
-                continue
-            adv, beta = table[e_idx, int(lab[t])]
-            d = rl[t] - logp[t]
-            k = 0.5 * d * d if kl == "k2" else torch.exp(d) - d - 1
-            terms.append((0.0 if adv is None else -adv * logp[t]) + beta * k)
-    return torch.stack(terms).mean()
 
 
 @pytest.mark.parametrize("variant, kl, temperature", [(v, "k2", 1.0) for v in VARIANTS] + [
@@ -140,14 +53,14 @@ def test_objective_matches_hand_computed(tmp_path, variant, kl, temperature):
     with torch.no_grad():  # move the policy off the reference so that the KL is not 0
         for p in tr.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    eps = _episodes(tr.tokenizer)
+    eps = fixed_episodes(tr.tokenizer)
     obj = plan_objective(c, stage, torch.tensor(R1), torch.tensor(R2), torch.tensor([0, 1, 0]))
     tr.optimizer.zero_grad()
     out = tr.loss_and_backward(eps, obj)
     got = {n: p.grad.clone() for n, p in tr.policy.named_parameters()}
     tr.optimizer.zero_grad()
-    want = _hand_loss(tr.policy, tr.ref, eps, table, "k2" if kl == "k2" else "k3",
-                      temperature)
+    want = hand_loss(tr.policy, tr.ref, eps, table, "k2" if kl == "k2" else "k3",
+                     temperature)
     want.backward()
     # fp32 k3 = exp(d) - d - 1 cancels at |d| ~ 1e-2 (3-4 of 7 digits lost), the hand
     # version runs in fp64: 2e-4 relative covers that and still catches a wrong beta or sign
@@ -166,7 +79,7 @@ def test_star_step_without_corrections_trains_nothing(tmp_path):
     obj = plan_objective(tr.config, 2, r1, r2, torch.tensor([0, 1, 0]))
     assert not obj.train.any()
     tr.optimizer.zero_grad(set_to_none=True)
-    out = tr.loss_and_backward(_episodes(tr.tokenizer), obj)
+    out = tr.loss_and_backward(fixed_episodes(tr.tokenizer), obj)
     assert out["n1"] == out["n2"] == 0 and out["loss"] == 0.0
     assert all(p.grad is None for p in tr.policy.parameters())
 
@@ -175,7 +88,7 @@ def test_micro_batching_does_not_change_gradients(tmp_path):
     grads = []
     for budget in (40, 4096):  # 40: one ~25-token episode a micro-batch
         tr = Trainer(make_run(tmp_path, max_tokens=budget))
-        eps = _episodes(tr.tokenizer)
+        eps = fixed_episodes(tr.tokenizer)
         adv = torch.tensor([[0.5, -1.0], [0.0, 2.0], [-0.5, 1.0]])
         tr.optimizer.zero_grad()
         every = torch.ones(3, 2, dtype=torch.bool)
@@ -330,7 +243,7 @@ def test_dropout_is_off_in_the_loss(tmp_path):
     c.model.path = str(model_dir)
     tr = Trainer(c)
     assert tr.policy.config.resid_pdrop == 0.1  # the model's own config is kept
-    eps = _episodes(tr.tokenizer)
+    eps = fixed_episodes(tr.tokenizer)
     obj = Objective(torch.ones(3, 2), torch.ones(3, 2, dtype=torch.bool), 2, 0.1, 0.1)
     out = tr.loss_and_backward(eps, obj)
     assert out["n1"] > 0 and out["kl_sum1"] == 0.0 and out["kl_sum2"] == 0.0
@@ -430,7 +343,7 @@ def test_entropy_is_the_policys_on_the_trained_tokens(tmp_path):
     c = make_run(tmp_path)
     c.rollout.temperature = 0.7
     tr = Trainer(c)
-    eps = _episodes(tr.tokenizer)
+    eps = fixed_episodes(tr.tokenizer)
     want = {1: [], 2: []}
     with torch.no_grad():
         for e in eps:
@@ -522,7 +435,7 @@ def test_single_turn_packs_less_and_trains_attempt1_as_the_two_turn_path_did(tmp
     with torch.no_grad():  # move the policy off the reference so that the KL is not 0
         for p in tr.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    full = _episodes(tr.tokenizer)
+    full = fixed_episodes(tr.tokenizer)
     short = _attempt1_only(full)
     group = torch.tensor([0, 1, 0])
     obj = plan_objective(c, 2, torch.tensor(R1), None, group)

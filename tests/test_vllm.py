@@ -135,7 +135,7 @@ def test_a_head_size_vllm_cannot_serve_is_named(tmp_path):
 
 
 def test_trainer_samples_with_vllm_and_keeps_it_in_sync(tmp_path):
-    from test_trainer import make_run
+    from helpers import make_run
 
     from score_fast.trainer import Trainer
     _save(str(tmp_path / "model"))  # make_run keeps an existing model/
@@ -156,7 +156,7 @@ def test_bf16_full_fine_tune_with_fsdp_feeds_the_engine(tmp_path):
     """bf16 full fine-tune: the policy is an FSDP2 module of fp32 masters in a one-rank group
     the trainer starts before the engine (vLLM then reuses that group). The engine gets the
     masters rounded to bf16: its weights equal the policy's after each sync."""
-    from test_trainer import make_run
+    from helpers import make_run
 
     from score_fast.trainer import Trainer
     _save(str(tmp_path / "model"))
@@ -200,7 +200,7 @@ def test_two_ranks_each_with_an_engine(tmp_path, tp):
     policy (gathered) decodes."""
     import os
     from test_distributed import _torchrun, _write
-    from test_trainer import make_run
+    from helpers import make_run
     c = make_run(tmp_path, prompts_per_step=4)
     path = str(tmp_path / "model32")
     _save(path)  # head size 32 (make_run's model has 16, which vLLM's CPU attention refuses)
