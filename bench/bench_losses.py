@@ -77,10 +77,10 @@ def _shape_id(s):
     return f"N={s[0]},V={s[1]}"
 
 
-def _run_logit_op(benchmark, provider, shape, mode, logits, op, args, reads):
+def _run_logit_op(benchmark, provider, shape, mode, logits, op, args):
     """Time op(*args) (fwd) or op(*args).backward(g) (fwd_bwd); provider `copy` times one
-    copy of the logits instead. `reads`: [N, V] tensors the forward reads; the backward reads
-    them again and writes dlogits."""
+    copy of the logits instead. The forward reads the logits; the backward reads them again
+    and writes dlogits."""
     n, v, dtype = shape
     size = n * v * logits.element_size()
     if provider == "copy":
@@ -89,14 +89,14 @@ def _run_logit_op(benchmark, provider, shape, mode, logits, op, args, reads):
         nbytes = 2 * size
     elif mode == "fwd":
         fn = lambda: op(*args)  # noqa: E731
-        nbytes = reads * size
+        nbytes = size
     else:
         grad = torch.randn(n, device=DEVICE)
 
         def fn():
             logits.grad = None
             op(*args).float().backward(grad)
-        nbytes = (2 * reads + 1) * size
+        nbytes = 3 * size
     run(benchmark, fn, device=DEVICE, provider=provider, shape=f"{_shape_id(shape)},{mode}",
         dtype=str(dtype).removeprefix("torch."), baseline="eager", bytes_moved=nbytes,
         rounds=3 if DEVICE == "cpu" else 20, warmup=1 if DEVICE == "cpu" else 5)
@@ -108,31 +108,7 @@ def _run_logit_op(benchmark, provider, shape, mode, logits, op, args, reads):
 def test_token_logprobs(benchmark, provider, shape, mode):
     logits, targets = _inputs(*shape, requires_grad=mode == "fwd_bwd")
     op = None if provider == "copy" else _provider_fn(provider, shape)
-    _run_logit_op(benchmark, provider, shape, mode, logits, op, (logits, targets), reads=1)
-
-
-def _eager_full_kl(logits, ref_logits):
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    logq = torch.log_softmax(ref_logits.float(), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1)
-
-
-_compiled_kl = None
-
-
-@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("shape", SHAPES, ids=[_shape_id(s) for s in SHAPES])
-@pytest.mark.parametrize("provider", ["score_fast", "eager", "compile", "copy"])
-def test_full_kl(benchmark, provider, shape, mode):
-    global _compiled_kl
-    logits, _ = _inputs(*shape, requires_grad=mode == "fwd_bwd")
-    ref_logits = logits.detach() + 0.5 * torch.randn_like(logits)
-    if provider == "compile":
-        _skip_compile(shape)
-        _compiled_kl = _compiled_kl or torch.compile(_eager_full_kl, dynamic=False)
-    op = {"score_fast": score_fast.full_kl, "eager": _eager_full_kl, "compile": _compiled_kl,
-          "copy": None}[provider]
-    _run_logit_op(benchmark, provider, shape, mode, logits, op, (logits, ref_logits), reads=2)
+    _run_logit_op(benchmark, provider, shape, mode, logits, op, (logits, targets))
 
 
 # ---------------------------------------------------------------- score_loss (per token)

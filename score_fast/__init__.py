@@ -10,7 +10,6 @@ __version__ = "0.1.0"
 
 _LAZY = {  # public name -> module under score_fast.kernels
     "token_logprobs": "token_logprobs",
-    "full_kl": "full_kl",
     "kl_penalty": "kl_penalty",
     "score_advantages": "score_advantages",
     "score_loss": "score_loss",

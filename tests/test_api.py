@@ -4,7 +4,7 @@ import sys
 
 import score_fast
 
-CONTRACT = ["pack", "plan_bins", "PackedBatch", "token_logprobs", "kl_penalty", "full_kl",
+CONTRACT = ["pack", "plan_bins", "PackedBatch", "token_logprobs", "kl_penalty",
             "score_advantages", "score_loss", "linear_logprobs", "linear_score_loss"]
 
 

@@ -35,7 +35,7 @@ def test_every_kernel_compiles_for_every_target(tmp_path):
     kernels = set()
     for f in (ROOT / "kernels").glob("*.py"):
         kernels |= set(re.findall(r"@triton\.jit\s*\ndef (\w+_kernel)\(", f.read_text()))
-    assert len(kernels) >= 10
+    assert len(kernels) >= 9
     for k in sorted(kernels):
         for arch in ("sm_80", "sm_90a", "sm_100a"):
             assert re.search(rf"\| \w+\.{k} \| \d+ \| {arch} \| \d", text), (k, arch)
