@@ -19,6 +19,9 @@ ref_logp is a constant: it gets no gradient. Math and output are fp32 whatever t
 dtype; the gradient comes back in logp's dtype. No clamp: k3 overflows to inf in fp32
 once d < -88.7 (exp(88.7) ~ fp32 max), which the fp64 reference does not.
 
+score_loss uses kl_and_grad (the Triton helper its kernel calls) and kl_and_grad_torch
+(its PyTorch twin).
+
     from score_fast.kernels.kl_penalty import kl_penalty
     kl = kl_penalty(logp, ref_logp, kind="k3")   # same shape as logp, fp32
 """
@@ -35,7 +38,6 @@ from ._dispatch import use_triton
 __all__ = ["kl_penalty", "kl_penalty_ref", "KL_KINDS"]
 
 KL_KINDS = ("k1", "k2", "k3")
-_BLOCK = 1024  # elementwise: 1024 fp32 per program, 4 warps -> 8 elements per thread
 
 
 @triton.jit
@@ -70,7 +72,7 @@ def _exp(x):
 
 
 @triton.jit
-def _kl_and_grad(d, KIND: tl.constexpr):
+def kl_and_grad(d, KIND: tl.constexpr):
     """(KL_KIND(d), dKL/dd) in fp32 for a block of d = logp - ref_logp."""
     if KIND == "k1":
         return d, tl.zeros_like(d) + 1.0
@@ -124,7 +126,7 @@ def _kl_fwd_kernel(
     mask = offs < n
     logp = tl.load(logp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     ref = tl.load(ref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    kl, _ = _kl_and_grad(logp - ref, KIND)
+    kl, _ = kl_and_grad(logp - ref, KIND)
     tl.store(out_ptr + offs, kl, mask=mask)
 
 
@@ -143,8 +145,20 @@ def _kl_bwd_kernel(
     logp = tl.load(logp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     ref = tl.load(ref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    _, grad = _kl_and_grad(logp - ref, KIND)
+    _, grad = kl_and_grad(logp - ref, KIND)
     tl.store(dlogp_ptr + offs, (dout * grad).to(dlogp_ptr.dtype.element_ty), mask=mask)
+
+
+_BLOCK = 1024  # elementwise: 1024 fp32 per program, 4 warps -> 8 elements per thread
+
+
+def _gate_cases():
+    """Every launch the launchers below make on a GPU, on meta tensors (no data), for the
+    compile gate (bench/compile_gate.py)."""
+    x = torch.empty(8192, dtype=torch.bfloat16, device="meta")
+    for kind in KL_KINDS:
+        yield functools.partial(_kl_fwd_triton, x, x, kind)
+        yield functools.partial(_kl_bwd_triton, x, x, x, kind)
 
 
 # The kernels see fp32 only (the math is fp32 anyway): one compiled variant per KIND, not one
@@ -167,15 +181,6 @@ def _kl_bwd_triton(logp, ref, dout, kind):
     return dlogp.to(logp.dtype)
 
 
-def _gate_cases():
-    """Every launch the launchers above make on a GPU, on meta tensors (no data), for the
-    compile gate (bench/compile_gate.py)."""
-    x = torch.empty(8192, dtype=torch.bfloat16, device="meta")
-    for kind in KL_KINDS:
-        yield functools.partial(_kl_fwd_triton, x, x, kind)
-        yield functools.partial(_kl_bwd_triton, x, x, x, kind)
-
-
 def kl_and_grad_torch(d: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(KL_kind, dKL/dlogp) from d = logp - ref_logp in d's dtype (expm1: no cancellation)."""
     if kind == "k1":
@@ -184,11 +189,6 @@ def kl_and_grad_torch(d: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.T
         return 0.5 * d * d, d
     em1 = torch.expm1(-d)
     return em1 + d, -em1
-
-
-def kl_penalty_ref(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Plain-torch specification in logp's dtype (fp64-capable); autograd gives the gradient."""
-    return kl_and_grad_torch(logp - ref_logp.detach(), kind)[0]
 
 
 class _KLPenalty(torch.autograd.Function):
@@ -234,3 +234,8 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
     logp_flat = logp.contiguous().view(-1)
     ref_flat = ref_logp.detach().contiguous().view(-1)
     return _KLPenalty.apply(logp_flat, ref_flat, kind, triton_path).view(shape)
+
+
+def kl_penalty_ref(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Plain-torch specification in logp's dtype (fp64-capable); autograd gives the gradient."""
+    return kl_and_grad_torch(logp - ref_logp.detach(), kind)[0]

@@ -11,52 +11,11 @@ With x = hidden @ weight.T + bias (never stored) and z = x / T, for row n, targe
     dweight = D.T @ hidden        [V, H]
     dbias   = D.sum(0)            [V]
 
-At N = 8192 tokens and V = 151936 the fp32 logits are 5 GB (2.5 GB in bf16) for 8192
-numbers. Here the logits exist one tile at a time, and (M, log S) -- 8 bytes a row -- are
-all that is kept between the passes:
-
-Two paths: vocabulary-chunked cuBLAS GEMMs + Triton elementwise kernels wherever the Triton
-backend is on (CUDA tensors; CPU tensors under SCORE_FAST_BACKEND=triton and
-TRITON_INTERPRET=1, how the tests run the kernels), and the PyTorch path (CPU tensors).
-
-Chunked, over the live rows (gathered when they are not all N) and vocabulary chunks of Vc
-columns (_chunk_cols: an [n, Vc] fp32 tile of <= 256 MB, Vc in [1024, 16384], a multiple of
-128; 8192 at n = 8192 rows, 19 chunks at V = 151936; memory independent of V):
-  forward  per chunk z_c = h @ W_c.T as fp32 (cuBLAS: bf16/fp16 operands, fp32
-           accumulation AND fp32 output -- no bf16 rounding of the logits, so the result is
-           more precise than eager's bf16 logits; a bf16 output would halve the tile
-           traffic (est. ~3 ms of ~65 ms at 8192 x 4096 x 151936) but put the path at
-           eager's accuracy exactly, where the 2x rule becomes a coin toss on averaged
-           metrics), then _chunk_lse_kernel folds (z_c + b) / T into the per-row online
-           (M, S) and picks the target logit.
-  backward per chunk: recompute z_c (cuBLAS); _chunk_dlogits_kernel writes
-           D_c = g (onehot - exp((z_c + b) / T - M - log S)) / T in the weight dtype;
-           dhidden += D_c @ W_c (cuBLAS into an fp32 accumulator, beta = 1),
-           dweight[v0:v1] = D_c.T @ h (one GEMM over all rows, written straight into the
-           slice: in the weight dtype for linear_logprobs -- eager's single rounding --,
-           fp32 for linear_score_loss, which scales it by the upstream later),
-           dbias[v0:v1] = D_c.sum(0).
-  Matmul passes of 2NHV flops: 1 forward + 3 backward (eager: 3). At cuBLAS ~90% of peak
-  that is ~65-70% of the matmul rate counted at 6NHV useful flops.
-  Not bitwise batch-invariant (cuBLAS picks kernels by shape; Vc depends on n); linear_
-  logprobs takes no host sync, linear_score_loss one (the live-row count sizes the GEMMs).
-
-An all-Triton path (logit tiles as tl.dot K-loops, the backward's fp32 dhidden/dweight
-accumulators read-modified-written in global memory every tile) was removed: the compile
-gate (bench/compile_gate.py, triton 3.9) compiled its three kernels at 106-255 registers a
-thread, spilling on sm_100a in bf16/fp16 (up to 480 B) and on every target in fp32 (0.4 KB
-for dhidden, 6.4-9.3 KB for dweight); its backward was estimated at 10-15% of the matmul
-rate (~32 flop/byte against the ~250 an H100 needs); it took 5 matmul passes to this path's
-4; and no user path chose it: CUDA tensors always took this one.
-
-PyTorch (CPU tensors): the same tiling with matmuls: row chunks of a fixed _ROWS = 256
-  rows (the last one padded with zero rows: a CPU GEMM's result for a row changes with the
-  row count below ~150 rows, a fixed shape makes each row's result independent of the
-  batch) times vocabulary chunks of at most _TILE_ELEMS / _ROWS columns (32 MB of fp32
-  logits a tile) with an online log-sum-exp across chunks. Where the whole vocabulary is
-  one chunk (V <= 32768), a pass that needs both the log-sum-exp and the gradient keeps the
-  tile instead of recomputing it (3 matmul passes, as eager autograd does). bf16/fp16 are
-  upcast to fp32 a tile at a time (fp32 accumulation, as on the GPU).
+The forward keeps (M, log S), 8 bytes a row; the backward recomputes the logit tiles from
+them. Both passes are _lmhead's (its module doc has the design and the numbers): the
+vocabulary-chunked cuBLAS GEMMs + Triton elementwise kernels wherever the Triton backend is
+on (dweight written in the weight dtype: eager's single rounding), its tiled PyTorch sweep
+for CPU tensors. No host sync (besides the targets' range check, SCORE_FAST_CHECK_INPUTS).
 
 Edge cases as in token_logprobs: a -inf logit (from a -inf bias) is a masked vocabulary
 entry; a row whose logits are all -inf gives -inf and a zero gradient; logp <= 0.
@@ -66,429 +25,22 @@ entry; a row whose logits are all -inf gives -inf and a zero gradient; logp <= 0
 """
 from __future__ import annotations
 
-import functools
-import itertools
-
 import torch
-import triton
-import triton.language as tl
 
-from ._dispatch import checks_enabled, interpreting, use_triton
-from ._lmhead import FLOATS as _FLOATS
-from ._lmhead import check_head
-from .token_logprobs import _check_targets, _check_temperature, _round_to_bf16
+from ._common import check_temperature
+from ._dispatch import use_triton
+from ._lmhead import check_head, chunked_grads, chunked_logsumexp, cpu_sweep, flatten_head
+from .token_logprobs import token_logprobs_ref
 
 __all__ = ["linear_logprobs", "linear_logprobs_ref"]
-
-_ROWS = 256           # CPU row chunk: fixed, so a row's result never depends on the batch
-_TILE_ELEMS = 2**23   # CPU logit tile: 256 rows x 32768 columns x 4 bytes = 32 MB
-
-
-# ------------------------------------------------------------- chunked (cuBLAS) path
-_CHUNK_COLS = None  # tests: force the vocabulary chunk width (a multiple of 128 or any int)
-
-
-def _chunk_cols(n: int) -> int:
-    """Vocabulary columns a chunk: an [n, Vc] fp32 tile of <= 2**28 bytes (256 MB; the bf16
-    logits and dlogits of a chunk are half that each), clamped to [1024, 16384] and rounded
-    down to a multiple of 128 (GEMM-friendly widths). n = 8192 rows -> Vc = 8192, 19 chunks
-    at V = 151936. Memory is independent of V; past n = 65536 rows the 1024 floor lets the
-    tile grow with n (as hidden itself does)."""
-    if _CHUNK_COLS is not None:
-        return _CHUNK_COLS
-    return max(1024, min(16384, 2**28 // (4 * max(n, 1)))) // 128 * 128
-
-
-def _ew_config(n_cols: int) -> dict:
-    """Elementwise tiles [BLOCK_N, BLOCK_V]. GPU: 4 x 512 fp32 logits (8 KB) a step, 16 a
-    thread at 4 warps: 32-71 registers in both kernels on sm_80/90a/100a, no spills, under
-    triton 3.6 and 3.9 (compile gate); 4 x 1024 at 8 warps spilled 8-12 B on sm_90a
-    (_chunk_lse_kernel with a bias and a chunk width not divisible by 16), 8 x 512 at 8
-    warps as well under 3.6. Interpreter: few large numpy tiles."""
-    if interpreting():
-        return dict(BLOCK_N=16, BLOCK_V=min(4096, triton.next_power_of_2(n_cols)))
-    return dict(BLOCK_N=4, BLOCK_V=512, num_warps=4)
-
-
-@triton.jit
-def _chunk_lse_kernel(
-    # pointers: z [n, n_cols] (the chunk's logits before bias and 1/T, fp32), bias [V],
-    # targets [n] (int64), the fp32 [n] running max / sum / target logit / entropy sum,
-    # updated in place
-    z_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, zt_ptr, u_ptr,
-    # sizes, chunk offset and the row stride of z
-    n, n_cols, v0, stride_z,
-    # scalars
-    inv_t,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """Online log-sum-exp over one vocabulary chunk: fold the chunk's (x + b) / T into the
-    per-row (M, S) and pick the target logit when it lies in the chunk (fp32 math). Also
-    U = sum_v e^(z_v - M) (z_v - M), so the entropy is log S - U / S: relative to M, not
-    log S + M - E[z], which cancels catastrophically at |z| = 1e4."""
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_n < n
-    tgt = tl.load(tgt_ptr + offs_n, mask=row_ok, other=-1)
-    m = tl.load(m_ptr + offs_n, mask=row_ok, other=0.0)
-    s = tl.load(s_ptr + offs_n, mask=row_ok, other=0.0)
-    z_t = tl.load(zt_ptr + offs_n, mask=row_ok, other=0.0)
-    u = tl.load(u_ptr + offs_n, mask=row_ok, other=0.0)
-    for c0 in range(0, n_cols, BLOCK_V):
-        offs_c = c0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        c_ok = offs_c < n_cols
-        ok = row_ok[:, None] & c_ok[None, :]
-        z = tl.load(z_ptr + offs_n[:, None] * stride_z + offs_c[None, :], mask=ok,
-                    other=float("-inf")).to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(b_ptr + v0 + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-        z = tl.where(ok, z * inv_t, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        # while a row has seen only -inf, shift by 0: exp(-inf - -inf) would be NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        e = tl.exp(z - m_safe[:, None])
-        # U's old terms move from M to M_new: e^(z-M)(z-M) -> alpha e^(z-M)((z-M) + M-M_new)
-        shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
-        # a -inf logit's term: e = 0 times a (z - M) of 0, never 0 * -inf
-        u = alpha * (u + s * shift) + tl.sum(e * tl.where(e > 0, z - m_safe[:, None], 0.0),
-                                             axis=1)
-        s = s * alpha + tl.sum(e, axis=1)
-        m = m_new
-        hit = (v0 + offs_c)[None, :] == tgt[:, None]
-        z_t = tl.maximum(z_t, tl.max(tl.where(hit, z, float("-inf")), axis=1))
-    tl.store(m_ptr + offs_n, m, mask=row_ok)
-    tl.store(s_ptr + offs_n, s, mask=row_ok)
-    tl.store(zt_ptr + offs_n, z_t, mask=row_ok)
-    tl.store(u_ptr + offs_n, u, mask=row_ok)
-
-
-@triton.jit
-def _chunk_dlogits_kernel(
-    # pointers: z [n, n_cols] as above, bias, targets [n], fp32 [n] M, log S and g (g
-    # holding 1/T and 0 on dead rows), d [n, n_cols] out in the weight dtype
-    z_ptr, b_ptr, tgt_ptr, m_ptr, ls_ptr, g_ptr, d_ptr,
-    # sizes, chunk offset, row strides of z and d
-    n, n_cols, v0, stride_z, stride_d,
-    # scalars
-    inv_t,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-):
-    """D = g (onehot(t) - exp((x + b) / T - M - log S)) for one tile of the chunk."""
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = offs_n < n
-    c_ok = offs_c < n_cols
-    ok = row_ok[:, None] & c_ok[None, :]
-    tgt = tl.load(tgt_ptr + offs_n, mask=row_ok, other=-1)
-    m = tl.load(m_ptr + offs_n, mask=row_ok, other=0.0)
-    log_s = tl.load(ls_ptr + offs_n, mask=row_ok, other=0.0)
-    g = tl.load(g_ptr + offs_n, mask=row_ok, other=0.0)
-    z = tl.load(z_ptr + offs_n[:, None] * stride_z + offs_c[None, :], mask=ok,
-                other=float("-inf")).to(tl.float32)
-    if HAS_BIAS:
-        z += tl.load(b_ptr + v0 + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    p = tl.exp(z * inv_t - m[:, None] - log_s[:, None])
-    d = g[:, None] * (tl.where((v0 + offs_c)[None, :] == tgt[:, None], 1.0, 0.0) - p)
-    if ROUND_BF16:  # interpreter: round-to-nearest as the GPU's cast does
-        d = _round_to_bf16(d)
-    tl.store(d_ptr + offs_n[:, None] * stride_d + offs_c[None, :],
-             d.to(d_ptr.dtype.element_ty), mask=ok)
-
-
-_OUT_DTYPE_MM = {}  # (op, device type) -> False where torch's out_dtype GEMM failed
-
-
-def _mm_f32(a, b, acc=None):
-    """a @ b with fp32 accumulation and an fp32 result, no rounding to a's dtype; added
-    into acc (fp32) when given. 16-bit a, b on CUDA: cuBLAS with an fp32 C (torch's
-    out_dtype GEMMs; with acc, beta = 1 in place); where this torch lacks them, the product
-    in a's dtype, upcast (one extra rounding: eager's). CPU (the tests): an fp32 GEMM of the
-    upcast operands (products of 16-bit numbers are exact in fp32). fp32 a, b follow
-    torch's matmul precision (TF32 only where the caller allowed it)."""
-    if a.dtype == torch.float32:
-        return a @ b if acc is None else acc.addmm_(a, b)
-    if a.is_cuda:
-        key = ("mm" if acc is None else "addmm", a.device.type)
-        if _OUT_DTYPE_MM.get(key, True):
-            try:
-                if acc is None:
-                    return torch.mm(a, b, out_dtype=torch.float32)
-                return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            except (RuntimeError, TypeError):  # older torch: addmm's C must be a's dtype
-                _OUT_DTYPE_MM[key] = False
-        out = _mm_f32(a, b) if acc is not None else (a @ b).float()
-        return out if acc is None else acc.add_(out)
-    if acc is None:
-        return a.float() @ b.float()
-    return acc.addmm_(a.float(), b.float())
-
-
-def _entropy(log_s, u, s):
-    """The softmax's entropy from the online sums: log S - U / S (0 for an all -inf row)."""
-    return (log_s - u / s).nan_to_num_(0.0).clamp_(min=0)
-
-
-def _fwd_chunked(h, w, b, t, rows, inv_t):
-    """logp, M, log S and the entropy (fp32 [N], zero off `rows`) for the rows `rows`
-    (int64, all live), vocabulary chunk by chunk: fp32 z_c = h[rows] @ w[v0:v1].T (cuBLAS),
-    then _chunk_lse_kernel."""
-    N = h.shape[0]
-    V = w.shape[0]
-    n = rows.numel()
-    f32 = dict(device=h.device, dtype=torch.float32)
-    logp_all, m_all, ls_all, ent_all = (torch.zeros(N, **f32) for _ in range(4))
-    if n == 0:
-        return logp_all, m_all, ls_all, ent_all
-    hs = h if n == N else h.index_select(0, rows)
-    ts = t if n == N else t.index_select(0, rows)
-    m = torch.full((n,), float("-inf"), **f32)
-    s = torch.zeros(n, **f32)
-    u = torch.zeros(n, **f32)
-    z_t = torch.full((n,), float("-inf"), **f32)
-    vc = _chunk_cols(n)
-    cfg = _ew_config(min(vc, V))
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-    for v0 in range(0, V, vc):
-        v1 = min(v0 + vc, V)
-        z = _mm_f32(hs, w[v0:v1].T)
-        _chunk_lse_kernel[grid](z, b if b is not None else z, ts, m, s, z_t, u, n, v1 - v0,
-                                v0, z.stride(0), inv_t, HAS_BIAS=b is not None, **cfg)
-        del z
-    log_s = s.log()  # -inf for an all -inf row
-    m = m.masked_fill_(m == float("-inf"), 0)
-    # (z_t - M) - log S, not z_t - lse: at |z| = 1e4 an fp32 lse has an ulp of 1e-3
-    lp = ((z_t - m) - log_s).clamp_(max=0).masked_fill_(z_t == float("-inf"), float("-inf"))
-    ent = _entropy(log_s, u, s)
-    if n == N:
-        return lp, m, log_s, ent
-    return (logp_all.index_copy_(0, rows, lp), m_all.index_copy_(0, rows, m),
-            ls_all.index_copy_(0, rows, log_s), ent_all.index_copy_(0, rows, ent))
-
-
-def _bwd_chunked(h, w, b, t, rows, m, log_s, g, inv_t, need_dh=True, need_dw=True,
-                 dw_dtype=torch.float32):
-    """dhidden (fp32 [N, H]), dweight ([V, H] in dw_dtype), dbias (fp32 [V]) for the rows
-    `rows` from the saved M, log S and upstream g (fp32 [N]), chunk by chunk: recompute z_c
-    (cuBLAS), D_c in the weight dtype (_chunk_dlogits_kernel), dh += D_c @ w_c into an fp32
-    accumulator, dw[v0:v1] = D_c.T @ h[rows] (one GEMM over all rows: written, not
-    accumulated), db[v0:v1] = D_c.sum(0)."""
-    N, H = h.shape
-    V = w.shape[0]
-    n = rows.numel()
-    f32 = dict(device=h.device, dtype=torch.float32)
-    dh = torch.zeros(N, H, **f32) if need_dh else None
-    if need_dw:
-        dw = (torch.zeros if dw_dtype == torch.float32 else torch.empty)(
-            V, H, device=h.device, dtype=dw_dtype)
-        db = torch.zeros(V, **f32) if b is not None else None
-    else:
-        dw = db = None
-    if n == 0 or not (need_dh or need_dw):
-        if dw is not None and dw_dtype != torch.float32:
-            dw.zero_()
-        return dh, dw, db
-    sel = (lambda a: a) if n == N else (lambda a: a.index_select(0, rows))  # noqa: E731
-    hs, ts, ms, ls = sel(h), sel(t), sel(m), sel(log_s)
-    # dead rows (all -inf): g = 0 and finite M, log S, so their D is exactly 0
-    dead = ls == float("-inf")
-    gs = sel(g).mul(inv_t).masked_fill_(dead, 0)
-    ls = ls.masked_fill(dead, 0)
-    dhs = dh if n == N or dh is None else torch.zeros(n, H, **f32)
-    vc = _chunk_cols(n)
-    cfg = _ew_config(min(vc, V))
-    round_bf16 = interpreting() and w.dtype == torch.bfloat16
-    for v0 in range(0, V, vc):
-        v1 = min(v0 + vc, V)
-        wc = w[v0:v1]
-        z = _mm_f32(hs, wc.T)
-        d = torch.empty(n, v1 - v0, device=h.device, dtype=w.dtype)
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v1 - v0, cfg["BLOCK_V"]))
-        _chunk_dlogits_kernel[grid](z, b if b is not None else z, ts, ms, ls, gs, d, n,
-                                    v1 - v0, v0, z.stride(0), d.stride(0), inv_t,
-                                    HAS_BIAS=b is not None, ROUND_BF16=round_bf16, **cfg)
-        del z
-        if need_dh:
-            _mm_f32(d, wc, dhs)
-        if need_dw:
-            if dw_dtype == torch.float32:
-                _mm_f32(d.T, hs, dw[v0:v1])  # dw is zero: a plain write
-            else:
-                torch.mm(d.T, hs, out=dw[v0:v1])  # one rounding, as eager autograd
-            if db is not None:
-                db[v0:v1] = d.sum(0, dtype=torch.float32)
-        del d
-    if dhs is not dh:
-        dh.index_copy_(0, rows, dhs)
-    return dh, dw, db
-
-
-def _gate_cases():
-    """Every launch the Triton launchers above make on a GPU (each dtype, with and without
-    bias), at a Qwen2-7B-sized LM head (N = 8192 tokens, H = 3584, V = 152064) and an odd
-    vocabulary, on meta tensors (no data), for the compile gate (bench/compile_gate.py)."""
-    N, H = 8192, 3584
-    for dtype, V, bias in itertools.product(_FLOATS, (152064, 50257), (False, True)):
-        meta = dict(device="meta")
-        h = torch.empty(N, H, dtype=dtype, **meta)
-        w = torch.empty(V, H, dtype=dtype, **meta)
-        b = torch.empty(V, dtype=dtype, **meta) if bias else None
-        t = rows = torch.empty(N, dtype=torch.int64, **meta)
-        f = torch.empty(N, **meta)
-        yield functools.partial(_fwd_chunked, h, w, b, t, rows, 1.0)
-        yield functools.partial(_bwd_chunked, h, w, b, t, rows, f, f, f, 1.0,
-                                dw_dtype=dtype)
-
-
-# ------------------------------------------------------------------------ reference
-def linear_logprobs_ref(hidden, weight, targets, bias=None, temperature=1.0):
-    """The specification and test oracle, in the inputs' dtype (fp64 in the tests): the
-    logits in full, then log_softmax(x / T).gather(targets) (an all -inf row gives -inf)."""
-    from .token_logprobs import token_logprobs_ref
-    x = hidden @ weight.T
-    if bias is not None:
-        x = x + bias
-    return token_logprobs_ref(x, targets, temperature)
-
-
-# ------------------------------------------------------------------------ CPU path
-def _vocab_chunks(V: int) -> list[tuple[int, int]]:
-    """Equal-ish vocabulary chunks of at most _TILE_ELEMS // _ROWS columns (fixed by V)."""
-    n = -(-V // (_TILE_ELEMS // _ROWS))
-    step = -(-V // n)
-    return [(v, min(v + step, V)) for v in range(0, V, step)]
-
-
-def _tile(hc, w, b, v0, v1, inv_t):
-    """fp32 z = (hc @ w[v0:v1].T + b) / T for a padded fp32 row chunk hc."""
-    wc = w[v0:v1]
-    z = hc @ (wc.T if wc.dtype == torch.float32 else wc.float().T)
-    if b is not None:
-        z += b[v0:v1].float()
-    return z.mul_(inv_t)
-
-
-def _cpu_pass(h, w, b, t, rows, inv_t, state=None, grad_of=None, need_dh=True,
-              need_dw=True, entropy=False):
-    """One sweep over fixed-size row chunks of `rows` (int64 indices into h).
-
-    state None: compute (logp, M, log S) with an online log-sum-exp over vocabulary chunks;
-    else reuse the saved (M, log S). grad_of(chunk_index, rows, logp) -> fp32 g (or None)
-    asks for D = g (onehot - p) / T in the same sweep, reusing the tile when the vocabulary
-    is one chunk. Returns logp, M, log S, the entropy ([N] fp32, zero off `rows`; the
-    entropy only with `entropy` and state None, else zeros) and fp32 dh, dw, db (None
-    unless a gradient was asked for)."""
-    N, H = h.shape
-    V = w.shape[0]
-    chunks = _vocab_chunks(V)
-    f32 = dict(dtype=torch.float32, device=h.device)
-    logp_all, m_all, ls_all, ent_all = (torch.zeros(N, **f32) for _ in range(4))
-    if state is not None:
-        m_all, ls_all = state
-    dh = torch.zeros(N, H, **f32) if grad_of and need_dh else None
-    dw = torch.zeros(V, H, **f32) if grad_of and need_dw else None
-    db = torch.zeros(V, **f32) if grad_of and need_dw and b is not None else None
-    hc = torch.zeros(_ROWS, H, **f32)
-    for ci, r0 in enumerate(range(0, rows.numel(), _ROWS)):
-        idx = rows[r0:r0 + _ROWS]
-        n = idx.numel()
-        hc.zero_()[:n] = h.index_select(0, idx)  # padded to _ROWS: fixed GEMM shape
-        tc = torch.zeros(_ROWS, dtype=torch.int64, device=h.device)
-        tc[:n] = t.index_select(0, idx)
-        kept = None
-        if state is None:
-            m = torch.full((_ROWS,), float("-inf"), **f32)
-            s = torch.zeros(_ROWS, **f32)
-            u = torch.zeros(_ROWS, **f32)
-            z_t = torch.full((_ROWS,), float("-inf"), **f32)
-            for v0, v1 in chunks:
-                z = _tile(hc, w, b, v0, v1, inv_t)
-                m_new = torch.maximum(m, z.amax(-1))
-                m_safe = m_new.masked_fill(m_new == float("-inf"), 0)
-                alpha = torch.exp(m - m_safe)
-                zs = z - m_safe[:, None]
-                e = torch.exp(zs)
-                # U = sum e^(z-M)(z-M) (_chunk_lse_kernel's doc): the old terms move to M_new
-                shift = (m - m_safe).masked_fill(m == float("-inf"), 0)
-                s_new = s * alpha + e.sum(-1)
-                if entropy:  # in place (two tiles besides z, as the log-sum-exp alone
-                    # takes): a -inf logit's term is 0 * -inf = nan -> 0
-                    u = alpha * (u + s * shift) + e.mul_(zs).nan_to_num_(0.0).sum(-1)
-                s = s_new
-                del zs, e
-                m = m_new
-                hit = (tc >= v0) & (tc < v1)
-                zt_c = z.gather(1, (tc - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
-                z_t = torch.where(hit, zt_c, z_t)
-                kept = z if len(chunks) == 1 else None
-                del z
-            log_s = s.log()
-            m = m.masked_fill(m == float("-inf"), 0)
-            lp = ((z_t - m) - log_s).clamp_(max=0).masked_fill_(z_t == float("-inf"),
-                                                                float("-inf"))
-            logp_all[idx], m_all[idx], ls_all[idx] = lp[:n], m[:n], log_s[:n]
-            if entropy:
-                ent_all[idx] = _entropy(log_s, u, s)[:n]
-        else:
-            # padding rows: M = +inf gives p = 0 (their z may be anything)
-            m = torch.full((_ROWS,), float("inf"), **f32)
-            log_s = torch.zeros(_ROWS, **f32)
-            m[:n], log_s[:n] = m_all[idx], ls_all[idx]
-            lp = None
-        g_rows = grad_of(ci, idx, None if lp is None else lp[:n]) if grad_of else None
-        if g_rows is None:
-            continue
-        dead = log_s == float("-inf")
-        g = torch.zeros(_ROWS, **f32)
-        g[:n] = g_rows * inv_t
-        g = g.masked_fill_(dead, 0)
-        log_s = log_s.masked_fill(dead, 0)
-        dhc = torch.zeros(_ROWS, H, **f32) if need_dh else None
-        for v0, v1 in chunks:
-            z = kept if kept is not None else _tile(hc, w, b, v0, v1, inv_t)
-            kept = None
-            # D = g (onehot - p), in place over the tile
-            d = z.sub_(m[:, None]).sub_(log_s[:, None]).exp_().mul_(-g[:, None])
-            hit = (tc >= v0) & (tc < v1)
-            d.scatter_add_(1, (tc - v0).clamp(0, v1 - v0 - 1)[:, None],
-                           torch.where(hit, g, 0.0)[:, None])
-            wc = w[v0:v1]
-            wc = wc if wc.dtype == torch.float32 else wc.float()
-            if need_dh:
-                dhc.addmm_(d, wc)
-            if need_dw:
-                dw[v0:v1].addmm_(d.T, hc)
-                if db is not None:
-                    db[v0:v1] += d.sum(0)
-            del z, d
-        if need_dh:
-            dh[idx] = dhc[:n]
-    return logp_all, m_all, ls_all, ent_all, dh, dw, db
-
-
-# --------------------------------------------------------------------------- autograd
-def _forward(h, w, b, t, rows, inv_t, on_triton):
-    if on_triton:  # rows are all live here (linear_logprobs: all N)
-        return _fwd_chunked(h, w, b, t, rows, inv_t)[:3]
-    return _cpu_pass(h, w, b, t, rows, inv_t)[:3]
-
-
-def _backward(h, w, b, t, rows, m, log_s, g, inv_t, on_triton, need_dh, need_dw):
-    if on_triton:  # g is the final upstream: dweight straight in the weight dtype
-        return _bwd_chunked(h, w, b, t, rows, m, log_s, g, inv_t, need_dh, need_dw,
-                            dw_dtype=w.dtype)
-    _, _, _, _, dh, dw, db = _cpu_pass(h, w, b, t, rows, inv_t, state=(m, log_s),
-                                       grad_of=lambda ci, idx, lp: g.index_select(0, idx),
-                                       need_dh=need_dh, need_dw=need_dw)
-    return dh, dw, db
 
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, t, rows, inv_t, on_triton):
-        logp, m, log_s = _forward(h, w, b, t, rows, inv_t, on_triton)
+    def forward(ctx, h, w, b, t, inv_t, on_triton):
+        rows = torch.arange(h.shape[0], device=h.device)
+        sweep = chunked_logsumexp if on_triton else cpu_sweep
+        logp, m, log_s = sweep(h, w, b, t, rows, inv_t)[:3]
         ctx.save_for_backward(h, w, b, t, rows, m, log_s)
         ctx.inv_t, ctx.on_triton = inv_t, on_triton
         return logp
@@ -498,45 +50,25 @@ class _LinearLogprobs(torch.autograd.Function):
         h, w, b, t, rows, m, log_s = ctx.saved_tensors
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        dh, dw, db = _backward(h, w, b, t, rows, m, log_s, g.float().contiguous(),
-                               ctx.inv_t, ctx.on_triton, need_dh, need_dw)
+        g = g.float().contiguous()
+        if ctx.on_triton:  # g is the final upstream: dweight straight in the weight dtype
+            dh, dw, db = chunked_grads(h, w, b, t, rows, m, log_s, g, ctx.inv_t, need_dh,
+                                       need_dw, dw_dtype=w.dtype)
+        else:
+            dh, dw, db = cpu_sweep(h, w, b, t, rows, ctx.inv_t, state=(m, log_s),
+                                   grad_of=lambda idx, _: g.index_select(0, idx),
+                                   need_dh=need_dh, need_dw=need_dw)[4:]
         return (None if dh is None else dh.to(h.dtype),
                 None if dw is None or not ctx.needs_input_grad[1] else dw.to(w.dtype),
                 None if db is None or not ctx.needs_input_grad[2] else db.to(b.dtype),
-                None, None, None, None)
-
-
-# ------------------------------------------------------------------------- checks, API
-def _check_inputs(hidden, weight, targets, bias):
-    """Shape, dtype and device checks (free); returns V, H."""
-    V, H = check_head(hidden, weight, bias)
-    _check_targets(targets, "hidden", hidden)
-    devs = {a.device for a in (hidden, weight, targets, bias) if a is not None}
-    if len(devs) != 1:
-        raise ValueError(f"hidden, weight, targets (and bias) must share a device, got {devs}")
-    if checks_enabled() and targets.numel() and not (
-            0 <= targets.min().item() and targets.max().item() < V):  # one sync on a GPU
-        raise ValueError(f"targets must lie in [0, {V}) (weight shape {tuple(weight.shape)}), "
-                         f"got min {targets.min().item()} max {targets.max().item()}")
-    return V, H
-
-
-def _prepare(hidden, weight, targets, bias):
-    """Flattened, H-contiguous operands: h [N, H], w [V, H], b, t [N] int64."""
-    H = weight.shape[1]
-    h = hidden.reshape(-1, H)
-    h = h if h.stride(-1) == 1 else h.contiguous()
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    b = None if bias is None else bias.contiguous()
-    t = targets.reshape(-1).to(torch.int64).contiguous()
-    return h, w, b, t
+                None, None, None)
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                     bias: torch.Tensor | None = None,
                     temperature: float = 1.0) -> torch.Tensor:
     """log_softmax((hidden @ weight.T + bias) / temperature)[..., targets] as fp32 of shape
-    targets.shape, without the [N, V] logits (formulas and design in the module doc).
+    targets.shape, without the [N, V] logits (formulas in the module doc).
 
     hidden: [..., H] float32/bfloat16/float16; weight: [V, H] same dtype; bias: [V] or None;
     targets: integer, shape hidden.shape[:-1], values in [0, V). Differentiable in hidden,
@@ -544,11 +76,18 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     its memory beyond the gradients themselves is independent of V. The chunked cuBLAS path
     for CUDA tensors, the tiled PyTorch path for CPU tensors (SCORE_FAST_BACKEND overrides,
     see _dispatch)."""
-    _check_inputs(hidden, weight, targets, bias)
-    inv_t = _check_temperature(temperature)
-    h, w, b, t = _prepare(hidden, weight, targets, bias)
-    N = h.shape[0]
-    rows = torch.arange(N, device=h.device)
+    check_head(hidden, weight, bias, targets)
+    inv_t = check_temperature(temperature)
+    h, w, b, t = flatten_head(hidden, weight, targets, bias)
     tensors = [a for a in (hidden, weight, targets, bias) if a is not None]
-    logp = _LinearLogprobs.apply(h, w, b, t, rows, inv_t, use_triton(*tensors))
+    logp = _LinearLogprobs.apply(h, w, b, t, inv_t, use_triton(*tensors))
     return logp.view(targets.shape)
+
+
+def linear_logprobs_ref(hidden, weight, targets, bias=None, temperature=1.0):
+    """The specification and test oracle, in the inputs' dtype (fp64 in the tests): the
+    logits in full, then log_softmax(x / T).gather(targets) (an all -inf row gives -inf)."""
+    x = hidden @ weight.T
+    if bias is not None:
+        x = x + bias
+    return token_logprobs_ref(x, targets, temperature)

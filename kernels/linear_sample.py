@@ -49,9 +49,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import FLOATS
 from ._dispatch import checks_enabled, interpreting, use_triton
-from ._lmhead import FLOATS as _FLOATS
-from ._lmhead import check_head
+from ._lmhead import check_head, flatten_head
 
 __all__ = ["linear_sample", "linear_sample_ref"]
 
@@ -65,7 +65,6 @@ _GPU_PROGRAMS = 1024  # GPU: enough (row block, split) programs to fill 132 SMs 
 _GATE_SPILLS = {("_linear_sample_kernel", "sm_100a"): 28}
 
 
-# ------------------------------------------------------------------------- Triton path
 @triton.jit
 def _linear_sample_kernel(
     # pointers: hidden [B, H], weight [V, H], bias [V], seed [1] int64; out: the best key
@@ -123,13 +122,14 @@ def _linear_sample_kernel(
     tl.store(idx_ptr + offs_b * S + pid_s, best_i, mask=row_ok)
 
 
-def _config(B: int, V: int, H: int) -> dict:
+def _sample_config(B: int, V: int, H: int) -> dict:
     """Tiles of 4096 logits (BLOCK_B x BLOCK_V: 16 x 256, 32 x 128, 64 x 64), 16 fp32
     accumulators a thread at 8 warps; BLOCK_K 64 (16-bit) / 32 (fp32): 16 KB of operands a
     K step. At 4 warps the compile gate (triton 3.9) measured 168-255 registers a thread,
     spilling 4-52 B (fp32 everywhere, 16-bit at BLOCK_B = 64 on sm_80): the Philox noise
     and the fp32 FMA dot hold several tile-sized temporaries. Interpreter: few large numpy
-    tiles."""
+    tiles (the GPU's make an interpreted test 4.5x slower: 53 s against 12 s at V = 50257);
+    the vocabulary splits are the GPU's, so the tests cover the argmax across splits."""
     block_b = min(64, max(16, triton.next_power_of_2(B)))
     if interpreting():
         return dict(BLOCK_B=block_b, BLOCK_V=min(1024, max(16, triton.next_power_of_2(V))),
@@ -137,16 +137,35 @@ def _config(B: int, V: int, H: int) -> dict:
     return dict(BLOCK_B=block_b, BLOCK_V=4096 // block_b, BLOCK_K=64, num_warps=8)
 
 
+def _gate_cases():
+    """The launches _sample_triton makes on a GPU, on meta tensors (no data), for the compile
+    gate (bench/compile_gate.py): each dtype at each BLOCK_B (B = 8, 32, 256) sampling at a
+    Qwen2-7B-sized LM head (H = 3584, V = 152064), and each dtype with a bias, greedy, and at
+    an odd vocabulary (V = 50257)."""
+    H = 3584
+    meta = dict(device="meta")
+    cases = [(dtype, 152064, False, False, B) for dtype in FLOATS for B in (8, 32, 256)]
+    cases += [(dtype, V, bias, greedy, 32) for dtype in FLOATS
+              for V, bias, greedy in ((152064, True, False), (152064, False, True),
+                                      (50257, False, False))]
+    for dtype, V, bias, greedy, B in cases:
+        h = torch.empty(B, H, dtype=dtype, **meta)
+        w = torch.empty(V, H, dtype=dtype, **meta)
+        b = torch.empty(V, dtype=dtype, **meta) if bias else None
+        seed = torch.empty(1, dtype=torch.int64, **meta)
+        yield functools.partial(_sample_triton, h, w, b, 1.25, greedy, seed)
+
+
 def _sample_triton(h, w, b, inv_t, greedy, seed):
     """Launch over (row blocks, splits), then the argmax over the splits' keys."""
     B, H = h.shape
     V = w.shape[0]
-    cfg = _config(B, V, H)
+    cfg = _sample_config(B, V, H)
     if w.dtype == torch.float32:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)
     n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
     row_blocks = triton.cdiv(B, cfg["BLOCK_B"])
-    splits = 1 if interpreting() else min(n_tiles, triton.cdiv(_GPU_PROGRAMS, row_blocks))
+    splits = min(n_tiles, triton.cdiv(_GPU_PROGRAMS, row_blocks))
     per = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, per)
     key = torch.empty(B, splits, device=h.device, dtype=torch.float32)
@@ -161,40 +180,6 @@ def _sample_triton(h, w, b, inv_t, greedy, seed):
     return best, idx.gather(1, c[:, None]).squeeze(1)
 
 
-def _gate_cases():
-    """The launches _sample_triton makes on a GPU, on meta tensors (no data), for the compile
-    gate (bench/compile_gate.py): each dtype at each BLOCK_B (B = 8, 32, 256) sampling at a
-    Qwen2-7B-sized LM head (H = 3584, V = 152064), and each dtype with a bias, greedy, and at
-    an odd vocabulary (V = 50257)."""
-    H = 3584
-    meta = dict(device="meta")
-    cases = [(dtype, 152064, False, False, B) for dtype in _FLOATS for B in (8, 32, 256)]
-    cases += [(dtype, V, bias, greedy, 32) for dtype in _FLOATS
-              for V, bias, greedy in ((152064, True, False), (152064, False, True),
-                                      (50257, False, False))]
-    for dtype, V, bias, greedy, B in cases:
-        h = torch.empty(B, H, dtype=dtype, **meta)
-        w = torch.empty(V, H, dtype=dtype, **meta)
-        b = torch.empty(V, dtype=dtype, **meta) if bias else None
-        seed = torch.empty(1, dtype=torch.int64, **meta)
-        yield functools.partial(_sample_triton, h, w, b, 1.25, greedy, seed)
-
-
-# ------------------------------------------------------------------------ reference
-def linear_sample_ref(hidden, weight, bias=None, temperature=1.0, generator=None):
-    """The specification, and the path this op replaces: the [B, V] logits in full, then
-    softmax(x / T) and torch.multinomial (argmax at temperature 0)."""
-    x = hidden @ weight.T
-    if bias is not None:
-        x = x + bias
-    if temperature == 0:
-        return x.argmax(-1)
-    probs = torch.softmax(x.float() / temperature, -1)
-    return torch.multinomial(probs.reshape(-1, x.shape[-1]), 1,
-                             generator=generator).view(x.shape[:-1])
-
-
-# ------------------------------------------------------------------------ CPU path
 def _sample_torch(h, w, b, inv_t, greedy, generator):
     """Per vocabulary tile: fp32 logits, then (greedy) its max and argmax, or (sampling) the
     tile's key lse_c + G_c and an index drawn from softmax(z_c) by inverse CDF (module doc).
@@ -236,13 +221,9 @@ def _sample_torch(h, w, b, inv_t, greedy, generator):
     return best, toks.gather(1, c[:, None]).squeeze(1)
 
 
-# ------------------------------------------------------------------------- checks, API
-def _check_inputs(hidden, weight, bias, temperature):
+def _check_sample_args(hidden, weight, bias, temperature):
     """Shape, dtype and device checks (free); returns 1 / T (0 for greedy)."""
-    V, H = check_head(hidden, weight, bias)
-    devs = {a.device for a in (hidden, weight, bias) if a is not None}
-    if len(devs) != 1:
-        raise ValueError(f"hidden, weight (and bias) must share a device, got {devs}")
+    check_head(hidden, weight, bias)
     t = float(temperature)
     if not t >= 0 or t == float("inf"):
         raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
@@ -259,13 +240,9 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *,
     (torch's default one of the tensors' device when None); the CPU path draws 2 fp64
     uniforms a row and vocabulary tile from it, the Triton path one int64 seed for its
     Philox stream (module doc). Not differentiable (a sample has no gradient)."""
-    inv_t = _check_inputs(hidden, weight, bias, temperature)
+    inv_t = _check_sample_args(hidden, weight, bias, temperature)
     greedy = inv_t == 0.0
-    H = weight.shape[1]
-    h = hidden.reshape(-1, H)
-    h = h if h.stride(-1) == 1 else h.contiguous()
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    b = None if bias is None else bias.contiguous()
+    h, w, b, _ = flatten_head(hidden, weight, bias=bias)
     if h.shape[0] == 0:
         return torch.empty(hidden.shape[:-1], dtype=torch.int64, device=hidden.device)
     if use_triton(*[a for a in (hidden, weight, bias) if a is not None]):
@@ -282,3 +259,16 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *,
             raise ValueError(f"rows {rows} (of {h.shape[0]}, hidden shape "
                              f"{tuple(hidden.shape)}) have no finite logit to sample from")
     return tok.view(hidden.shape[:-1])
+
+
+def linear_sample_ref(hidden, weight, bias=None, temperature=1.0, generator=None):
+    """The specification, and the path this op replaces: the [B, V] logits in full, then
+    softmax(x / T) and torch.multinomial (argmax at temperature 0)."""
+    x = hidden @ weight.T
+    if bias is not None:
+        x = x + bias
+    if temperature == 0:
+        return x.argmax(-1)
+    probs = torch.softmax(x.float() / temperature, -1)
+    return torch.multinomial(probs.reshape(-1, x.shape[-1]), 1,
+                             generator=generator).view(x.shape[:-1])

@@ -40,7 +40,6 @@ __all__ = ["score_advantages", "score_advantages_ref", "BASELINES", "STD_EPS"]
 
 BASELINES = ("rloo", "mean", "none")
 STD_EPS = 1e-6  # rewards are O(1) (binary, shaped up to 1 + alpha): 1e-6 is far below any real std
-_BLOCK = 128  # a group is one prompt's samples (2..64 typically): one or two blocks per pass
 
 
 @triton.jit
@@ -131,6 +130,19 @@ def _advantage_kernel(
         tl.store(out_ptr + 2 * idx + 1, k * (c * c1 - b1) * inv1, mask=m)
 
 
+_BLOCK = 128  # a group is one prompt's samples (2..64 typically): one or two blocks per pass
+
+
+def _gate_cases():
+    """Every launch _advantages_triton makes on a GPU (each STAGE, BASELINE, NORMALIZE), on
+    meta tensors (no data), for the compile gate (bench/compile_gate.py)."""
+    r = torch.empty(512, device="meta")
+    group = torch.empty(512, dtype=torch.int64, device="meta")
+    for stage, baseline, normalize in itertools.product((1, 2), BASELINES, (False, True)):
+        yield functools.partial(_advantages_triton, r, r, group, stage, 10.0, baseline,
+                                normalize)
+
+
 def _segments(group: torch.Tensor):
     """Stable sort of the group ids and, per sorted position, its group's [start, end)."""
     keys, order = torch.sort(group, stable=True)
@@ -148,16 +160,6 @@ def _advantages_triton(r1, r2, group, stage, alpha, baseline, normalize):
                                 STAGE=stage, BASELINE=baseline, NORMALIZE=normalize,
                                 BLOCK=_BLOCK)
     return out
-
-
-def _gate_cases():
-    """Every launch _advantages_triton makes on a GPU (each STAGE, BASELINE, NORMALIZE), on
-    meta tensors (no data), for the compile gate (bench/compile_gate.py)."""
-    r = torch.empty(512, device="meta")
-    group = torch.empty(512, dtype=torch.int64, device="meta")
-    for stage, baseline, normalize in itertools.product((1, 2), BASELINES, (False, True)):
-        yield functools.partial(_advantages_triton, r, r, group, stage, 10.0, baseline,
-                                normalize)
 
 
 def _advantages_torch(r1, r2, group, stage, alpha, baseline, normalize):
@@ -183,31 +185,7 @@ def _advantages_torch(r1, r2, group, stage, alpha, baseline, normalize):
     return torch.empty_like(A).index_copy_(0, order, A)
 
 
-def score_advantages_ref(r1, r2, group, *, stage, alpha=10.0, baseline="rloo",
-                         normalize=False):
-    """Plain-torch specification, a loop over groups, in r1's float dtype (fp64-capable)."""
-    dtype = r1.dtype if r1.is_floating_point() else torch.float32
-    r1, r2 = r1.to(dtype), r2.to(dtype)
-    R = torch.stack([torch.zeros_like(r2), r2] if stage == 1
-                    else [r1, r2 + alpha * (r2 - r1)], dim=1)
-    A = torch.zeros_like(R)
-    for g in torch.unique(group):
-        rows = (group == g).nonzero().squeeze(1)
-        Rg = R[rows]
-        n = len(rows)
-        if baseline == "rloo":
-            Ag = (Rg - (Rg.sum(0) - Rg) / (n - 1)) if n > 1 else torch.zeros_like(Rg)
-        elif baseline == "mean":
-            Ag = Rg - Rg.mean(0)
-        else:
-            Ag = Rg
-        if normalize:
-            Ag = Ag / (Rg.std(0, correction=0) + STD_EPS)
-        A[rows] = Ag
-    return A
-
-
-def _check(r1, r2, group, stage, baseline):
+def _check_advantage_args(r1, r2, group, stage, baseline):
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
     if baseline not in BASELINES:
@@ -233,9 +211,33 @@ def score_advantages(r1: torch.Tensor, r2: torch.Tensor, group: torch.Tensor, *,
     ids, any values (unsorted, negative, sparse). stage: 1 or 2. alpha: stage-2 shaping.
     baseline: "rloo", "mean" or "none". normalize: divide by group std + 1e-6 (population).
     """
-    _check(r1, r2, group, stage, baseline)
+    _check_advantage_args(r1, r2, group, stage, baseline)
     r1 = r1.detach().to(torch.float32).contiguous()
     r2 = r2.detach().to(torch.float32).contiguous()
     group = group.contiguous()
     fn = _advantages_triton if use_triton(r1, r2, group) else _advantages_torch
     return fn(r1, r2, group, stage, alpha, baseline, normalize)
+
+
+def score_advantages_ref(r1, r2, group, *, stage, alpha=10.0, baseline="rloo",
+                         normalize=False):
+    """Plain-torch specification, a loop over groups, in r1's float dtype (fp64-capable)."""
+    dtype = r1.dtype if r1.is_floating_point() else torch.float32
+    r1, r2 = r1.to(dtype), r2.to(dtype)
+    R = torch.stack([torch.zeros_like(r2), r2] if stage == 1
+                    else [r1, r2 + alpha * (r2 - r1)], dim=1)
+    A = torch.zeros_like(R)
+    for g in torch.unique(group):
+        rows = (group == g).nonzero().squeeze(1)
+        Rg = R[rows]
+        n = len(rows)
+        if baseline == "rloo":
+            Ag = (Rg - (Rg.sum(0) - Rg) / (n - 1)) if n > 1 else torch.zeros_like(Rg)
+        elif baseline == "mean":
+            Ag = Rg - Rg.mean(0)
+        else:
+            Ag = Rg
+        if normalize:
+            Ag = Ag / (Rg.std(0, correction=0) + STD_EPS)
+        A[rows] = Ag
+    return A

@@ -51,7 +51,10 @@ Metrics (detached 0-d fp32 tensors, no host sync; an empty set gives 0):
                       is strictly the smaller one (their pg gradient is 0)
 
 One fused Triton kernel computes l_t and w_t * dl_t/dlogp per token and writes per-block
-partial sums; backward is grad_out * (saved per-token gradient).
+partial sums; backward is grad_out * (saved per-token gradient). linear_score_loss runs the
+same per-token math on the log-probs it forms from hidden states: it uses this file's
+STATS, reduction_weights, score_loss_triton / score_loss_torch (the Triton and PyTorch paths,
+each giving the fp64 sums and the per-token gradient), score_metrics and check_score_args.
 
     from score_fast.kernels.score_loss import score_loss
     loss, m = score_loss(logp, ref_logp, turn, episode, adv, stage=2)
@@ -66,22 +69,16 @@ import triton
 import triton.language as tl
 
 from ._dispatch import checks_enabled, use_triton
-from .kl_penalty import KL_KINDS, _kl_and_grad, check_kind, kl_and_grad_torch, kl_penalty_ref
+from .kl_penalty import KL_KINDS, check_kind, kl_and_grad, kl_and_grad_torch, kl_penalty_ref
 
 __all__ = ["score_loss", "score_loss_ref", "REDUCTIONS"]
 
 REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+
 # per-block partial sums, in this order (summed over blocks in fp64 by torch: deterministic,
 # no atomics, and the counts stay exact past fp32's 2^24 = 16.7M tokens)
-_STATS = ("pg_loss", "kl_loss", "kl_sum1", "kl_sum2", "logp_sum1", "logp_sum2",
-          "n1", "n2", "n_pg", "n_clipped")
-# elementwise with a block reduction: 2048 tokens / 8 warps = 8 a thread. The compile gate
-# (bench/compile_gate.py) found ptxas spilling 4-8 B a thread at 1024 / 4 warps (triton 3.9,
-# sm_90a) and at 1024 / 8 warps (triton 3.6, sm_80, at 40 registers); 2048 / 8 compiles
-# every STAGE/KIND/CLIP/PER_EPISODE variant at 56-112 registers without a spill on sm_80,
-# sm_90a and sm_100a under both. The kernel reads ~24 B a token: at T = 65536 it is 1.5 MB,
-# a few microseconds, launch-bound whatever the block.
-_BLOCK, _WARPS = 2048, 8
+STATS = ("pg_loss", "kl_loss", "kl_sum1", "kl_sum2", "logp_sum1", "logp_sum2",
+         "n1", "n2", "n_pg", "n_clipped")
 
 
 @triton.jit
@@ -130,7 +127,7 @@ def _score_loss_kernel(
     else:
         has_pg = live
         beta = tl.zeros_like(logp) + beta1
-    kl, dkl = _kl_and_grad(logp - ref, KIND)
+    kl, dkl = kl_and_grad(logp - ref, KIND)
     if KL_RATIO:  # the KL term is r * KL: value r KL, gradient r (KL' + KL)
         klt = kl * ratio
         dklt = (dkl + kl) * ratio
@@ -166,7 +163,33 @@ def _score_loss_kernel(
     tl.store(part + 9, tl.sum(clipped.to(tl.float32)))
 
 
-def _weights(turn, episode, E, reduction):
+# elementwise with a block reduction: 2048 tokens / 8 warps = 8 a thread. The compile gate
+# (bench/compile_gate.py) found ptxas spilling 4-8 B a thread at 1024 / 4 warps (triton 3.9,
+# sm_90a) and at 1024 / 8 warps (triton 3.6, sm_80, at 40 registers); 2048 / 8 compiles
+# every STAGE/KIND/CLIP/PER_EPISODE variant at 56-112 registers without a spill on sm_80,
+# sm_90a and sm_100a under both. The kernel reads ~24 B a token: at T = 65536 it is 1.5 MB,
+# a few microseconds, launch-bound whatever the block.
+_BLOCK, _WARPS = 2048, 8
+
+
+def _gate_cases():
+    """Every launch score_loss_triton makes on a GPU (each STAGE, KIND, CLIP, KL_RATIO (with
+    CLIP only), PER_EPISODE), on meta tensors (no data), for the compile gate
+    (bench/compile_gate.py)."""
+    T, E = 8192, 512
+    meta = dict(device="meta")
+    x = torch.empty(T, dtype=torch.bfloat16, **meta)
+    ids = torch.empty(T, dtype=torch.int64, **meta)
+    adv = torch.empty(E, 2, **meta)
+    cnt, scale = torch.empty(E, dtype=torch.int32, **meta), torch.empty(1, **meta)
+    for stage, kind, (clip, kl_ratio), per_episode in itertools.product(
+            (1, 2), KL_KINDS, ((False, False), (True, False), (True, True)), (False, True)):
+        yield functools.partial(score_loss_triton, x, x, x if clip else None, ids, ids, adv,
+                                cnt, scale, stage, 0.01, 0.1, kind, 0.2 if clip else None,
+                                kl_ratio, per_episode)
+
+
+def reduction_weights(turn, episode, E, reduction):
     """Per-episode loss-token counts (int32, for seq_mean_token_mean) and the reduction's
     scale 1/N or 1/M as a 1-element device tensor: static shapes, no host sync."""
     live = turn > 0
@@ -177,12 +200,27 @@ def _weights(turn, episode, E, reduction):
     return cnt, (1.0 / denom.clamp(min=1).to(torch.float32)).reshape(1)
 
 
-def _score_loss_triton(logp, ref, old, turn, episode, adv, cnt, scale, stage, beta1, beta2,
-                       kind, clip_eps, kl_ratio, per_episode):
+def _clip_range(clip_eps) -> tuple[float, float]:
+    """(1 - lo, 1 + hi) from eps or (lo, hi), each > 0 (lo < 1 keeps the floor positive)."""
+    pair = (clip_eps, clip_eps) if isinstance(clip_eps, (int, float)) else clip_eps
+    try:
+        lo, hi = (float(x) for x in pair)
+    except (TypeError, ValueError):
+        lo = hi = float("nan")
+    if not (0 < lo < 1 and hi > 0):
+        raise ValueError(f"clip_eps must be eps or (lo, hi) with 0 < lo < 1 and hi > 0, "
+                         f"got {clip_eps!r}")
+    return 1.0 - float(lo), 1.0 + float(hi)
+
+
+def score_loss_triton(logp, ref, old, turn, episode, adv, cnt, scale, stage, beta1, beta2,
+                      kind, clip_eps, kl_ratio, per_episode):
+    """The fp64 sums (STATS, in order) and the fp32 per-token gradient w_t dl_t/dlogp of
+    the flat [T] inputs, from one launch of _score_loss_kernel."""
     n = logp.numel()
     grid = max(triton.cdiv(n, _BLOCK), 1)
     grad = torch.empty(n, dtype=torch.float32, device=logp.device)
-    part = torch.empty(grid, len(_STATS), dtype=torch.float32, device=logp.device)
+    part = torch.empty(grid, len(STATS), dtype=torch.float32, device=logp.device)
     clip = clip_eps is not None
     # One compiled variant per flag combination, whatever the callers' dtypes: the kernel
     # sees fp32 floats and int32 ids (copies of [T] vectors, 32 KB at T = 8192); episode
@@ -196,29 +234,12 @@ def _score_loss_triton(logp, ref, old, turn, episode, adv, cnt, scale, stage, be
         n, adv.stride(0), adv.stride(1),
         float(beta1), float(beta2), lo, hi,
         STAGE=stage, KIND=kind, CLIP=clip, KL_RATIO=kl_ratio, PER_EPISODE=per_episode,
-        NUM_STATS=len(_STATS), BLOCK=_BLOCK, num_warps=_WARPS)
+        NUM_STATS=len(STATS), BLOCK=_BLOCK, num_warps=_WARPS)
     return part.sum(0, dtype=torch.float64), grad
 
 
-def _gate_cases():
-    """Every launch _score_loss_triton makes on a GPU (each STAGE, KIND, CLIP, KL_RATIO (with
-    CLIP only), PER_EPISODE), on meta tensors (no data), for the compile gate
-    (bench/compile_gate.py)."""
-    T, E = 8192, 512
-    meta = dict(device="meta")
-    x = torch.empty(T, dtype=torch.bfloat16, **meta)
-    ids = torch.empty(T, dtype=torch.int64, **meta)
-    adv = torch.empty(E, 2, **meta)
-    cnt, scale = torch.empty(E, dtype=torch.int32, **meta), torch.empty(1, **meta)
-    for stage, kind, (clip, kl_ratio), per_episode in itertools.product(
-            (1, 2), KL_KINDS, ((False, False), (True, False), (True, True)), (False, True)):
-        yield functools.partial(_score_loss_triton, x, x, x if clip else None, ids, ids, adv,
-                                cnt, scale, stage, 0.01, 0.1, kind, 0.2 if clip else None,
-                                kl_ratio, per_episode)
-
-
-def _score_loss_torch(logp, ref, old, turn, episode, adv, cnt, scale, stage, beta1, beta2,
-                      kind, clip_eps, kl_ratio, per_episode):
+def score_loss_torch(logp, ref, old, turn, episode, adv, cnt, scale, stage, beta1, beta2,
+                     kind, clip_eps, kl_ratio, per_episode):
     """The kernel's math in torch ops, with the same explicit gradients (no autograd graph)."""
     logp, ref = logp.float(), ref.float()
     t1, t2 = turn == 1, turn == 2
@@ -255,8 +276,8 @@ def _score_loss_torch(logp, ref, old, turn, episode, adv, cnt, scale, stage, bet
 
 class _ScoreLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, impl, *args):
-        stats, grad = impl(logp, *args)
+    def forward(ctx, logp, on_triton, *args):
+        stats, grad = (score_loss_triton if on_triton else score_loss_torch)(logp, *args)
         ctx.save_for_backward(grad)
         ctx.dtype = logp.dtype
         loss = (stats[0] + stats[1]).to(torch.float32)
@@ -270,8 +291,9 @@ class _ScoreLoss(torch.autograd.Function):
         return (dloss * grad).to(ctx.dtype), None, *([None] * 14)
 
 
-def _metrics(stats: torch.Tensor, clip: bool) -> dict[str, torch.Tensor]:
-    s = dict(zip(_STATS, stats.detach().unbind()))
+def score_metrics(stats: torch.Tensor, clip: bool) -> dict[str, torch.Tensor]:
+    """The metrics of the module doc (detached 0-d tensors) from the sums in STATS order."""
+    s = dict(zip(STATS, stats.detach().unbind()))
     n1, n2 = s["n1"].clamp(min=1), s["n2"].clamp(min=1)
     m = {"kl_t1": s["kl_sum1"] / n1, "kl_t2": s["kl_sum2"] / n2,
          "logp_t1": s["logp_sum1"] / n1, "logp_t2": s["logp_sum2"] / n2,
@@ -281,73 +303,16 @@ def _metrics(stats: torch.Tensor, clip: bool) -> dict[str, torch.Tensor]:
     return m
 
 
-def score_loss_ref(logp, ref_logp, turn, episode, advantages, *, stage, beta1=0.01, beta2=0.1,
-                   kl="k3", old_logp=None, clip_eps=None, kl_ratio=False,
-                   reduction="token_mean"):
-    """Plain-torch specification in logp's dtype (fp64-capable); autograd gives the gradient.
-    Episode reductions loop over episodes in Python: an oracle, not a training path."""
-    dt = logp.dtype
-    logp, ref = logp.reshape(-1), ref_logp.detach().reshape(-1).to(dt)
-    turn, episode = turn.reshape(-1), episode.reshape(-1)
-    t1, t2 = turn == 1, turn == 2
-    live = t1 | t2
-    adv = advantages.detach().to(dt)
-    a = torch.zeros_like(logp)
-    a[live] = adv[episode[live], turn[live] - 1]
-    if clip_eps is not None:
-        old = logp if old_logp is None else old_logp.reshape(-1).to(dt)
-        ratio = torch.exp(logp - old.detach())
-        lo, hi = _clip_range(clip_eps)
-        pg = -torch.minimum(ratio * a, torch.clamp(ratio, lo, hi) * a)
-    else:
-        pg = -a * logp
-    has_pg = t2 if stage == 1 else live
-    pg = torch.where(has_pg, pg, 0.0)
-    beta = torch.where(t1 & (stage == 1), beta2, beta1).to(dt)
-    klv = kl_penalty_ref(logp, ref, kl) * (ratio if kl_ratio else 1.0)
-    klw = torch.where(live, beta * klv, 0.0)
-
-    def reduce(x):
-        if reduction == "token_mean":
-            return x[live].sum() / max(int(live.sum()), 1)
-        per_ep = [x[live & (episode == e)] for e in range(advantages.shape[0])]
-        per_ep = [v.mean() if reduction == "seq_mean_token_mean" else v.sum()
-                  for v in per_ep if v.numel()]
-        return torch.stack(per_ep).mean() if per_ep else x.sum() * 0
-
-    def mean(x, m):
-        return x[m].mean() if m.any() else torch.zeros((), dtype=dt)
-
-    pg_loss, kl_loss = reduce(pg), reduce(klw)
-    metrics = {"kl_t1": mean(klv, t1), "kl_t2": mean(klv, t2), "logp_t1": mean(logp, t1),
-               "logp_t2": mean(logp, t2), "pg_loss": pg_loss, "kl_loss": kl_loss,
-               "num_tokens": live.sum().to(dt)}
-    if clip_eps is not None:
-        clipped = (torch.clamp(ratio, lo, hi) * a < ratio * a) & has_pg
-        metrics["clip_frac"] = clipped.sum().to(dt) / max(int(has_pg.sum()), 1)
-    return pg_loss + kl_loss, {k: v.detach() for k, v in metrics.items()}
-
-
-def _clip_range(clip_eps) -> tuple[float, float]:
-    """(1 - lo, 1 + hi) from eps or (lo, hi), each > 0 (lo < 1 keeps the floor positive)."""
-    pair = (clip_eps, clip_eps) if isinstance(clip_eps, (int, float)) else clip_eps
-    try:
-        lo, hi = (float(x) for x in pair)
-    except (TypeError, ValueError):
-        lo = hi = float("nan")
-    if not (0 < lo < 1 and hi > 0):
-        raise ValueError(f"clip_eps must be eps or (lo, hi) with 0 < lo < 1 and hi > 0, "
-                         f"got {clip_eps!r}")
-    return 1.0 - float(lo), 1.0 + float(hi)
-
-
 def _shape_err(name, t, like_name, like):
     return ValueError(f"{name} shape {tuple(t.shape)} does not match "
                       f"{like_name} shape {tuple(like.shape)}")
 
 
-def _check(logp, ref_logp, turn, episode, advantages, stage, beta1, beta2, kl, old_logp,
-           clip_eps, reduction, kl_ratio=False):
+def check_score_args(logp, ref_logp, turn, episode, advantages, stage, beta1, beta2, kl,
+                     old_logp, clip_eps, reduction, kl_ratio=False):
+    """score_loss's argument checks: free ones on stage, kl, reduction, betas, clip range,
+    shapes and dtypes; with SCORE_FAST_CHECK_INPUTS on, the turn labels and episode ids
+    (one sync on a GPU)."""
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
     check_kind(kl)
@@ -395,15 +360,61 @@ def score_loss(logp: torch.Tensor, ref_logp: torch.Tensor, turn: torch.Tensor,
     """SCoRe loss (0-d fp32, differentiable in logp) and detached metrics; formulas in the
     module doc. logp, ref_logp, turn, episode (and old_logp): same shape, any layout
     ([1, T] packed or [B, T] padded). advantages: [E, 2] from score_advantages."""
-    _check(logp, ref_logp, turn, episode, advantages, stage, beta1, beta2, kl, old_logp,
-           clip_eps, reduction, kl_ratio)
+    check_score_args(logp, ref_logp, turn, episode, advantages, stage, beta1, beta2, kl,
+                     old_logp, clip_eps, reduction, kl_ratio)
     flat = lambda t: None if t is None else t.detach().contiguous().view(-1)  # noqa: E731
     turn_f, ep_f = flat(turn), flat(episode)
-    cnt, scale = _weights(turn_f, ep_f, advantages.shape[0], reduction)
+    cnt, scale = reduction_weights(turn_f, ep_f, advantages.shape[0], reduction)
     tensors = [t for t in (logp, ref_logp, turn, episode, advantages, old_logp) if t is not None]
-    impl = _score_loss_triton if use_triton(*tensors) else _score_loss_torch
     loss, stats = _ScoreLoss.apply(
-        logp.contiguous().view(-1), impl, flat(ref_logp), flat(old_logp), turn_f, ep_f,
-        advantages.detach(), cnt, scale, stage, beta1, beta2, kl, clip_eps, bool(kl_ratio),
-        reduction == "seq_mean_token_mean")
-    return loss, _metrics(stats, clip_eps is not None)
+        logp.contiguous().view(-1), use_triton(*tensors), flat(ref_logp), flat(old_logp),
+        turn_f, ep_f, advantages.detach(), cnt, scale, stage, beta1, beta2, kl, clip_eps,
+        bool(kl_ratio), reduction == "seq_mean_token_mean")
+    return loss, score_metrics(stats, clip_eps is not None)
+
+
+def score_loss_ref(logp, ref_logp, turn, episode, advantages, *, stage, beta1=0.01, beta2=0.1,
+                   kl="k3", old_logp=None, clip_eps=None, kl_ratio=False,
+                   reduction="token_mean"):
+    """Plain-torch specification in logp's dtype (fp64-capable); autograd gives the gradient.
+    Episode reductions loop over episodes in Python: an oracle, not a training path."""
+    dt = logp.dtype
+    logp, ref = logp.reshape(-1), ref_logp.detach().reshape(-1).to(dt)
+    turn, episode = turn.reshape(-1), episode.reshape(-1)
+    t1, t2 = turn == 1, turn == 2
+    live = t1 | t2
+    adv = advantages.detach().to(dt)
+    a = torch.zeros_like(logp)
+    a[live] = adv[episode[live], turn[live] - 1]
+    if clip_eps is not None:
+        old = logp if old_logp is None else old_logp.reshape(-1).to(dt)
+        ratio = torch.exp(logp - old.detach())
+        lo, hi = _clip_range(clip_eps)
+        pg = -torch.minimum(ratio * a, torch.clamp(ratio, lo, hi) * a)
+    else:
+        pg = -a * logp
+    has_pg = t2 if stage == 1 else live
+    pg = torch.where(has_pg, pg, 0.0)
+    beta = torch.where(t1 & (stage == 1), beta2, beta1).to(dt)
+    klv = kl_penalty_ref(logp, ref, kl) * (ratio if kl_ratio else 1.0)
+    klw = torch.where(live, beta * klv, 0.0)
+
+    def reduce(x):
+        if reduction == "token_mean":
+            return x[live].sum() / max(int(live.sum()), 1)
+        per_ep = [x[live & (episode == e)] for e in range(advantages.shape[0])]
+        per_ep = [v.mean() if reduction == "seq_mean_token_mean" else v.sum()
+                  for v in per_ep if v.numel()]
+        return torch.stack(per_ep).mean() if per_ep else x.sum() * 0
+
+    def mean(x, m):
+        return x[m].mean() if m.any() else torch.zeros((), dtype=dt)
+
+    pg_loss, kl_loss = reduce(pg), reduce(klw)
+    metrics = {"kl_t1": mean(klv, t1), "kl_t2": mean(klv, t2), "logp_t1": mean(logp, t1),
+               "logp_t2": mean(logp, t2), "pg_loss": pg_loss, "kl_loss": kl_loss,
+               "num_tokens": live.sum().to(dt)}
+    if clip_eps is not None:
+        clipped = (torch.clamp(ratio, lo, hi) * a < ratio * a) & has_pg
+        metrics["clip_frac"] = clipped.sum().to(dt) / max(int(has_pg.sum()), 1)
+    return pg_loss + kl_loss, {k: v.detach() for k, v in metrics.items()}

@@ -20,31 +20,20 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
-import numbers
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._dispatch import checks_enabled, interpreting, use_triton
+from ._common import FLOATS, check_targets, check_temperature, store_dtype
+from ._dispatch import checks_enabled, use_triton
 
 __all__ = ["token_logprobs", "token_logprobs_ref"]
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # The PyTorch path works on row chunks of <= 2**23 fp32 elements (32 MB a temporary, two
 # temporaries live), so it never holds an fp32 copy of all logits (5 GB at 8192 x 151936).
 _CHUNK_ELEMS = 2**23
-
-
-@triton.jit
-def _round_to_bf16(x):
-    """fp32 x rounded to the nearest bf16 (ties to even), still as fp32. Triton 3.9's
-    interpreter casts fp32 -> bf16 by truncation (up to 1 ulp off, 2x torch's error); a GPU
-    rounds to nearest, so only interpreted launches (ROUND_BF16) call this."""
-    bits = x.to(tl.uint32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -93,7 +82,6 @@ def _token_logprobs_bwd_kernel(
     # meta-parameters
     inv_t,
     BLOCK_V: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     m = tl.load(max_ptr + row)
@@ -109,8 +97,6 @@ def _token_logprobs_bwd_kernel(
         x = tl.load(logits_ptr + row * stride_row + offs, mask=mask, other=float("-inf"))
         p = tl.exp((x.to(tl.float32) - m) * inv_t - log_s)
         dx = g * (tl.where(offs == t, 1.0, 0.0) - p)
-        if ROUND_BF16:
-            dx = _round_to_bf16(dx)
         tl.store(dlogits_ptr + row * stride_drow + offs, dx.to(dlogits_ptr.dtype.element_ty),
                  mask=mask)
 
@@ -123,11 +109,19 @@ def _launch_config(elem_bytes: int) -> tuple[int, int]:
     return 16384 // elem_bytes, 8
 
 
-def _round_bf16(out: torch.Tensor) -> bool:
-    return out.dtype == torch.bfloat16 and interpreting()
+def _gate_cases():
+    """Every launch the launchers below make on a GPU (each dtype; a 16-divisible and an
+    odd vocabulary, which Triton specialises differently), on meta tensors (no data), for
+    the compile gate (bench/compile_gate.py)."""
+    for dtype, V in itertools.product(FLOATS, (151936, 50257)):
+        x = torch.empty(4096, V, dtype=dtype, device="meta")
+        t = torch.empty(4096, dtype=torch.int64, device="meta")
+        f = torch.empty(4096, device="meta")
+        yield functools.partial(_logprobs_fwd_triton, x, t, 1.0)
+        yield functools.partial(_logprobs_bwd_triton, x, t, f, f, f, 1.0)
 
 
-def _fwd_triton(x: torch.Tensor, t: torch.Tensor, inv_t: float):
+def _logprobs_fwd_triton(x: torch.Tensor, t: torch.Tensor, inv_t: float):
     N, V = x.shape
     logp, m, log_s = (torch.empty(N, device=x.device, dtype=torch.float32) for _ in range(3))
     if N:
@@ -137,38 +131,14 @@ def _fwd_triton(x: torch.Tensor, t: torch.Tensor, inv_t: float):
     return logp, m, log_s
 
 
-def _bwd_triton(x, t, m, log_s, g, inv_t):
+def _logprobs_bwd_triton(x, t, m, log_s, g, inv_t):
     N, V = x.shape
-    dx = torch.empty((N, V), device=x.device, dtype=x.dtype)
+    dx = torch.empty((N, V), device=x.device, dtype=store_dtype(x.dtype))
     if N:
         block, warps = _launch_config(x.element_size())
         _token_logprobs_bwd_kernel[(N,)](x, t, m, log_s, g, dx, V, x.stride(0), dx.stride(0),
-                                         inv_t, BLOCK_V=block, ROUND_BF16=_round_bf16(dx),
-                                         num_warps=warps)
-    return dx
-
-
-def _gate_cases():
-    """Every launch the launchers above make on a GPU (each dtype; a 16-divisible and an
-    odd vocabulary, which Triton specialises differently), on meta tensors (no data), for
-    the compile gate (bench/compile_gate.py)."""
-    for dtype, V in itertools.product(_FLOATS, (151936, 50257)):
-        x = torch.empty(4096, V, dtype=dtype, device="meta")
-        t = torch.empty(4096, dtype=torch.int64, device="meta")
-        f = torch.empty(4096, device="meta")
-        yield functools.partial(_fwd_triton, x, t, 1.0)
-        yield functools.partial(_bwd_triton, x, t, f, f, f, 1.0)
-
-
-def token_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor,
-                       temperature: float = 1.0) -> torch.Tensor:
-    """The specification and test oracle, in the logits' dtype (fp64 in the tests):
-    log_softmax(logits / T).gather(targets), with an all -inf row giving -inf and a zero
-    gradient (log_softmax alone gives NaN there)."""
-    dead = (logits == float("-inf")).all(-1, keepdim=True)
-    logp = torch.log_softmax(logits.masked_fill(dead, 0) / temperature, -1)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).masked_fill(dead.squeeze(-1),
-                                                                          float("-inf"))
+                                         inv_t, BLOCK_V=block, num_warps=warps)
+    return dx.to(x.dtype)
 
 
 def _rowsum(a: torch.Tensor) -> torch.Tensor:
@@ -181,21 +151,15 @@ def _rowsum(a: torch.Tensor) -> torch.Tensor:
     return a.sum(-1)
 
 
-def _row_stats(x: torch.Tensor, inv_t: float):
-    """For fp32 rows x: M (max), M with -inf replaced by 0, and e = exp((x - M) / T)."""
-    m = x.amax(-1, keepdim=True)
-    m_safe = m.masked_fill(m == float("-inf"), 0)
-    return m, m_safe, (x - m_safe).mul_(inv_t).exp_()
-
-
-def _fwd_torch(x: torch.Tensor, t: torch.Tensor, inv_t: float):
+def _logprobs_fwd_torch(x: torch.Tensor, t: torch.Tensor, inv_t: float):
     N, V = x.shape
     logp, m, log_s = (torch.empty(N, device=x.device, dtype=torch.float32) for _ in range(3))
     step = max(1, _CHUNK_ELEMS // V)
     for r in range(0, N, step):
         xc = x[r:r + step].float()  # a copy for bf16/fp16, a view for fp32
-        mc, m_safe, e = _row_stats(xc, inv_t)
-        ls = _rowsum(e).log_()
+        mc = xc.amax(-1, keepdim=True)
+        m_safe = mc.masked_fill(mc == float("-inf"), 0)
+        ls = _rowsum((xc - m_safe).mul_(inv_t).exp_()).log_()
         x_t = xc.gather(1, t[r:r + step, None]).squeeze(1)
         lp = ((x_t - m_safe.squeeze(1)) * inv_t - ls).clamp_(max=0)
         logp[r:r + step] = lp.masked_fill_(x_t == float("-inf"), float("-inf"))
@@ -204,7 +168,7 @@ def _fwd_torch(x: torch.Tensor, t: torch.Tensor, inv_t: float):
     return logp, m, log_s
 
 
-def _bwd_torch(x, t, m, log_s, g, inv_t):
+def _logprobs_bwd_torch(x, t, m, log_s, g, inv_t):
     N, V = x.shape
     dx = torch.empty((N, V), device=x.device, dtype=x.dtype)
     dead = log_s == float("-inf")
@@ -223,7 +187,8 @@ def _bwd_torch(x, t, m, log_s, g, inv_t):
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, inv_t, on_triton):
-        logp, m, log_s = (_fwd_triton if on_triton else _fwd_torch)(x, t, inv_t)
+        fwd = _logprobs_fwd_triton if on_triton else _logprobs_fwd_torch
+        logp, m, log_s = fwd(x, t, inv_t)
         ctx.save_for_backward(x, t, m, log_s)  # the logits themselves, no copy
         ctx.inv_t, ctx.on_triton = inv_t, on_triton
         return logp
@@ -232,35 +197,17 @@ class _TokenLogprobs(torch.autograd.Function):
     @once_differentiable  # the backward reads the logits again, outside autograd
     def backward(ctx, g):
         x, t, m, log_s = ctx.saved_tensors
-        bwd = _bwd_triton if ctx.on_triton else _bwd_torch
+        bwd = _logprobs_bwd_triton if ctx.on_triton else _logprobs_bwd_torch
         return bwd(x, t, m, log_s, g.float().contiguous(), ctx.inv_t), None, None, None
 
 
 def _check_float(name: str, a: torch.Tensor) -> None:
-    if not isinstance(a, torch.Tensor) or a.dtype not in _FLOATS:
+    if not isinstance(a, torch.Tensor) or a.dtype not in FLOATS:
         raise ValueError(f"{name} must be a float32, bfloat16 or float16 tensor, "
                          f"got {getattr(a, 'dtype', type(a).__name__)}")
     if a.dim() < 1 or a.shape[-1] < 1:
         raise ValueError(f"{name} needs a vocabulary dim of size >= 1, got shape "
                          f"{tuple(a.shape)}")
-
-
-def _check_targets(targets, like_name: str, like: torch.Tensor) -> None:
-    """targets: an integer tensor shaped like `like` without its last dim."""
-    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point \
-            or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise ValueError(f"targets must be an integer tensor, "
-                         f"got {getattr(targets, 'dtype', type(targets).__name__)}")
-    if tuple(targets.shape) != tuple(like.shape[:-1]):
-        raise ValueError(f"targets shape {tuple(targets.shape)} must equal {like_name}.shape[:-1] "
-                         f"{tuple(like.shape[:-1])} ({like_name} shape {tuple(like.shape)})")
-
-
-def _check_temperature(temperature) -> float:
-    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature)
-            and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    return 1.0 / float(temperature)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *,
@@ -272,10 +219,10 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *,
     p = softmax(logits / T), in the logits' dtype. Triton for CUDA tensors, a chunked
     PyTorch path for CPU tensors (SCORE_FAST_BACKEND overrides, see _dispatch)."""
     _check_float("logits", logits)
-    _check_targets(targets, "logits", logits)
+    check_targets(targets, "logits", logits)
     if targets.device != logits.device:
         raise ValueError(f"targets are on {targets.device} but logits on {logits.device}")
-    inv_t = _check_temperature(temperature)
+    inv_t = check_temperature(temperature)
     V = logits.shape[-1]
     if checks_enabled() and ((targets < 0) | (targets >= V)).any().item():  # one sync
         raise ValueError(f"targets must lie in [0, {V}) (logits shape {tuple(logits.shape)}), "
@@ -286,3 +233,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *,
     t = targets.reshape(-1).to(torch.int64).contiguous()
     logp = _TokenLogprobs.apply(x, t, inv_t, use_triton(logits, targets))
     return logp.view(targets.shape)
+
+
+def token_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """The specification and test oracle, in the logits' dtype (fp64 in the tests):
+    log_softmax(logits / T).gather(targets), with an all -inf row giving -inf and a zero
+    gradient (log_softmax alone gives NaN there)."""
+    dead = (logits == float("-inf")).all(-1, keepdim=True)
+    logp = torch.log_softmax(logits.masked_fill(dead, 0) / temperature, -1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).masked_fill(dead.squeeze(-1),
+                                                                          float("-inf"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import assert_within_rule
-from score_fast.kernels import linear_logprobs as ll
+from score_fast.kernels import _lmhead as lm
 from score_fast.kernels.linear_logprobs import linear_logprobs, linear_logprobs_ref
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
@@ -22,9 +22,10 @@ ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 
 def _use(backend, monkeypatch, cols=256):
     """Select a path; the Triton one runs with `cols`-column vocabulary chunks (256: V = 1000
-    is 4 chunks, the last partial), so the online log-sum-exp crosses chunks in every test."""
+    is 4 chunks, the last partial), so the online log-sum-exp crosses chunks in every test
+    (the chunk rule, lm.chunk_cols, replaced for the test)."""
     monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
-    monkeypatch.setattr(ll, "_CHUNK_COLS", cols)
+    monkeypatch.setattr(lm, "chunk_cols", lambda n: cols)
 
 
 def _inputs(N, H, V, dtype, bias=True, seed=0, device="cpu", scale=1.0):
@@ -102,8 +103,8 @@ def test_odd_vocabulary_bf16(backend, monkeypatch):
 def test_online_lse_across_vocab_chunks_cpu_and_tiles(backend, monkeypatch):
     """Several CPU vocabulary chunks (recompute instead of reuse) and several row chunks."""
     _use(backend, monkeypatch)
-    monkeypatch.setattr(ll, "_TILE_ELEMS", ll._ROWS * 128)  # 1000 columns -> 8 chunks
-    assert len(ll._vocab_chunks(1000)) == 8
+    monkeypatch.setattr(lm, "_TILE_ELEMS", lm._ROWS * 128)  # 1000 columns -> 8 chunks
+    assert len(lm._vocab_chunks(1000)) == 8
     _check_against_reference(*_inputs(300 if backend == "torch" else 40, 16, 1000,
                                       torch.float32), temperature=0.8)
 
@@ -175,7 +176,7 @@ def test_no_logits_sized_allocation_cpu(monkeypatch):
         w.requires_grad_(True)
 
         def step():
-            linear_logprobs(h, w, t).backward(up)
+            linear_logprobs(h, w, t).backward(up)  # noqa: F821 (the loop's del)
 
         step()  # warm-up: allocator pools, first-call code paths
         h.grad = w.grad = None
@@ -193,10 +194,10 @@ def test_no_logits_sized_allocation_cpu(monkeypatch):
 
 def test_chunk_cols_rule():
     """[n, Vc] fp32 tile <= 256 MB, Vc in [1024, 16384], a multiple of 128."""
-    assert ll._chunk_cols(8192) == 8192
-    assert ll._chunk_cols(1) == 16384 and ll._chunk_cols(10**6) == 1024
+    assert lm.chunk_cols(8192) == 8192
+    assert lm.chunk_cols(1) == 16384 and lm.chunk_cols(10**6) == 1024
     for n in (1, 3, 1000, 5000, 8192, 12345, 65536, 10**6):
-        vc = ll._chunk_cols(n)
+        vc = lm.chunk_cols(n)
         assert vc % 128 == 0 and 1024 <= vc <= 16384
         assert n * vc * 4 <= 2**28 or vc == 1024
 
@@ -237,6 +238,6 @@ def test_gpu_fp32():
 @pytest.mark.gpu
 def test_gpu_several_chunks(monkeypatch):
     """Forced 1024-column chunks (32 at V = 32000, the last partial), bias, T != 1."""
-    monkeypatch.setattr(ll, "_CHUNK_COLS", 1024)
+    monkeypatch.setattr(lm, "chunk_cols", lambda n: 1024)
     _check_against_reference(*_inputs(300, 512, 32000, torch.bfloat16, device="cuda"),
                              temperature=0.8)

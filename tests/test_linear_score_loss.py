@@ -9,7 +9,7 @@ import torch
 
 from conftest import assert_within_rule
 from test_linear_logprobs import _use
-from score_fast.kernels import linear_logprobs as ll
+from score_fast.kernels import _lmhead as lm
 from score_fast.kernels.linear_logprobs import linear_logprobs, linear_logprobs_ref
 from score_fast.kernels.linear_score_loss import linear_score_loss, linear_score_loss_ref
 from score_fast.kernels.score_loss import score_loss
@@ -132,7 +132,7 @@ def test_odd_vocabularies(backend, V, monkeypatch):
 def test_several_cpu_vocab_chunks_and_row_chunks(backend, monkeypatch):
     """The PyTorch path with the tile recomputed (8 vocabulary chunks) over 2 row chunks."""
     _use(backend, monkeypatch)
-    monkeypatch.setattr(ll, "_TILE_ELEMS", ll._ROWS * 128)
+    monkeypatch.setattr(lm, "_TILE_ELEMS", lm._ROWS * 128)
     _check(_batch(400 if backend == "torch" else 40, 16, 1000), stage=1,
            reduction="seq_mean_token_mean")
 
@@ -196,8 +196,8 @@ def test_no_grad_and_leading_dims(backend, monkeypatch):
                                      ("hidden", "weight", "targets", "ref_logp", "turn",
                                       "episode", "advantages")),
                                    bias=batch["bias"].double(), stage=2)
-    shaped = {k: (v.view(4, 6, *v.shape[1:]) if k in ("hidden", "targets", "ref_logp", "turn",
-                                                     "episode") else v)
+    lead = ("hidden", "targets", "ref_logp", "turn", "episode")
+    shaped = {k: (v.view(4, 6, *v.shape[1:]) if k in lead else v)
               for k, v in batch.items() if k not in ("old_logp", "clip_eps")}
     h = shaped["hidden"].requires_grad_(True)
     with torch.no_grad():
@@ -208,14 +208,28 @@ def test_no_grad_and_leading_dims(backend, monkeypatch):
     torch.testing.assert_close(loss.double(), ref, atol=1e-6, rtol=0)
 
 
-def test_backward_twice_raises(monkeypatch):
-    monkeypatch.setenv("SCORE_FAST_BACKEND", "torch")
-    batch = _batch(8, 16, 100)
-    h = batch["hidden"].requires_grad_(True)
-    loss, _ = linear_score_loss(h, batch["weight"], batch["targets"], batch["ref_logp"],
-                                batch["turn"], batch["episode"], batch["advantages"], stage=2)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_twice(backend, dtype, monkeypatch):
+    """The gradients formed in the forward are saved unscaled: a second backward (the graph
+    retained) with another upstream gives that upstream's gradients; without retain_graph a
+    further backward is autograd's own error."""
+    _use(backend, monkeypatch)
+    batch = _batch(8, 16, 100, dtype=dtype)
+    leaves = [batch[k].requires_grad_(True) for k in ("hidden", "weight", "bias")]
+    loss, _ = linear_score_loss(leaves[0], leaves[1], batch["targets"], batch["ref_logp"],
+                                batch["turn"], batch["episode"], batch["advantages"],
+                                bias=leaves[2], stage=2)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="once"):
+    first = [a.grad for a in leaves]
+    for a in leaves:
+        a.grad = None
+    (loss * -3.0).backward()
+    for a, g in zip(leaves, first):
+        assert a.grad.dtype == dtype and g.abs().max() > 0
+        # bf16: -3 round(G) vs round(-3 G), each within half an ulp (2^-9 relative)
+        torch.testing.assert_close(a.grad, -3.0 * g, atol=0, rtol=2**-7)
+    with pytest.raises(RuntimeError, match="second time"):
         loss.backward()
 
 
@@ -291,7 +305,7 @@ def test_entropy_at_extreme_logits(backend, chunks, monkeypatch):
     a wide row, where log S + M - E[z] would cancel to ~1e-3), across vocabulary chunks."""
     _use(backend, monkeypatch)
     if chunks > 1:
-        monkeypatch.setattr(ll, "_TILE_ELEMS", ll._ROWS * 128)  # 1000 columns -> 8 chunks
+        monkeypatch.setattr(lm, "_TILE_ELEMS", lm._ROWS * 128)  # 1000 columns -> 8 chunks
     batch = _batch(8, 16, 1000, seed=3)
     batch["bias"][::3] = float("-inf")
     batch["targets"] = torch.where(batch["targets"] % 3 == 0, batch["targets"] + 1,

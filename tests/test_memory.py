@@ -72,7 +72,7 @@ def test_lora_unknown_target_is_named():
 
 
 def test_chunk_cols_is_the_kernels():
-    from score_fast.kernels.linear_logprobs import _chunk_cols
+    from score_fast.kernels._lmhead import chunk_cols as _chunk_cols
     for n in (1, 100, 4096, 8192, 16384, 70000):
         assert memory._chunk_cols(n) == _chunk_cols(n)
 
