@@ -186,100 +186,103 @@ class Trainer:
         if model is not None and config.rollout.backend == "vllm" and not config.model.path:
             raise ValueError("rollout.backend=vllm loads the weights from files: set "
                              "model.path (the engine then gets the policy's weights)")
-        self.config = c = config
+        self.config = config
         self.callbacks, self.should_stop = list(callbacks), False
         self._given_model = model
-        m = c.model
-        self.hub = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
+        model_cfg = config.model
+        self.hub = {"revision": model_cfg.revision,
+                    "trust_remote_code": model_cfg.trust_remote_code}
         if model is None:
-            self.dtype = resolve_dtype(m.dtype, m.path, **self.hub)
-        elif m.dtype == "auto":  # the given model's own dtype
+            self.dtype = resolve_dtype(model_cfg.dtype, model_cfg.path, **self.hub)
+        elif model_cfg.dtype == "auto":  # the given model's own dtype
             own = next(model.parameters()).dtype
             self.dtype = own if own in (torch.bfloat16, torch.float16) else torch.float32
         else:
             self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16,
-                          "fp32": torch.float32}[m.dtype]
-        self.lora = m.lora.rank > 0
-        self.dist = d = distributed.setup(fsdp=uses_fsdp(
-            int(os.environ.get("WORLD_SIZE", "1")), self.dtype, self.lora, m.offload_optimizer))
-        self.device = d.device
-        if c.train.prompts_per_step % d.world:
-            raise ValueError(f"train.prompts_per_step={c.train.prompts_per_step} does not "
-                             f"divide over {d.world} ranks: each rank samples whole prompt "
+                          "fp32": torch.float32}[model_cfg.dtype]
+        self.lora = model_cfg.lora.rank > 0
+        self.dist = dist = distributed.setup(fsdp=uses_fsdp(
+            int(os.environ.get("WORLD_SIZE", "1")), self.dtype, self.lora,
+            model_cfg.offload_optimizer))
+        self.device = dist.device
+        if config.train.prompts_per_step % dist.world:
+            raise ValueError(f"train.prompts_per_step={config.train.prompts_per_step} does not "
+                             f"divide over {dist.world} ranks: each rank samples whole prompt "
                              f"groups, so it must be a multiple of the world size")
-        torch.manual_seed(c.train.seed + d.rank)  # ranks sample different rollouts
-        self.data_name = c.data.train_file or "the rows passed to Trainer"
+        torch.manual_seed(config.train.seed + dist.rank)  # ranks sample different rollouts
+        self.data_name = config.data.train_file or "the rows passed to Trainer"
         if rows is None:
-            self.rows = load_rows(c.data.train_file, c.required_fields(), limit=c.data.limit)
+            self.rows = load_rows(config.data.train_file, config.required_fields(),
+                                  limit=config.data.limit)
         else:
-            self.rows = list(rows)[:c.data.limit]
+            self.rows = list(rows)[:config.data.limit]
             if not self.rows:
                 raise ValueError("Trainer(rows=...) got no rows")
             for i, r in enumerate(self.rows):
-                check_row(r, f"row {i + 1}", self.data_name, c.required_fields())
-        if len(self.rows) < c.train.prompts_per_step and d.enabled:
+                check_row(r, f"row {i + 1}", self.data_name, config.required_fields())
+        if len(self.rows) < config.train.prompts_per_step and dist.enabled:
             raise ValueError(f"{self.data_name} has {len(self.rows)} rows, fewer than "
-                             f"train.prompts_per_step={c.train.prompts_per_step}")
+                             f"train.prompts_per_step={config.train.prompts_per_step}")
         # every row's prompt once, up front: a row the format cannot render fails here,
         # naming it, not at the step that first samples it
-        self.prompts = PromptBuilder.from_config(c)
+        self.prompts = PromptBuilder.from_config(config)
         self.prompt_texts = [self.prompts.render(r, f"row {i + 1} of {self.data_name}")
                              for i, r in enumerate(self.rows)]
         self.row_numbers = list(range(1, len(self.rows) + 1))  # in the file, for messages
-        self.tokenizer = tokenizer or load_tokenizer(m.path, **self.hub)
+        self.tokenizer = tokenizer or load_tokenizer(model_cfg.path, **self.hub)
         if self.tokenizer.pad_token_id is None:  # as load_tokenizer does
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.formatter = Formatter(self.tokenizer, self.prompts.instruction)
         self._check_prompt_lengths()
-        self.eval_task = self._load_eval_task() if c.train.eval_file else None
+        self.eval_task = self._load_eval_task() if config.train.eval_file else None
         if reward is None:
-            self.reward = make_reward_from(c)
+            self.reward = make_reward_from(config)
         elif hasattr(reward, "evaluate") or hasattr(reward, "score"):  # a Reward object
             self.reward = reward
         elif callable(reward):
-            self.reward = make_reward_from(c, function=reward)
+            self.reward = make_reward_from(config, function=reward)
         else:
             raise TypeError(f"Trainer(reward=...) takes a score_fast Reward or a function, "
                             f"got {type(reward).__name__}")
         self.eval_reward = self.reward
-        if self.eval_task and self.eval_task.config.answer_field() != c.answer_field():
+        if self.eval_task and self.eval_task.config.answer_field() != config.answer_field():
             # a MATH file's `answer` while the run reads another field: the same reward,
             # reading the field the eval rows carry
             self.eval_reward = make_reward_from(self.eval_task.config)
-        if c.reward.kind == "math" and c.reward.lenient_math and d.main:
+        if config.reward.kind == "math" and config.reward.lenient_math and dist.main:
             log.warning("math reward: lenient (reward.lenient_math): a response that states no "
                         "final answer is scored on its last number; the paper's checker "
                         "scores it 0")
-        self.run_dir = c.train.run_dir
-        if d.main:  # what an interrupted save left behind
+        self.run_dir = config.train.run_dir
+        if dist.main:  # what an interrupted save left behind
             for done in recover_interrupted(self.run_dir):
                 log.warning("%s: %s (an interrupted save)", self.run_dir, done)
-        distributed.barrier(d)
+        distributed.barrier(dist)
         # the newest checkpoint whose files verify (a damaged one is named and skipped):
         # rank 0 reads and hashes them, the others take its answer (or its error)
         ckpt = None
-        if c.train.resume is not False:
+        if config.train.resume is not False:
             found = None
-            if d.main:
+            if dist.main:
                 try:
                     found = usable_checkpoint(self.run_dir)
                 except Exception as e:  # noqa: BLE001 - re-raised on every rank below
                     found = e
-            found = distributed.gather_objects(found, d)[0]
+            found = distributed.gather_objects(found, dist)[0]
             if isinstance(found, Exception):
                 raise found
             ckpt = found
-        if c.train.resume is True and ckpt is None:
+        if config.train.resume is True and ckpt is None:
             raise FileNotFoundError(
                 f"train.resume=true but {self.run_dir} holds no complete checkpoint "
                 f"(checkpoint-N/ with {STATE_FILE}); train.resume=null resumes only when "
                 f"there is one")
         if ckpt is None:
-            self._fresh_run_dir(d)
-        saved = dataclasses.asdict(c)
+            self._fresh_run_dir(dist)
+        saved = dataclasses.asdict(config)
         from score_fast.rewards.custom import function_name
-        if callable(c.reward.function):  # an API callable: config.yaml records its name
-            saved["reward"]["function"] = function_name(c.reward.function)
+        if callable(config.reward.function):  # an API callable: config.yaml records its name
+            saved["reward"]["function"] = function_name(config.reward.function)
         if callable(reward) and not hasattr(reward, "evaluate"):
             # a function passed to Trainer: a custom reward by its name (a module-level one
             # loads again by that name, e.g. in score-fast eval); a Reward object is not
@@ -292,19 +295,19 @@ class Trainer:
         if ckpt:
             self._check_resumed_config(ckpt, saved)
         from score_fast.reporting import Reporter
-        self.reporter = Reporter(c.train.report_to, self.run_dir, config=saved,
-                                 enabled=d.main)
-        if d.main:
+        self.reporter = Reporter(config.train.report_to, self.run_dir, config=saved,
+                                 enabled=dist.main)
+        if dist.main:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(self.config_yaml)
         self.load_models(ckpt)
         self.step = 0
-        self.total_steps = c.train.rounds * (c.stage1.steps + c.stage2.steps)
-        self.scheduler = lr_scheduler(self.optimizer, c.train, self.total_steps)
+        self.total_steps = config.train.rounds * (config.stage1.steps + config.stage2.steps)
+        self.scheduler = lr_scheduler(self.optimizer, config.train, self.total_steps)
         self.timer = PhaseTimer(self.device)  # per step, from train_step
         if ckpt:
-            state = load_state(ckpt, self.policy, self.optimizer, d)
+            state = load_state(ckpt, self.policy, self.optimizer, dist)
             self.step = state["step"]
             set_rng_state(state["rng"])
             if self.scaler is not None and "scaler" in state:
@@ -312,7 +315,7 @@ class Trainer:
             if "scheduler" in state:
                 self.scheduler.load_state_dict(state["scheduler"])
             log.info("resumed from %s at step %d", ckpt, self.step)
-            if d.main:
+            if dist.main:
                 self._cut_logs()
         self.best = None  # {"step", "metric", "value", "checkpoint"} of the best evaluation
         best = os.path.join(self.run_dir, BEST_FILE)
@@ -320,12 +323,12 @@ class Trainer:
             with open(best) as f:
                 self.best = json.load(f)
         self.engine = None
-        if c.rollout.backend == "vllm":
+        if config.rollout.backend == "vllm":
             from score_fast.vllm_engine import VLLMEngine
             # an engine per tensor_parallel_size ranks (a collective: every rank at once)
-            self.engine = VLLMEngine(weights_path(m.path, **self.hub), dtype=self.dtype,
-                                     seed=c.train.seed, config=c.rollout.vllm,
-                                     ranks=d.world, **self.hub)
+            self.engine = VLLMEngine(weights_path(model_cfg.path, **self.hub), dtype=self.dtype,
+                                     seed=config.train.seed, config=config.rollout.vllm,
+                                     ranks=dist.world, **self.hub)
             # the files are not the policy after a resume, nor with LoRA's own init
             self.sync_engine()
             log.info("vLLM engine up in %.1fs", self.engine.startup_s)
@@ -377,7 +380,7 @@ class Trainer:
         """Push the policy's weights into the vLLM engine (after every optimizer step)."""
         return self.engine.sync(policy_weights(self.policy, self.dtype))
 
-    def _fresh_run_dir(self, d) -> None:
+    def _fresh_run_dir(self, dist) -> None:
         """A run starting at step 0 must not append to another run's metrics.jsonl or replace
         its checkpoints one by one: refused, or (train.overwrite) those removed first."""
         held = []
@@ -393,13 +396,13 @@ class Trainer:
                 f"{', ...' if len(held) > 4 else ''}): train.resume=true (or null) continues "
                 f"it, train.overwrite=true starts over and removes those, or pick another "
                 f"train.run_dir")
-        if d.main:
+        if dist.main:
             for n in held:
                 path = os.path.join(self.run_dir, n)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            log.warning("train.overwrite: removed %d entries of the run in %s", len(held),
+            log.warning("train.overwrite: removed %dist entries of the run in %s", len(held),
                         self.run_dir)
-        distributed.barrier(d)
+        distributed.barrier(dist)
 
     def _over_budget(self, texts: list[str]) -> tuple[list[int], str, list[int]]:
         """Indices of the prompts over data.max_prompt_tokens, the first few named, and
@@ -416,19 +419,19 @@ class Trainer:
         """Every row's prompt against data.max_prompt_tokens, before any model loads:
         data.overlong=error stops here naming the first rows, skip drops them (logged).
         Then the longest episode the run can sample against train.max_tokens."""
-        c = self.config
+        config = self.config
         over, what, lengths = self._over_budget(self.prompt_texts)
-        within = [n for n in lengths if n <= c.data.max_prompt_tokens]  # the rows kept
+        within = [n for n in lengths if n <= config.data.max_prompt_tokens]  # the rows kept
         self._check_episode_budget(max(within, default=0))
         if not over:
             return
         what = f"{self.data_name}: {what}"
-        if c.data.overlong == "error":
+        if config.data.overlong == "error":
             raise ValueError(f"{what}; raise the budget or set data.overlong=skip")
         keep = sorted(set(range(len(self.rows))) - set(over))
-        if len(keep) < c.train.prompts_per_step and self.dist.enabled or not keep:
+        if len(keep) < config.train.prompts_per_step and self.dist.enabled or not keep:
             raise ValueError(f"{what}; skipping them leaves {len(keep)} rows, too few for "
-                             f"train.prompts_per_step={c.train.prompts_per_step}")
+                             f"train.prompts_per_step={config.train.prompts_per_step}")
         log.warning("%s; skipped (data.overlong=skip)", what)
         self.rows = [self.rows[i] for i in keep]
         self.prompt_texts = [self.prompt_texts[i] for i in keep]
@@ -438,27 +441,27 @@ class Trainer:
         """A micro-batch of train.max_tokens must hold the longest episode: the longest
         prompt + attempt 1 + the instruction + attempt 2, each attempt at its budget
         (train.single_turn: the longest prompt + attempt 1)."""
-        c, f = self.config, self.formatter
+        config, formatter = self.config, self.formatter
         if not self.prompt_texts:
             return
-        if c.train.single_turn:
-            longest = longest_prompt + c.rollout.max_new_tokens
-            if c.train.max_tokens < longest:
+        if config.train.single_turn:
+            longest = longest_prompt + config.rollout.max_new_tokens
+            if config.train.max_tokens < longest:
                 raise ValueError(
-                    f"train.max_tokens={c.train.max_tokens} is below the longest episode this "
+                    f"train.max_tokens={config.train.max_tokens} is below the longest episode this "
                     f"run can sample: the longest prompt ({longest_prompt} tokens) + "
-                    f"rollout.max_new_tokens ({c.rollout.max_new_tokens}) = {longest} "
+                    f"rollout.max_new_tokens ({config.rollout.max_new_tokens}) = {longest} "
                     f"(train.single_turn: attempt 1 only); raise train.max_tokens to at "
                     f"least that")
             return
-        instruction = max(len(f.instruction_ids(self.prompt_texts[0], ids))
-                          for ids in ([], [f.eos] if f.eos is not None else []))
-        longest = longest_prompt + 2 * c.rollout.max_new_tokens + instruction
-        if c.train.max_tokens < longest:
+        instruction = max(len(formatter.instruction_ids(self.prompt_texts[0], ids))
+                          for ids in ([], [formatter.eos] if formatter.eos is not None else []))
+        longest = longest_prompt + 2 * config.rollout.max_new_tokens + instruction
+        if config.train.max_tokens < longest:
             raise ValueError(
-                f"train.max_tokens={c.train.max_tokens} is below the longest episode this run "
+                f"train.max_tokens={config.train.max_tokens} is below the longest episode this run "
                 f"can sample: the longest prompt ({longest_prompt} tokens) + 2 x "
-                f"rollout.max_new_tokens ({c.rollout.max_new_tokens}) + the instruction "
+                f"rollout.max_new_tokens ({config.rollout.max_new_tokens}) + the instruction "
                 f"({instruction}) = {longest}; raise train.max_tokens to at least that")
 
     def _load_eval_task(self):
@@ -487,30 +490,30 @@ class Trainer:
         (score_fast.models): full fine-tune: an fp32 policy (FSDP2-gathered in model.dtype
         below fp32) and a reference in model.dtype; LoRA: the base in model.dtype with fp32
         adapters, which is its own reference with the adapters off."""
-        c, d, m = self.config, self.dist, self.config.model
-        load = dict(self.hub, attn_implementation=m.attn_implementation)
+        config, dist, model_cfg = self.config, self.dist, self.config.model
+        load = dict(self.hub, attn_implementation=model_cfg.attn_implementation)
         given = self._given_model
         if self.lora:
             base = (given.to(self.dtype) if given is not None else
-                    load_model(m.path, dtype=self.dtype, **load))
+                    load_model(model_cfg.path, dtype=self.dtype, **load))
             disable_dropout(base)  # before the adapters: theirs is model.lora.dropout
             self.policy = (load_lora(base, ckpt) if ckpt else
-                           apply_lora(base, m.lora, seed=c.train.seed))
+                           apply_lora(base, model_cfg.lora, seed=config.train.seed))
             self.ref = self.policy
         elif given is not None:  # the reference is a copy, made before the policy upcasts
             self.ref = copy.deepcopy(given).to(self.dtype).requires_grad_(False)
             self.policy = (load_model(ckpt, "checkpoint", torch.float32, **load) if ckpt else
                            given.float())
         else:
-            self.ref = load_model(m.path, dtype=self.dtype, **load)
+            self.ref = load_model(model_cfg.path, dtype=self.dtype, **load)
             self.ref.requires_grad_(False)
             self.policy = (load_model(ckpt, "checkpoint", torch.float32, **load) if ckpt else
-                           load_model(m.path, dtype=torch.float32, **load))
+                           load_model(model_cfg.path, dtype=torch.float32, **load))
         if not self.lora:
             self.policy.config.dtype = self.dtype  # checkpoints are written in it
         self.ref.eval()
         n_params = sum(p.numel() for p in self.policy.parameters())
-        gc = m.gradient_checkpointing
+        gc = model_cfg.gradient_checkpointing
         if gc is None:
             gc = n_params >= GC_AUTO_PARAMS
         if gc:  # transformers >= 5.2x renamed it; 5.17 (the GPU image) has the old name
@@ -519,18 +522,18 @@ class Trainer:
                 self.policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
             else:
                 self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-        self.flops_shape, self.peak_flops = matmul_params(self.policy), peak_flops(d.device)
+        self.flops_shape, self.peak_flops = matmul_params(self.policy), peak_flops(dist.device)
         if self.ref is not self.policy:  # frozen, in its compute dtype: sharded only to split
-            prepare_model(self.ref, d, shard=d.enabled)
+            prepare_model(self.ref, dist, shard=dist.enabled)
         low = self.dtype if self.dtype != torch.float32 else None
-        prepare_model(self.policy, d, shard=d.fsdp, param_dtype=low,
-                      offload=m.offload_optimizer)
+        prepare_model(self.policy, dist, shard=dist.fsdp, param_dtype=low,
+                      offload=model_cfg.offload_optimizer)
         # fused: one kernel over all parameters; foreach would allocate full-size temporaries
         # of the update (+4 bytes a parameter at the step: 28 GiB at 7B)
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=c.train.lr,
-                                           weight_decay=c.train.weight_decay, fused=True)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.train.lr,
+                                           weight_decay=config.train.weight_decay, fused=True)
         # fp16: dynamic loss scaling, or small gradients underflow to 0 (bf16 has fp32's range)
-        self.scaler = (torch.amp.GradScaler(d.device.type)
+        self.scaler = (torch.amp.GradScaler(dist.device.type)
                        if self.dtype == torch.float16 else None)
 
     @property
@@ -541,25 +544,26 @@ class Trainer:
     def rollouts(self, step: int) -> tuple[list[Episode], list[dict], dict]:
         """This rank's episodes: its share of the step's prompts (all samples of a prompt
         stay on one rank, so the RLOO groups are whole). train.single_turn: attempt 1 only."""
-        c, d = self.config, self.dist
-        pick = np.random.default_rng([c.train.seed, step])  # stateless: same on resume
-        n = min(c.train.prompts_per_step, len(self.rows))
-        idx = pick.choice(len(self.rows), size=n, replace=False).tolist()[d.rank::d.world]
+        config, dist = self.config, self.dist
+        pick = np.random.default_rng([config.train.seed, step])  # stateless: same on resume
+        n = min(config.train.prompts_per_step, len(self.rows))
+        idx = pick.choice(len(self.rows), size=n, replace=False).tolist()[dist.rank::dist.world]
         rows = [self.rows[i] for i in idx]
         self.policy.eval()
         # the hf sampler runs the policy (kept gathered for it); vLLM has its own copy
         gen = (contextlib.nullcontext() if self.engine else
-               distributed.generation(self.policy, d))
+               distributed.generation(self.policy, dist))
         with gen:
             episodes, timing = rollout(
                 self.policy, self.tokenizer, self.formatter,
                 [self.prompt_texts[i] for i in idx],
-                samples=c.rollout.samples_per_prompt, max_new_tokens=c.rollout.max_new_tokens,
-                temperature=c.rollout.temperature, batch_size=c.rollout.gen_batch_size,
-                max_prompt_tokens=c.data.max_prompt_tokens,
+                samples=config.rollout.samples_per_prompt,
+                max_new_tokens=config.rollout.max_new_tokens,
+                temperature=config.rollout.temperature, batch_size=config.rollout.gen_batch_size,
+                max_prompt_tokens=config.data.max_prompt_tokens,
                 row_names=[f"row {self.row_numbers[i]} of {self.data_name}" for i in idx],
-                in_flight=c.rollout.episodes_in_flight or c.rollout.gen_batch_size,
-                engine=self.engine, attempts=1 if c.train.single_turn else 2)
+                in_flight=config.rollout.episodes_in_flight or config.rollout.gen_batch_size,
+                engine=self.engine, attempts=1 if config.train.single_turn else 2)
         return episodes, [rows[e.prompt_index] for e in episodes], timing
 
     def loss_and_backward(self, episodes: list[Episode], objective: Objective) -> dict:
@@ -830,44 +834,44 @@ class Trainer:
         """Steps until `until` (default: the end of the schedule); checkpoints every
         save_every steps and at the end. Returns the logged metrics of this call."""
         from tqdm.auto import tqdm
-        c, main = self.config, self.dist.main  # only rank 0 prints and writes logs
+        config, main = self.config, self.dist.main  # only rank 0 prints and writes logs
         end = min(self.total_steps, until if until is not None else self.total_steps)
         history = []
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (progress and main),
                    desc="score", dynamic_ncols=True)
         try:
             while self.step < end:
-                m = self.train_step()
+                metrics = self.train_step()
                 evaluated = self.eval_task is not None and (
                     self.step == self.total_steps
-                    or c.train.eval_every and self.step % c.train.eval_every == 0)
+                    or config.train.eval_every and self.step % config.train.eval_every == 0)
                 best = False
                 if evaluated:
-                    t = time.perf_counter()
-                    m.update(self.evaluate())
-                    best = self._is_best(m)
-                    m["time/eval_s"] = time.perf_counter() - t
-                    m["step_s"] += m["time/eval_s"]
-                if best or self.step % c.train.save_every == 0 or self.step == end:
-                    t = time.perf_counter()
+                    phase_start = time.perf_counter()
+                    metrics.update(self.evaluate())
+                    best = self._is_best(metrics)
+                    metrics["time/eval_s"] = time.perf_counter() - phase_start
+                    metrics["step_s"] += metrics["time/eval_s"]
+                if best or self.step % config.train.save_every == 0 or self.step == end:
+                    phase_start = time.perf_counter()
                     self.save()  # before the line: it is part of this step's time
                     if best:  # only once its checkpoint is complete
                         self._write_best()
-                    m["time/checkpoint_s"] = time.perf_counter() - t
-                    m["step_s"] += m["time/checkpoint_s"]
-                history.append(m)
+                    metrics["time/checkpoint_s"] = time.perf_counter() - phase_start
+                    metrics["step_s"] += metrics["time/checkpoint_s"]
+                history.append(metrics)
                 bar.update(1)
                 if evaluated and main:
-                    (bar.write if progress else log.info)(format_eval(m, self.best))
-                if main and (evaluated or self.step % c.train.log_every == 0
+                    (bar.write if progress else log.info)(format_eval(metrics, self.best))
+                if main and (evaluated or self.step % config.train.log_every == 0
                              or self.step == end):
-                    self.reporter.log(self.step, m)
-                    (bar.write if progress else log.info)(format_line(m))
-                every = c.train.log_samples_every
+                    self.reporter.log(self.step, metrics)
+                    (bar.write if progress else log.info)(format_line(metrics))
+                every = config.train.log_samples_every
                 if main and every and (self.step % every == 0 or self.step == end):
                     self.reporter.log_samples(self.step, self.last_samples)
                 for callback in self.callbacks:
-                    callback(self, m)
+                    callback(self, metrics)
                 if self.should_stop:
                     self.should_stop = False  # a later train() call continues
                     break
