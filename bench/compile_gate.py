@@ -6,9 +6,10 @@ and MMA instructions reported.
     python bench/compile_gate.py --targets 90        # one target (80, 90, 100)
     python bench/compile_gate.py --module FILE.py --no-package   # check one file's kernels
 
-How launches are found: each file in kernels/ with a @triton.jit kernel has `_gate_cases()`
-beside its launchers, yielding zero-argument calls of those launchers on meta tensors of
-real shapes (no data, no device). The gate runs each call with JITFunction.run replaced by
+How launches are found: each file in kernels/ with a @triton.jit kernel (an op file, or a
+shared module such as _lmhead.py) has `_gate_cases()` right after its launch configuration,
+yielding zero-argument calls of its launchers on meta tensors of real shapes (no data, no
+device). The gate runs each call with JITFunction.run replaced by
 a recorder, then turns every recorded launch into Triton's own (signature, constexprs,
 attrs, options) -- the binder and _pack_args a GPU launch uses, so pointer dtypes, the
 16-byte alignment and integer specialisations are what a GPU would compile -- and compiles

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from conftest import assert_within_rule
-from test_linear_logprobs import _use
 from score_fast.kernels import _lmhead as lm
 from score_fast.kernels.linear_logprobs import linear_logprobs, linear_logprobs_ref
 from score_fast.kernels.linear_score_loss import linear_score_loss, linear_score_loss_ref
@@ -17,8 +16,15 @@ from score_fast.kernels.score_loss import score_loss
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
 from harness import peak_memory  # noqa: E402
 
-BACKENDS = ["torch", "triton"]  # see test_linear_logprobs._use
+BACKENDS = ["torch", "triton"]
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}  # 1e-5: a few ulp of |logp| ~ 10
+
+
+def _use(backend, monkeypatch, cols=256):
+    """Select a path; the Triton one with `cols`-column vocabulary chunks (V = 1000: 4, the
+    last partial; the chunk rule, lm.chunk_cols, replaced for the test)."""
+    monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
+    monkeypatch.setattr(lm, "chunk_cols", lambda n: cols)
 
 
 def _batch(N, H, V, E=3, dtype=torch.float32, bias=True, seed=0, temperature=1.0,
