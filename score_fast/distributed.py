@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Dist", "setup", "allocator_defaults", "shard", "is_sharded", "gather_objects",
-           "all_reduce_sum", "barrier", "register_method", "generation"]
+           "all_reduce_sum", "barrier", "generation"]
 
 
 @dataclasses.dataclass
@@ -95,9 +95,10 @@ def shard(model, d: Dist, param_dtype: torch.dtype | None = None, offload: bool 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(d.device.type, (d.world,))
-    # cast_forward_inputs=False: FSDP would otherwise round every float argument of the
-    # registered loss methods to bf16 too, the fp32 reference log-probs and advantages among
-    # them (a 4e-5 KL at step 0, from rounding alone); the layers get bf16 hidden states anyway
+    # cast_forward_inputs=False: every float argument of a sharded module's forward stays
+    # as the caller made it (the layers get bf16 hidden states from bf16 weights anyway);
+    # when the fused loss was a registered method its fp32 reference log-probs were such
+    # arguments, and casting them cost a 4e-5 KL at step 0 from rounding alone
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
                               cast_forward_inputs=False)
     kw = {"offload_policy": CPUOffloadPolicy(pin_memory=d.device.type == "cuda")} if offload \
@@ -112,15 +113,6 @@ def shard(model, d: Dist, param_dtype: torch.dtype | None = None, offload: bool 
 def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
-
-
-def register_method(model, name: str, d: Dist) -> None:
-    """Make `model.<name>` (a bound method computing through the model's weights outside
-    its forward, e.g. the fused loss on the LM head) unshard the root's parameters like a
-    forward does, and reduce-scatter their gradients in backward."""
-    if is_sharded(model):
-        from torch.distributed.fsdp import register_fsdp_forward_method
-        register_fsdp_forward_method(model, name)
 
 
 def gather_objects(obj, d: Dist) -> list:

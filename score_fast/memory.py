@@ -194,8 +194,9 @@ def lora_params(cfg, rank: int, targets=("all-linear",)) -> int:
 
 
 def _chunk_cols(n: int) -> int:
-    """kernels/linear_logprobs.py's cuBLAS-path vocabulary chunk: an [n, Vc] fp32 tile of
-    <= 256 MB, Vc in [1024, 16384], a multiple of 128 (8192 at n = 8192 rows)."""
+    """kernels/_lmhead.py's chunk_cols (the vocabulary chunk of the LM-head ops), kept here so
+    that planning needs no triton import (test_memory pins the two equal): an [n, Vc] fp32
+    tile of <= 256 MB, Vc in [1024, 16384], a multiple of 128 (8192 at n = 8192 rows)."""
     return max(1024, min(16384, 2**28 // (4 * max(n, 1)))) // 128 * 128
 
 

@@ -173,8 +173,12 @@ class Trainer:
         rows (dicts) instead of data.train_file; reward (a score_fast Reward, or a function
         in either custom-reward convention) instead of the reward section. callbacks:
         f(trainer, metrics) after every step, on every rank; one that sets
-        trainer.should_stop = True ends train() after that step."""
-        from score_fast.data import check_row, load_rows
+        trainer.should_stop = True ends train() after that step.
+
+        In order, each failing before anything costly: the config checked, the dtype and the
+        process group, the rows and every prompt rendered, the reward, the checkpoint to
+        resume, the run directory and config.yaml, the models and optimizer, the resumed
+        state, the vLLM engine."""
         # every check once more: fields set after construction skipped __post_init__
         config_from_dict(dataclasses.asdict(config))
         for name, value, given in (("model.path", config.model.path, model),
@@ -189,27 +193,76 @@ class Trainer:
         self.config = config
         self.callbacks, self.should_stop = list(callbacks), False
         self._given_model = model
-        model_cfg = config.model
-        self.hub = {"revision": model_cfg.revision,
-                    "trust_remote_code": model_cfg.trust_remote_code}
-        if model is None:
-            self.dtype = resolve_dtype(model_cfg.dtype, model_cfg.path, **self.hub)
-        elif model_cfg.dtype == "auto":  # the given model's own dtype
-            own = next(model.parameters()).dtype
-            self.dtype = own if own in (torch.bfloat16, torch.float16) else torch.float32
-        else:
-            self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16,
-                          "fp32": torch.float32}[model_cfg.dtype]
-        self.lora = model_cfg.lora.rank > 0
+        self.hub = {"revision": config.model.revision,
+                    "trust_remote_code": config.model.trust_remote_code}
+        self.dtype = self._dtype(model)
+        self.lora = config.model.lora.rank > 0
         self.dist = dist = distributed.setup(fsdp=uses_fsdp(
             int(os.environ.get("WORLD_SIZE", "1")), self.dtype, self.lora,
-            model_cfg.offload_optimizer))
+            config.model.offload_optimizer))
         self.device = dist.device
         if config.train.prompts_per_step % dist.world:
             raise ValueError(f"train.prompts_per_step={config.train.prompts_per_step} does not "
                              f"divide over {dist.world} ranks: each rank samples whole prompt "
                              f"groups, so it must be a multiple of the world size")
         torch.manual_seed(config.train.seed + dist.rank)  # ranks sample different rollouts
+        self._load_rows(rows)
+        self.tokenizer = tokenizer or load_tokenizer(config.model.path, **self.hub)
+        if self.tokenizer.pad_token_id is None:  # as load_tokenizer does
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.formatter = Formatter(self.tokenizer, self.prompts.instruction)
+        self._check_prompt_lengths()
+        self.eval_task = self._load_eval_task() if config.train.eval_file else None
+        self._set_rewards(reward)
+        self.run_dir = config.train.run_dir
+        ckpt = self._checkpoint_to_resume()
+        saved = self._saved_config(model, reward)
+        self.config_yaml = yaml.safe_dump(saved, sort_keys=False)
+        if ckpt:
+            self._check_resumed_config(ckpt, saved)
+        from score_fast.reporting import Reporter
+        self.reporter = Reporter(config.train.report_to, self.run_dir, config=saved,
+                                 enabled=dist.main)
+        if dist.main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(self.config_yaml)
+        self.load_models(ckpt)
+        self.step = 0
+        self.total_steps = config.train.rounds * (config.stage1.steps + config.stage2.steps)
+        self.scheduler = lr_scheduler(self.optimizer, config.train, self.total_steps)
+        self.timer = PhaseTimer(self.device)  # per step, from train_step
+        self.best = None  # {"step", "metric", "value", "checkpoint"} of the best evaluation
+        if ckpt:
+            self._restore(ckpt)
+        self.engine = None
+        if config.rollout.backend == "vllm":
+            from score_fast.vllm_engine import VLLMEngine
+            # an engine per tensor_parallel_size ranks (a collective: every rank at once)
+            self.engine = VLLMEngine(weights_path(config.model.path, **self.hub),
+                                     dtype=self.dtype, seed=config.train.seed,
+                                     config=config.rollout.vllm, ranks=dist.world, **self.hub)
+            # the files are not the policy after a resume, nor with LoRA's own init
+            self.sync_engine()
+            log.info("vLLM engine up in %.1fs", self.engine.startup_s)
+
+    def _dtype(self, model) -> torch.dtype:
+        """The compute dtype: model.dtype, where "auto" is the checkpoint's (or a given
+        model's own: bf16/fp16 kept, anything else fp32)."""
+        name = self.config.model.dtype
+        if model is None:
+            return resolve_dtype(name, self.config.model.path, **self.hub)
+        if name == "auto":
+            own = next(model.parameters()).dtype
+            return own if own in (torch.bfloat16, torch.float16) else torch.float32
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+    def _load_rows(self, rows) -> None:
+        """self.rows from data.train_file (or the rows given), each checked for the fields
+        the run reads, and every row's prompt rendered once, up front: a row the format
+        cannot render fails here, naming it, not at the step that first samples it."""
+        from score_fast.data import check_row, load_rows
+        config = self.config
         self.data_name = config.data.train_file or "the rows passed to Trainer"
         if rows is None:
             self.rows = load_rows(config.data.train_file, config.required_fields(),
@@ -220,21 +273,18 @@ class Trainer:
                 raise ValueError("Trainer(rows=...) got no rows")
             for i, r in enumerate(self.rows):
                 check_row(r, f"row {i + 1}", self.data_name, config.required_fields())
-        if len(self.rows) < config.train.prompts_per_step and dist.enabled:
+        if len(self.rows) < config.train.prompts_per_step and self.dist.enabled:
             raise ValueError(f"{self.data_name} has {len(self.rows)} rows, fewer than "
                              f"train.prompts_per_step={config.train.prompts_per_step}")
-        # every row's prompt once, up front: a row the format cannot render fails here,
-        # naming it, not at the step that first samples it
         self.prompts = PromptBuilder.from_config(config)
         self.prompt_texts = [self.prompts.render(r, f"row {i + 1} of {self.data_name}")
                              for i, r in enumerate(self.rows)]
         self.row_numbers = list(range(1, len(self.rows) + 1))  # in the file, for messages
-        self.tokenizer = tokenizer or load_tokenizer(model_cfg.path, **self.hub)
-        if self.tokenizer.pad_token_id is None:  # as load_tokenizer does
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.formatter = Formatter(self.tokenizer, self.prompts.instruction)
-        self._check_prompt_lengths()
-        self.eval_task = self._load_eval_task() if config.train.eval_file else None
+
+    def _set_rewards(self, reward) -> None:
+        """self.reward from the config, or the Reward / function given; self.eval_reward the
+        same unless the eval file's answer field differs."""
+        config = self.config
         if reward is None:
             self.reward = make_reward_from(config)
         elif hasattr(reward, "evaluate") or hasattr(reward, "score"):  # a Reward object
@@ -249,17 +299,21 @@ class Trainer:
             # a MATH file's `answer` while the run reads another field: the same reward,
             # reading the field the eval rows carry
             self.eval_reward = make_reward_from(self.eval_task.config)
-        if config.reward.kind == "math" and config.reward.lenient_math and dist.main:
+        if config.reward.kind == "math" and config.reward.lenient_math and self.dist.main:
             log.warning("math reward: lenient (reward.lenient_math): a response that states no "
                         "final answer is scored on its last number; the paper's checker "
                         "scores it 0")
-        self.run_dir = config.train.run_dir
+
+    def _checkpoint_to_resume(self) -> str | None:
+        """The newest checkpoint in run_dir whose files verify (a damaged one is named and
+        skipped; rank 0 reads and hashes them, the others take its answer or its error), or
+        None; after repairing what an interrupted save left behind. A fresh run's directory
+        is prepared here (_fresh_run_dir)."""
+        config, dist = self.config, self.dist
         if dist.main:  # what an interrupted save left behind
             for done in recover_interrupted(self.run_dir):
                 log.warning("%s: %s (an interrupted save)", self.run_dir, done)
         distributed.barrier(dist)
-        # the newest checkpoint whose files verify (a damaged one is named and skipped):
-        # rank 0 reads and hashes them, the others take its answer (or its error)
         ckpt = None
         if config.train.resume is not False:
             found = None
@@ -279,10 +333,15 @@ class Trainer:
                 f"there is one")
         if ckpt is None:
             self._fresh_run_dir(dist)
-        saved = dataclasses.asdict(config)
+        return ckpt
+
+    def _saved_config(self, model, reward) -> dict:
+        """The config as config.yaml records it: callables by their importable names, a
+        given model by its name."""
         from score_fast.rewards.custom import function_name
-        if callable(config.reward.function):  # an API callable: config.yaml records its name
-            saved["reward"]["function"] = function_name(config.reward.function)
+        saved = dataclasses.asdict(self.config)
+        if callable(self.config.reward.function):  # an API callable: recorded by its name
+            saved["reward"]["function"] = function_name(self.config.reward.function)
         if callable(reward) and not hasattr(reward, "evaluate"):
             # a function passed to Trainer: a custom reward by its name (a module-level one
             # loads again by that name, e.g. in score-fast eval); a Reward object is not
@@ -291,47 +350,25 @@ class Trainer:
         if model is not None:
             saved["model"]["path"] = saved["model"]["path"] or "passed to Trainer: " + str(
                 getattr(model.config, "_name_or_path", "") or type(model).__name__)
-        self.config_yaml = yaml.safe_dump(saved, sort_keys=False)
-        if ckpt:
-            self._check_resumed_config(ckpt, saved)
-        from score_fast.reporting import Reporter
-        self.reporter = Reporter(config.train.report_to, self.run_dir, config=saved,
-                                 enabled=dist.main)
-        if dist.main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-                f.write(self.config_yaml)
-        self.load_models(ckpt)
-        self.step = 0
-        self.total_steps = config.train.rounds * (config.stage1.steps + config.stage2.steps)
-        self.scheduler = lr_scheduler(self.optimizer, config.train, self.total_steps)
-        self.timer = PhaseTimer(self.device)  # per step, from train_step
-        if ckpt:
-            state = load_state(ckpt, self.policy, self.optimizer, dist)
-            self.step = state["step"]
-            set_rng_state(state["rng"])
-            if self.scaler is not None and "scaler" in state:
-                self.scaler.load_state_dict(state["scaler"])
-            if "scheduler" in state:
-                self.scheduler.load_state_dict(state["scheduler"])
-            log.info("resumed from %s at step %d", ckpt, self.step)
-            if dist.main:
-                self._cut_logs()
-        self.best = None  # {"step", "metric", "value", "checkpoint"} of the best evaluation
+        return saved
+
+    def _restore(self, ckpt: str) -> None:
+        """Step, RNG, optimizer, scaler and scheduler state from ckpt; the logs cut back to
+        its step; the best evaluation so far."""
+        state = load_state(ckpt, self.policy, self.optimizer, self.dist)
+        self.step = state["step"]
+        set_rng_state(state["rng"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        if "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+        log.info("resumed from %s at step %d", ckpt, self.step)
+        if self.dist.main:
+            self._cut_logs()
         best = os.path.join(self.run_dir, BEST_FILE)
-        if ckpt and os.path.isfile(best):
+        if os.path.isfile(best):
             with open(best) as f:
                 self.best = json.load(f)
-        self.engine = None
-        if config.rollout.backend == "vllm":
-            from score_fast.vllm_engine import VLLMEngine
-            # an engine per tensor_parallel_size ranks (a collective: every rank at once)
-            self.engine = VLLMEngine(weights_path(model_cfg.path, **self.hub), dtype=self.dtype,
-                                     seed=config.train.seed, config=config.rollout.vllm,
-                                     ranks=dist.world, **self.hub)
-            # the files are not the policy after a resume, nor with LoRA's own init
-            self.sync_engine()
-            log.info("vLLM engine up in %.1fs", self.engine.startup_s)
 
     def _check_resumed_config(self, ckpt: str, saved: dict) -> None:
         """A resume continues the checkpoint's run: a field that changes what it trains

@@ -1,17 +1,23 @@
-"""Helpers the trainer tests share (test_trainer, test_precision, test_checkpoint, ...) and
-tests/dist_step.py imports under torchrun: a tiny run's files and config, three fixed
-episodes, and the SCoRe objective written out by hand for them."""
+"""Helpers the tests share (and tests/dist_step.py imports under torchrun): a tiny run's
+files and config, three fixed episodes, the SCoRe objective written out by hand for them,
+a torchrun launcher, and a chi-square goodness-of-fit p-value for sampled tokens."""
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import torch
 import transformers
+import yaml
 
 from score_fast.config import (Config, DataConfig, ModelConfig, RewardConfig, RolloutConfig,
                                Stage1Config, Stage2Config, TrainConfig)
 from score_fast.demo import task as demo_task
 from score_fast.rollout import Episode, Formatter
 
-__all__ = ["make_run", "fixed_episodes", "R1", "R2", "B1", "B2", "VARIANTS", "hand_loss"]
+__all__ = ["make_run", "fixed_episodes", "R1", "R2", "B1", "B2", "VARIANTS", "hand_loss",
+           "torchrun", "write_config", "chi_square_p"]
 
 
 def make_run(tmp_path, n_rows=12, **train):
@@ -97,3 +103,41 @@ def hand_loss(policy, ref, episodes, table, kl="k2", temperature=1.0):
             k = 0.5 * d * d if kl == "k2" else torch.exp(d) - d - 1
             terms.append((0.0 if adv is None else -adv * logp[t]) + beta * k)
     return torch.stack(terms).mean()
+
+
+def torchrun(args, n=2, timeout=300):
+    """Run a script under torchrun on n CPU ranks (n = 1: plain python), the kernels
+    interpreted, as a user launches it; its output if it exits 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+           "--standalone", *args] if n > 1 else [sys.executable, *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return p
+
+
+def write_config(config, path):
+    """config as the YAML file `score-fast train --config` reads; its path."""
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config)))
+    return str(path)
+
+
+def chi_square_p(tokens, probs):
+    """p-value of the goodness-of-fit of the sampled tokens to `probs` [V]: bins of an
+    expected count < 5 pooled into one (the test's validity condition); a token drawn
+    where the probability is 0 gives p = 0."""
+    n = tokens.numel()
+    counts = torch.bincount(tokens.view(-1), minlength=probs.numel()).double()
+    if bool((counts[probs == 0] > 0).any()):
+        return 0.0
+    exp = probs.double() * n
+    big = exp >= 5
+    obs_b, exp_b = counts[big], exp[big]
+    if bool((~big).any()) and exp[~big].sum() > 0:
+        obs_b = torch.cat([obs_b, counts[~big].sum()[None]])
+        exp_b = torch.cat([exp_b, exp[~big].sum()[None]])
+    stat = ((obs_b - exp_b) ** 2 / exp_b).sum()
+    df = obs_b.numel() - 1
+    return torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64),
+                                   stat / 2).item()

@@ -2,7 +2,6 @@
 one step on 2 ranks equals one process on the same global batch; a checkpoint written by 2
 ranks loads with from_pretrained in one process and resumes on 2 ranks to the same step as
 an uninterrupted run; a world size that does not divide the prompts is a clear error."""
-import dataclasses
 import json
 import os
 import shutil
@@ -11,26 +10,10 @@ import sys
 
 import pytest
 import torch
-import yaml
 
-from helpers import make_run
+from helpers import make_run, torchrun, write_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _torchrun(args, n=2, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-           "--standalone", *args] if n > 1 else [sys.executable, *args]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    return p
-
-
-def _write(config, path):
-    path.write_text(yaml.safe_dump(dataclasses.asdict(config)))
-    return str(path)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16_lora", "fp32_single_turn"])
@@ -46,11 +29,11 @@ def test_two_ranks_equal_one_process(tmp_path, precision):
     lora = precision == "bf16_lora"
     if lora:
         c.model.dtype, c.model.lora.rank = "bf16", 4
-    cfg = _write(c, tmp_path / "c.yaml")
+    cfg = write_config(c, tmp_path / "c.yaml")
     outs = {}
     for n in (1, 2):
         out = tmp_path / f"out{n}.pt"
-        _torchrun([os.path.join(HERE, "dist_step.py"), cfg, str(out)], n=n)
+        torchrun([os.path.join(HERE, "dist_step.py"), cfg, str(out)], n=n)
         outs[n] = torch.load(out, weights_only=False)
     one, two = outs[1], outs[2]
     assert one["n1"] == two["n1"] and one["n2"] == two["n2"] and one["n1"] > 0
@@ -87,8 +70,8 @@ def test_checkpoint_on_two_ranks_loads_and_resumes(tmp_path):
     c.stage1.steps, c.stage2.steps = 1, 2
     run_a = tmp_path / "a"
     c.train.run_dir = str(run_a)
-    cfg = _write(c, tmp_path / "a.yaml")
-    p = _torchrun(["-m", "score_fast", "train", "--config", cfg])
+    cfg = write_config(c, tmp_path / "a.yaml")
+    p = torchrun(["-m", "score_fast", "train", "--config", cfg])
     ck2, ck3 = run_a / "checkpoint-2", run_a / "checkpoint-3"
     assert (ck2 / "optimizer").is_dir() and (ck2 / "rng-1.pt").is_file()
     lines = [json.loads(x) for x in (run_a / "metrics.jsonl").read_text().splitlines()]
@@ -100,7 +83,7 @@ def test_checkpoint_on_two_ranks_loads_and_resumes(tmp_path):
     run_b.mkdir()
     shutil.copytree(ck2, run_b / "checkpoint-2")
     c.train.run_dir, c.train.resume = str(run_b), True
-    _torchrun(["-m", "score_fast", "train", "--config", _write(c, tmp_path / "b.yaml")])
+    torchrun(["-m", "score_fast", "train", "--config", write_config(c, tmp_path / "b.yaml")])
     b3 = AutoModelForCausalLM.from_pretrained(run_b / "checkpoint-3").state_dict()
     for k in a3:
         torch.testing.assert_close(b3[k], a3[k], rtol=0, atol=0, msg=k)
@@ -113,7 +96,7 @@ def test_single_turn_trains_on_two_ranks(tmp_path):
     prompts' attempt 1 only): rank 0 logs every step, with no attempt-2 key."""
     c = make_run(tmp_path, max_tokens=64, prompts_per_step=2, single_turn=True)
     c.stage1.steps, c.stage2.steps = 0, 2
-    p = _torchrun(["-m", "score_fast", "train", "--config", _write(c, tmp_path / "c.yaml")])
+    p = torchrun(["-m", "score_fast", "train", "--config", write_config(c, tmp_path / "c.yaml")])
     run = tmp_path / "run"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
@@ -128,7 +111,7 @@ def test_world_size_must_divide_prompts(tmp_path):
     c = make_run(tmp_path, prompts_per_step=3)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
                         "2", "--standalone", "-m", "score_fast", "train", "--config",
-                        _write(c, tmp_path / "c.yaml")], capture_output=True, text=True,
+                        write_config(c, tmp_path / "c.yaml")], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode != 0
     assert "train.prompts_per_step=3 does not divide over 2 ranks" in p.stderr

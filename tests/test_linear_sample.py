@@ -7,6 +7,7 @@ the Triton path (interpreted here, compiled in the gpu tests)."""
 import pytest
 import torch
 
+from helpers import chi_square_p
 from score_fast.kernels import linear_sample as ls
 from score_fast.kernels.linear_sample import linear_sample, linear_sample_ref
 
@@ -37,26 +38,6 @@ def _probs(h, w, b, temperature):
     if b is not None:
         x = x + b.double()
     return torch.softmax(x / temperature, -1)
-
-
-def chi_square_p(tokens, probs):
-    """p-value of the goodness-of-fit of the sampled tokens to `probs` [V]: bins of an
-    expected count < 5 pooled into one (the test's validity condition); a token drawn
-    where the probability is 0 gives p = 0."""
-    n = tokens.numel()
-    counts = torch.bincount(tokens.view(-1), minlength=probs.numel()).double()
-    if bool((counts[probs == 0] > 0).any()):
-        return 0.0
-    exp = probs.double() * n
-    big = exp >= 5
-    obs_b, exp_b = counts[big], exp[big]
-    if bool((~big).any()) and exp[~big].sum() > 0:
-        obs_b = torch.cat([obs_b, counts[~big].sum()[None]])
-        exp_b = torch.cat([exp_b, exp[~big].sum()[None]])
-    stat = ((obs_b - exp_b) ** 2 / exp_b).sum()
-    df = obs_b.numel() - 1
-    return torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64),
-                                   stat / 2).item()
 
 
 def _draws(backend):

@@ -264,7 +264,7 @@ def test_sampling_distribution_fused_and_not(model, monkeypatch, fused):
     The LM head is scaled x30 (logits of std ~3; the random init's are nearly uniform)."""
     import copy
 
-    from test_linear_sample import chi_square_p
+    from helpers import chi_square_p
     model = copy.deepcopy(model)
     model.lm_head.weight.data *= 30
     monkeypatch.setenv("SCORE_FAST_FUSED_SAMPLING", fused)

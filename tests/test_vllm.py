@@ -199,8 +199,7 @@ def test_two_ranks_each_with_an_engine(tmp_path, tp):
     after every step, and after training every rank decodes greedily what the trained
     policy (gathered) decodes."""
     import os
-    from test_distributed import _torchrun, _write
-    from helpers import make_run
+    from helpers import make_run, torchrun, write_config
     c = make_run(tmp_path, prompts_per_step=4)
     path = str(tmp_path / "model32")
     _save(path)  # head size 32 (make_run's model has 16, which vLLM's CPU attention refuses)
@@ -208,8 +207,8 @@ def test_two_ranks_each_with_an_engine(tmp_path, tp):
     c.rollout.vllm.tensor_parallel_size = tp
     out = tmp_path / "out.pt"
     here = os.path.dirname(os.path.abspath(__file__))
-    _torchrun([os.path.join(here, "dist_vllm.py"), _write(c, tmp_path / "c.yaml"), str(out)],
-              timeout=600)
+    torchrun([os.path.join(here, "dist_vllm.py"), write_config(c, tmp_path / "c.yaml"), str(out)],
+             timeout=600)
     res = torch.load(out, weights_only=False)
     assert res["steps"] == [1, 2, 3, 4] and all(s > 0 for s in res["sync_s"])
     for stats in res["stats"]:  # each engine sampled its own rank's share, and was synced
