@@ -27,16 +27,23 @@ def _prompts(lengths, seed=1):
 LENGTHS = [3, 7, 1, 12, 5, 9, 2, 4]
 
 
+def left_pad(contexts):
+    """contexts (lists of ids) as one left-padded [B, width] batch and its attention mask."""
+    width = max(map(len, contexts))
+    ids = torch.full((len(contexts), width), PAD)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(contexts):
+        ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def ref(model, contexts, eos, n=8):
     """model.generate (greedy) on the left-padded full contexts, cut after the first eos
     (rollout.generate would also strip trailing pad ids, which this model can emit)."""
-    width = max(map(len, contexts))
-    ids = torch.full((len(contexts), width), PAD)
-    mask = torch.zeros_like(ids)
-    for i, c in enumerate(contexts):
-        ids[i, width - len(c):] = torch.tensor(c)
-        mask[i, width - len(c):] = 1
+    ids, mask = left_pad(contexts)
+    width = ids.shape[1]
     gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
                          pad_token_id=PAD, eos_token_id=eos)[:, width:].tolist()
     return [row[:row.index(eos) + 1] if eos in row else row for row in gen]
@@ -353,12 +360,7 @@ def ref_sampled(model, contexts, eos, n, *, temperature, top_p, fused, generator
         live = order[start:start + batch_size]
         while live:
             ctx = [contexts[row] + outs[row] for row in live]
-            width = max(map(len, ctx))
-            ids = torch.full((len(ctx), width), PAD)
-            mask = torch.zeros_like(ids)
-            for slot, seq in enumerate(ctx):
-                ids[slot, width - len(seq):] = torch.tensor(seq)
-                mask[slot, width - len(seq):] = 1
+            ids, mask = left_pad(ctx)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             if fused:
                 hidden = model.model(input_ids=ids, attention_mask=mask,
