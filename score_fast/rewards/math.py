@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping
 
+from score_fast.data import DataError
 from score_fast.rewards.sandbox.pool import WorkerPool
 from score_fast.rewards.base import OK, Reward, RewardResult
 
@@ -73,6 +74,21 @@ def last_boxed(text: str) -> str | None:
     for m in _BOXED.finditer(text):
         pass
     return None if m is None else _box_content(text, m)
+
+
+def with_reference(row: Mapping, answer_field: str, where: str) -> Mapping:
+    """`row` with its reference answer under `answer_field`: the field itself, or when it
+    is missing or blank the last \\boxed{...} of `solution` (Hendrycks' MATH has no answer
+    field; MATH500 has both), for training and evaluation alike. DataError naming `where`
+    when the row has neither."""
+    gold = row.get(answer_field)
+    if gold is not None and str(gold).strip():
+        return row
+    gold = last_boxed(str(row.get("solution") or ""))
+    if gold is None or not gold.strip():
+        raise DataError(f"{where}: no {answer_field!r} and no closed \\boxed{{...}} in "
+                        f"'solution': no reference answer")
+    return {**row, answer_field: gold}
 
 
 def _box_content(text: str, m: re.Match) -> str | None:
