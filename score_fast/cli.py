@@ -18,10 +18,12 @@ the fields fit (MATH, HumanEval, MBPP: score_fast.evaluation) decides."""
 from __future__ import annotations
 
 import argparse
-
+import difflib
 import importlib.resources
+import inspect
 import logging
 import os
+import re
 import sys
 from typing import Optional
 
@@ -36,13 +38,18 @@ log = logging.getLogger("score_fast")
 
 
 def build_parser() -> ArgumentParser:
-    # --help shows each config field's docstring (score_fast/config.py)
+    # --help shows each config field's docstring (score_fast/config.py). allow_abbrev=False
+    # on every parser: argparse would take --train.sav for --train.save_every, and a typo
+    # that is a prefix (--rollout.max_new_token) for the option it starts
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(prog="score-fast", exit_on_error=False,
+    parser = ArgumentParser(prog="score-fast", exit_on_error=False, allow_abbrev=False,
                             description="SCoRe self-correction training")
     sub = parser.add_subcommands(dest="command")
-    train = ArgumentParser(exit_on_error=False,
-                           description="Stage I then Stage II SCoRe training")
+    train = ArgumentParser(exit_on_error=False, allow_abbrev=False,
+                           description="Stage I then Stage II SCoRe training",
+                           # not the ~90 lines of every option: they follow, by section
+                           usage="%(prog)s [--recipe RECIPE] [--config CONFIG] "
+                                 "[--SECTION.FIELD VALUE ...]")
     train.add_argument("--recipe", type=str, default=None,
                        help=f"the paper's settings for a benchmark, applied where it stands on "
                             f"the command line (later options override): "
@@ -50,20 +57,22 @@ def build_parser() -> ArgumentParser:
                             f"file")
     train.add_argument("--config", action=ActionConfigFile, help="YAML config file")
     train.add_class_arguments(Config, None)
+    _section_headers(train)
     sub.add_subcommand("train", train, help="train from a YAML config and overrides")
-    ev = ArgumentParser(exit_on_error=False,
+    ev = ArgumentParser(exit_on_error=False, allow_abbrev=False,
                         description="greedy two-attempt evaluation of a checkpoint "
                                     "(MATH / HumanEval / MBPP files detected by their fields)")
     ev.add_class_arguments(EvalConfig, None)
+    _section_headers(ev)
     sub.add_subcommand("eval", ev, help="evaluate a checkpoint on a data file")
-    demo = ArgumentParser(exit_on_error=False,
+    demo = ArgumentParser(exit_on_error=False, allow_abbrev=False,
                           description="the built-in arithmetic demo (tiny Llama, CPU)")
     demo.add_argument("--run_dir", type=str, default="runs/demo", help="where the demo writes")
     demo.add_argument("--seed", type=int, default=0, help="warm-up, sampling and RL seed")
     demo.add_argument("--rollout_backend", type=str, default="hf", choices=["hf", "vllm"],
                       help="how RL samples (rollout.backend); evaluation decodes with hf")
     sub.add_subcommand("demo", demo, help="run the built-in demo end to end")
-    ab = ArgumentParser(exit_on_error=False,
+    ab = ArgumentParser(exit_on_error=False, allow_abbrev=False,
                         description="the paper's ablations (Table 4) on the demo task, "
                                     "several seeds (score_fast.demo.ablate)")
     ab.add_argument("--out", type=str, default="runs/ablate", help="where results go")
@@ -72,7 +81,7 @@ def build_parser() -> ArgumentParser:
                     help="smoke run: short warm-up, 2 + 2 RL steps")
     ab.add_argument("--workers", type=int, default=2, help="parallel worker processes")
     sub.add_subcommand("ablate", ab, help="ablation table + plot on the demo task")
-    plan = ArgumentParser(exit_on_error=False,
+    plan = ArgumentParser(exit_on_error=False, allow_abbrev=False,
                           description="predicted peak device memory of one training step "
                                       "and which devices it fits (score_fast.memory)")
     plan.add_argument("--model", type=Optional[str], default=None,
@@ -86,10 +95,11 @@ def build_parser() -> ArgumentParser:
                       help="null: on from 1B parameters (the trainer's rule)")
     from score_fast.memory import StepShape
     plan.add_class_arguments(StepShape, None)
+    _section_headers(plan)
     plan.add_argument("--table", action="store_true",
                       help="the 1.5B / 7B / 14B x settings x devices table (markdown)")
     sub.add_subcommand("plan", plan, help="memory plan: does a model fit a device")
-    plot = ArgumentParser(exit_on_error=False,
+    plot = ArgumentParser(exit_on_error=False, allow_abbrev=False,
                           description="a run's curves from its metrics.jsonl as a PNG "
                                       "(score_fast.plots)")
     plot.add_argument("run_dir", type=str, help="the run's train.run_dir")
@@ -97,6 +107,29 @@ def build_parser() -> ArgumentParser:
                       help="the PNG (default: RUN_DIR/curves.png)")
     sub.add_subcommand("plot", plot, help="plot a run's metrics")
     return parser
+
+
+def _section_headers(parser: ArgumentParser) -> None:
+    """--help's group header of each config section: "rollout: sampling both attempts: ...",
+    the section's key and the title jsonargparse gives it (the section field's docstring,
+    else the first line of its dataclass's docstring, score_fast/config.py), with the rest
+    of that docstring as the group's text. A dataclass without a docstring would be titled
+    with its repr (dataclasses' generated __doc__): the key alone then."""
+    for key, group in parser.groups.items():
+        cls = getattr(group, "group_class", None)  # None: the class at the top (Config)
+        doc = cls.__doc__ if cls is not None else None
+        if doc and doc.startswith(f"{cls.__name__}("):
+            doc = None
+        title = group.title or ""
+        if title.startswith(f"{getattr(cls, '__name__', key)}("):
+            title = ""
+        if f"--{key}" in parser._option_string_actions:  # a section: --rollout CONFIG
+            group.title = f"{key}: {title}" if title else key
+        else:
+            group.title = title or None
+        rest = inspect.cleandoc(doc).partition("\n")[2].strip() if doc else ""
+        if rest:
+            group.description = " ".join(rest.split())
 
 
 def recipe_names() -> list[str]:
@@ -160,17 +193,49 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return _run(argv)
+    except KeyboardInterrupt as e:  # Ctrl-C: 130 (128 + SIGINT) and one line, no traceback
+        from score_fast.trainer import TrainingInterrupted
+        if not isinstance(e, TrainingInterrupted):  # that one logged its line: the step
+            print("score-fast: interrupted (before the first step: nothing was written "
+                  "to resume from)" if argv[:1] == ["train"] else "score-fast: interrupted",
+                  file=sys.stderr)
+        return 130
     except _USER_ERRORS as e:
         if os.environ.get("SCORE_FAST_DEBUG", "0") not in ("", "0"):
             raise
         if isinstance(e, argparse.ArgumentError):  # jsonargparse's, over two lines: one
-            sub = argv[0] + " " if argv and argv[0] in _COMMANDS else ""
-            print(f"score-fast: error: {' '.join(str(e).split())} (score-fast {sub}--help "
-                  f"lists every option)", file=sys.stderr)
+            sub = argv[0] if argv and argv[0] in _COMMANDS else None
+            text = " ".join(str(e).split())
+            print(f"score-fast: error: {text}{_did_you_mean(text, sub)} (score-fast "
+                  f"{sub + ' ' if sub else ''}--help lists every option)", file=sys.stderr)
             return 2
         print(f"score-fast: error: {e} ({type(e).__name__}; SCORE_FAST_DEBUG=1 shows the "
               f"traceback)", file=sys.stderr)
         return 2
+
+
+def _did_you_mean(error: str, command: str | None) -> str:
+    """"; did you mean --train.save_every?" for each unrecognized option of `error` that is
+    close to one of `command`'s (allow_abbrev=False: a prefix is not taken as the option)."""
+    m = re.search(r"unrecognized arguments: (.*)", error)
+    if not m or command is None:
+        return ""
+    sub = build_parser()._subcommands_action._name_parser_map[command]
+    known = [o for o in sub._option_string_actions if o.startswith("--")]
+    hints = []
+    for word in m.group(1).split():
+        name = word.split("=", 1)[0]
+        if name.startswith("--"):
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            # a prefix of one option only (--train.sav) is the likeliest meaning
+            starts = [o for o in known if o.startswith(name)]
+            best = starts[0] if len(starts) == 1 else close[0] if close else None
+            if best:
+                hints.append((name, best))
+    if len(hints) == 1:
+        return f"; did you mean {hints[0][1]}?"
+    return ("; did you mean " + ", ".join(f"{b} (for {n})" for n, b in hints) + "?"
+            if hints else "")
 
 
 def _run(argv: list[str]) -> int:

@@ -6,7 +6,7 @@ run as `--recipe math` / `--recipe mbpp`, each value with its source."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 __all__ = ["MATH_INSTRUCTION", "CODE_INSTRUCTION", "KL_ESTIMATORS", "DTYPES", "check_kl",
            "REDUCTIONS", "BASELINES", "BEST_METRICS",
@@ -53,6 +53,7 @@ def _above_zero(section: str, **values) -> None:
 
 @dataclass
 class LoraConfig:
+    """LoRA adapters on the policy (peft) instead of a full fine-tune (rank 0)"""
     rank: int = 0
     """LoRA rank; 0: full fine-tune. With rank > 0 the policy is the base model (frozen, in
     model.dtype) + fp32 adapters through peft, and the reference is the same base with the
@@ -80,6 +81,7 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
+    """the policy and its frozen reference (weights, precision, LoRA, memory)"""
     path: str = ""
     """local HF model directory, or a hub id already in the local Hugging Face cache
     (nothing is downloaded): the policy's initial weights and the frozen reference"""
@@ -113,6 +115,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """the training rows and how each becomes attempt 1's prompt"""
     train_file: str = ""
     """.jsonl / .json / .parquet (score_fast.data.load_rows)"""
     problem_field: Optional[str] = None
@@ -144,7 +147,9 @@ class DataConfig:
 
 @dataclass
 class VLLMConfig:
-    """rollout.backend=vllm: the engine, in the trainer's process (score_fast.vllm_engine)"""
+    """the engine of rollout.backend=vllm
+
+    vLLM in the trainer's process (score_fast.vllm_engine)"""
     gpu_memory_utilization: float = 0.3
     """GPU: the fraction of the device vLLM may take for its weights and KV cache; the rest
     is the trainer's (score-fast plan says what the training step needs)"""
@@ -171,6 +176,7 @@ class VLLMConfig:
 
 @dataclass
 class RolloutConfig:
+    """sampling both attempts (episodes per prompt, temperature, lengths, backend)"""
     samples_per_prompt: int = 4
     """k episodes per prompt for the RLOO baseline (not stated)"""
     temperature: float = 1.0
@@ -205,9 +211,11 @@ class RolloutConfig:
 
 @dataclass
 class SandboxConfig:
-    """reward.kind=code: each candidate program's limits (score_fast.rewards.code). Worst-case
-    memory of a batch: reward.workers x (memory_mb + disk_mb) where a memory cgroup can be
-    made (it is then per candidate), else reward.workers x (nproc x memory_mb + disk_mb)"""
+    """each candidate program's limits under reward.kind=code
+
+    Worst-case memory of a batch (score_fast.rewards.code): reward.workers x (memory_mb +
+    disk_mb) where a memory cgroup can be made (it is then per candidate), else
+    reward.workers x (nproc x memory_mb + disk_mb)"""
     cpu_s: int = 10
     """CPU seconds per process (RLIMIT_CPU)"""
     memory_mb: int = 1024
@@ -230,6 +238,7 @@ class SandboxConfig:
 
 @dataclass
 class RewardConfig:
+    """scoring each attempt (math answers, code tests in a sandbox, or a function)"""
     kind: Literal["math", "code", "custom"] = "math"
     """math | code | custom"""
     function: str = ""
@@ -260,6 +269,7 @@ class RewardConfig:
 
 @dataclass
 class Stage1Config:
+    """Stage I trains attempt 2 on its reward, keeping attempt 1 near the base model"""
     steps: int = 1000
     """steps of Stage I per round (not stated: a third of the paper's 3000 on MATH)"""
     beta1: float = 0.01
@@ -273,6 +283,7 @@ class Stage1Config:
 
 @dataclass
 class Stage2Config:
+    """Stage II trains both attempts, attempt 2 with the shaping bonus"""
     steps: int = 2000
     """steps of Stage II per round (not stated: two thirds of the paper's 3000 on MATH)"""
     alpha: float = 10.0
@@ -292,6 +303,7 @@ class Stage2Config:
 
 @dataclass
 class TrainConfig:
+    """the run (batch, optimizer, loss, logging, checkpoints, evaluation, resume)"""
     run_dir: str = "runs/score"
     """config.yaml, metrics.jsonl and checkpoint-N/ go here"""
     seed: int = 0
@@ -332,9 +344,11 @@ class TrainConfig:
     """divide advantages by the group std (not stated)"""
     log_every: int = 1
     """steps between metric lines (and rows of every report_to backend)"""
-    report_to: list = field(default_factory=lambda: ["jsonl"])
+    report_to: Union[list[str], str] = field(default_factory=lambda: ["jsonl"])
     """where the metrics go, any of jsonl (run_dir/metrics.jsonl) | tensorboard
-    (run_dir/tensorboard) | wandb (run_dir/wandb, offline unless WANDB_MODE=online)"""
+    (run_dir/tensorboard) | wandb (run_dir/wandb, offline unless WANDB_MODE=online): a list
+    ([tensorboard,wandb]), one name, or names separated by commas (tensorboard,wandb), each
+    made a list"""
     log_samples_every: int = 0
     """steps between tables of sample episodes (problem, both attempts, r1, r2) in the
     report_to backends (jsonl: run_dir/samples.jsonl); 0: none"""
@@ -387,6 +401,8 @@ class TrainConfig:
                   log_samples_every=self.log_samples_every)
         _at_least("train", 1, log_samples=self.log_samples)
         from score_fast.reporting import BACKENDS  # light: no backend is imported
+        if isinstance(self.report_to, str):  # --train.report_to tensorboard[,wandb]
+            self.report_to = [b.strip() for b in self.report_to.split(",")]
         bad = [b for b in self.report_to if b not in BACKENDS]
         if bad:
             raise ValueError(f"train.report_to: unknown {bad}; any of {', '.join(BACKENDS)}")
@@ -436,6 +452,7 @@ def check_kl(kl: str) -> str:
 
 @dataclass
 class Config:
+    """a training run, one section per field (score-fast train --SECTION.FIELD=VALUE)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -478,6 +495,7 @@ class Config:
 
 @dataclass
 class EvalConfig:
+    """the checkpoint, the data file and the sampling of --samples (score-fast eval)"""
     checkpoint: str = ""
     """a checkpoint-N directory (or any HF model directory)"""
     data: str = ""

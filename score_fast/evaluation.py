@@ -33,6 +33,7 @@ import collections
 import dataclasses
 import logging
 import re
+import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Hashable, Optional, Sequence
@@ -44,7 +45,7 @@ from score_fast.data import DataError, check_row, load_rows
 from score_fast.metrics import self_correction_metrics
 from score_fast.prompts import PromptBuilder
 from score_fast.rewards.code import extract_code
-from score_fast.rewards.math import extract_answer, last_boxed
+from score_fast.rewards.math import extract_answer, last_boxed, with_reference
 from score_fast.rollout import Episode, Formatter, rollout
 from score_fast.scoring import score_episodes
 
@@ -79,8 +80,12 @@ class Task:
 def _fits(config: Config, fields: set[str]) -> bool:
     kind = config.reward.kind
     if kind == "code":
-        return set(HUMANEVAL) <= fields or ("test_list" in fields and bool(fields & {"text",
-                                                                                     "prompt"}))
+        humaneval = set(HUMANEVAL) <= fields
+        mbpp = "test_list" in fields and bool(fields & {"text", "prompt"})
+        # the run's prompt format reads its own rows' fields: a run trained with MBPP's
+        # prompt (the paper's code setup) is evaluated on HumanEval rows with HumanEval's
+        return {"humaneval": humaneval, "mbpp": mbpp}.get(config.data.prompt,
+                                                           humaneval or mbpp)
     if kind == "math":
         return (config.problem_field() in fields
                 and bool(fields & {config.answer_field(), "solution"}))
@@ -88,11 +93,12 @@ def _fits(config: Config, fields: set[str]) -> bool:
 
 
 def _as_kind(base: Config, kind: str) -> Config:
-    """`base` evaluated as `kind` with the default fields; a run's instruction belongs to its
-    own reward kind, so another kind gets the paper's instruction."""
+    """`base` evaluated as `kind` with the default fields and a prompt format that follows
+    the rows (a HumanEval or MBPP format or a template belongs to the run's rows); a run's
+    instruction belongs to its own reward kind, so another kind gets the paper's."""
     same = kind == base.reward.kind
     data = dataclasses.replace(base.data, problem_field=None, answer_field=None)
-    if not same:  # the run's prompt format was for its own kind
+    if not same or base.data.prompt in ("humaneval", "mbpp") or base.data.prompt_template:
         data = dataclasses.replace(data, prompt="auto", prompt_template=None)
     return dataclasses.replace(
         base, reward=base.reward if same else RewardConfig(kind=kind), data=data,
@@ -141,14 +147,7 @@ def prepare_rows(rows: Sequence[dict], config: Config, path: str
     for i, row in enumerate(rows, 1):
         where = f"row {i}"
         if kind == "math":
-            af = config.answer_field()
-            gold = row.get(af)
-            if gold is None or not str(gold).strip():
-                gold = last_boxed(str(row.get("solution") or ""))
-                if gold is None or not gold.strip():
-                    raise DataError(f"{where} of {path}: no {af!r} and no closed "
-                                    f"\\boxed{{...}} in 'solution': no reference answer")
-                row = {**row, af: gold}
+            row = with_reference(row, config.answer_field(), f"{where} of {path}")
         elif kind == "code":
             check_row(row, where, path, HUMANEVAL if "entry_point" in row else
                       ["text" if "text" in row else "prompt", "test_list"])
@@ -271,21 +270,42 @@ def majority_vote(keys: Sequence[Optional[Hashable]]) -> int | None:
 
 # ------------------------------------------------------------------ generation
 def _episodes(model, tokenizer, task: Task, *, samples: int, greedy: bool,
-              temperature: float, max_new_tokens: int | None) -> list[Episode]:
+              temperature: float, max_new_tokens: int | None,
+              progress: bool = False) -> list[Episode]:
     """Sampled (or greedy) episodes of every problem, with the model in eval mode (its
-    training mode is restored after)."""
+    training mode is restored after). progress: the problems a batch at a time (the
+    problems of rollout.gen_batch_size episodes), logging "eval: done/total problems" after
+    each (when the "score_fast" logger shows INFO, as under score-fast eval); else every
+    problem in one rollout."""
     config = task.config
+    progress = progress and log.isEnabledFor(logging.INFO)
+    n = len(task.problems)
+    new = max_new_tokens or config.rollout.max_new_tokens
+    per_batch = max(1, config.rollout.gen_batch_size // samples) if progress else max(n, 1)
+    if progress:
+        what = ("both attempts greedy" if greedy else
+                f"{samples} sampled episodes each at temperature {temperature:g}")
+        log.info("eval: %d problems, %s, up to %d new tokens an attempt", n, what, new)
+    formatter = Formatter(tokenizer, config.instruction())
+    episodes: list[Episode] = []
+    t0 = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            episodes, _ = rollout(
-                model, tokenizer, Formatter(tokenizer, config.instruction()), task.problems,
-                samples=samples, greedy=greedy, temperature=temperature,
-                max_new_tokens=max_new_tokens or config.rollout.max_new_tokens,
-                batch_size=config.rollout.gen_batch_size,
-                max_prompt_tokens=config.data.max_prompt_tokens,
-                row_names=[f"row {i} of {task.path}" for i in range(1, len(task.rows) + 1)])
+            for lo in range(0, n, per_batch):
+                hi = min(lo + per_batch, n)
+                part, _ = rollout(
+                    model, tokenizer, formatter, task.problems[lo:hi],
+                    samples=samples, greedy=greedy, temperature=temperature,
+                    max_new_tokens=new, batch_size=config.rollout.gen_batch_size,
+                    max_prompt_tokens=config.data.max_prompt_tokens,
+                    row_names=[f"row {i} of {task.path}" for i in range(lo + 1, hi + 1)])
+                for e in part:  # the problem's index in the task, not in the batch
+                    e.prompt_index += lo
+                episodes += part
+                if progress:
+                    log.info("eval: %d/%d problems (%.0f s)", hi, n, time.perf_counter() - t0)
     finally:
         model.train(was_training)
     return episodes
@@ -298,38 +318,41 @@ def _score(reward, texts: list[str], rows: list[dict]) -> list[bool]:
     return [s > 0 for s in scores]
 
 
-def greedy_attempts(model, tokenizer, task: Task, reward, max_new_tokens: int | None = None
+def greedy_attempts(model, tokenizer, task: Task, reward, max_new_tokens: int | None = None,
+                    progress: bool = False
                     ) -> tuple[list[bool], list[bool], list[str], list[str]]:
-    """Both attempts greedy at every problem: (correct1, correct2, text1, text2)."""
+    """Both attempts greedy at every problem: (correct1, correct2, text1, text2).
+    progress: log the problems done after each batch (_episodes)."""
     eps = _episodes(model, tokenizer, task, samples=1, greedy=True, temperature=1.0,
-                    max_new_tokens=max_new_tokens)
+                    max_new_tokens=max_new_tokens, progress=progress)
     t1, t2 = [e.text1 for e in eps], [e.text2 for e in eps]
     ok = _score(reward, t1 + t2, task.rows * 2)  # one batch: one pass over the worker pool
     return ok[:len(eps)], ok[len(eps):], t1, t2
 
 
-def evaluate_greedy(model, tokenizer, task: Task, reward, max_new_tokens: int | None = None
-                    ) -> dict[str, dict[str, float]]:
+def evaluate_greedy(model, tokenizer, task: Task, reward, max_new_tokens: int | None = None,
+                    progress: bool = True) -> dict[str, dict[str, float]]:
     """Both attempts greedy at every problem; breakdown_metrics of the result (its "all"
     entry: the paper's metrics over every row, plus "n"). The one greedy evaluator: score-fast
     eval, the trainer's train.eval_file evaluations (greedy_attempts, a share per rank) and
-    the demo and ablation tables (make_task on their rows) all use it."""
+    the demo and ablation tables (make_task on their rows) all use it. progress (score-fast
+    eval's): "eval: done/total problems" logged after each batch of problems."""
     return breakdown_metrics(task.rows, *greedy_attempts(model, tokenizer, task, reward,
-                                                         max_new_tokens))
+                                                         max_new_tokens, progress=progress))
 
 
 def inference_scaling(model, tokenizer, task: Task, reward, samples: int,
-                      temperature: float = 0.7, max_new_tokens: int | None = None
-                      ) -> dict[str, float]:
+                      temperature: float = 0.7, max_new_tokens: int | None = None,
+                      progress: bool = True) -> dict[str, float]:
     """Self-consistency over `samples` (K) first attempts against K/2 first attempts each
     corrected once, majority vote over the K/2 second attempts (module doc). Returns
     {"samples", "temperature", "n", "self_consistency", "self_correction"}: the last two
-    are accuracies in [0, 1]."""
+    are accuracies in [0, 1]. progress: the problems done logged after each batch."""
     if samples < 2 or samples % 2:
         raise ValueError(f"samples must be an even number >= 2, got {samples}")
     key = vote_key(task.kind)
     eps = _episodes(model, tokenizer, task, samples=samples, greedy=False,
-                    temperature=temperature, max_new_tokens=max_new_tokens)
+                    temperature=temperature, max_new_tokens=max_new_tokens, progress=progress)
     n = len(task.rows)
     right = [[False] * n, [False] * n]  # [arm][problem]
     todo = []  # (arm, problem, the winning text) to score

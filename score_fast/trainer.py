@@ -68,7 +68,8 @@ from score_fast.rewards import make_reward_from
 from score_fast.rollout import Episode, Formatter, rollout
 from score_fast.scoring import score_episodes
 
-__all__ = ["Trainer", "NonFiniteLossError", "PhaseTimer", "format_line", "format_eval"]
+__all__ = ["Trainer", "NonFiniteLossError", "TrainingInterrupted", "PhaseTimer",
+           "format_line", "format_eval", "size_warning"]
 
 log = logging.getLogger("score_fast")
 
@@ -78,8 +79,29 @@ BEST_FILE = "best.json"  # run_dir/best.json: the best evaluation and its checkp
 ATTEMPT2_KEYS = ("reward_t2", "kl_t2", "entropy_t2", "len_t2", "zeros_t2")
 
 
+# a step on a CPU generating more tokens than this (episodes x attempts x max new tokens) is
+# called large when the run starts (size_warning): the demo's is 1,024, the MATH recipe's 1M
+CPU_STEP_TOKENS = 8192
+# a step whose every reward is 0 is warned about the first time, then every this many such
+# steps (with their count), and counted at the run's end
+ZERO_REWARD_WARN_EVERY = 50
+
+
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class TrainingInterrupted(KeyboardInterrupt, SystemExit):
+    """Ctrl-C (SIGINT) during Trainer.train, after the progress bar and the reporter were
+    closed (every logged line flushed; checkpoints are only ever complete or absent). A
+    KeyboardInterrupt to Python code (`except KeyboardInterrupt` still catches it) and a
+    SystemExit with code 130 (128 + SIGINT) to the interpreter: uncaught, as under
+    `score-fast train`, the process exits 130 without a traceback, its one-line message
+    (str(e): the step reached and how to resume) already logged."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 130
 
 
 @dataclasses.dataclass
@@ -163,6 +185,32 @@ def lr_scheduler(optimizer, train, total_steps: int):
                          num_training_steps=max(total_steps, 1))
 
 
+def size_warning(config: Config, device: torch.device, world: int = 1) -> str | None:
+    """A warning when the run is large for the device it runs on, else None: on a CPU, a
+    step that generates more than CPU_STEP_TOKENS tokens a rank (episodes x attempts x
+    rollout.max_new_tokens, each then trained on), with the numbers and the fields that
+    shrink it."""
+    if device.type != "cpu":
+        return None
+    prompts, samples = config.train.prompts_per_step, config.rollout.samples_per_prompt
+    attempts = 1 if config.train.single_turn else 2
+    new = config.rollout.max_new_tokens
+    per_step = prompts * samples * attempts * new
+    if per_step <= CPU_STEP_TOKENS * world:
+        return None
+    steps = config.train.rounds * (config.stage1.steps + config.stage2.steps)
+    ranks = f" over {world} ranks" if world > 1 else ""
+    fields = ("train.prompts_per_step, rollout.samples_per_prompt, rollout.max_new_tokens, "
+              "stage1.steps / stage2.steps" + (" / train.rounds" if config.train.rounds > 1
+                                               else ""))
+    return (f"this run is large for a CPU: {steps:,} steps x {prompts * samples:,} episodes "
+            f"({prompts} prompts x {samples} samples) x {attempts} attempt"
+            f"{'s' if attempts > 1 else ''} x up to {new:,} new tokens = up to "
+            f"{per_step:,} generated tokens a step{ranks} ({steps * per_step:.2g} in all), "
+            f"each also trained on; a CPU step of more than {CPU_STEP_TOKENS:,} a rank takes "
+            f"minutes or more with a real model. Shrink it ({fields}) or run it on a GPU")
+
+
 class Trainer:
     """Holds the policy, the frozen reference, the optimizer and the data of one run."""
 
@@ -233,6 +281,10 @@ class Trainer:
         self.scheduler = lr_scheduler(self.optimizer, config.train, self.total_steps)
         self.timer = PhaseTimer(self.device)  # per step, from train_step
         self.best = None  # {"step", "metric", "value", "checkpoint"} of the best evaluation
+        # steps this Trainer took, and how many of them had every reward 0 (train_step sets
+        # last_step_all_zero); the run summary is logged at the first train() call
+        self.steps_taken = self.zero_reward_steps = 0
+        self.last_step_all_zero, self.first_zero_step, self._announced = False, None, False
         if ckpt:
             self._restore(ckpt)
         self.engine = None
@@ -262,17 +314,23 @@ class Trainer:
         the run reads, and every row's prompt rendered once, up front: a row the format
         cannot render fails here, naming it, not at the step that first samples it."""
         from score_fast.data import check_row, load_rows
+        from score_fast.rewards.math import with_reference
         config = self.config
         self.data_name = config.data.train_file or "the rows passed to Trainer"
+        # a math row's reference may be the last \boxed of its `solution` (Hendrycks' MATH)
+        answer = config.answer_field() if config.reward.kind == "math" else None
+        required = [f for f in config.required_fields() if f != answer]
         if rows is None:
-            self.rows = load_rows(config.data.train_file, config.required_fields(),
-                                  limit=config.data.limit)
+            self.rows = load_rows(config.data.train_file, required, limit=config.data.limit)
         else:
             self.rows = list(rows)[:config.data.limit]
             if not self.rows:
                 raise ValueError("Trainer(rows=...) got no rows")
             for i, r in enumerate(self.rows):
-                check_row(r, f"row {i + 1}", self.data_name, config.required_fields())
+                check_row(r, f"row {i + 1}", self.data_name, required)
+        if answer:
+            self.rows = [with_reference(r, answer, f"row {i + 1} of {self.data_name}")
+                         for i, r in enumerate(self.rows)]
         if len(self.rows) < config.train.prompts_per_step and self.dist.enabled:
             raise ValueError(f"{self.data_name} has {len(self.rows)} rows, fewer than "
                              f"train.prompts_per_step={config.train.prompts_per_step}")
@@ -760,6 +818,8 @@ class Trainer:
         share = self._sample_and_score(stage)
         if self.dist.enabled:  # every rank gets the whole step: episodes, scores, advantages
             share = StepShare.merge(distributed.gather_objects(share, self.dist))
+        # every reward 0: every advantage is 0, no reward signal (train() warns)
+        self.last_step_all_zero = not any(share.scores1) and not any(share.scores2 or ())
         train_start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]  # this step's (the schedule moves after it)
         out, norm = self.optimize(share.episodes, share.objective)
@@ -869,13 +929,34 @@ class Trainer:
 
     def train(self, until: int | None = None, progress: bool = True) -> list[dict]:
         """Steps until `until` (default: the end of the schedule); checkpoints every
-        save_every steps and at the end. Returns the logged metrics of this call."""
+        save_every steps and at the end. Returns the logged metrics of this call.
+
+        The first call logs the run's summary (run_summary; size_warning on a CPU). A run
+        already at its last step (a resume of a finished run) logs so and does nothing.
+        Ctrl-C closes the bar and the reporter, logs one line (the step reached, the
+        checkpoint a resume continues from) and raises TrainingInterrupted."""
         from tqdm.auto import tqdm
         config, main = self.config, self.dist.main  # only rank 0 prints and writes logs
+        if self.step >= self.total_steps:
+            if main:
+                log.info("already complete: %d steps (%s); nothing to do", self.total_steps,
+                         self.run_dir)
+            return []
+        if not self._announced and main:
+            log.info("%s", self.run_summary())
+            warning = size_warning(config, self.device, self.dist.world)
+            if warning:
+                log.warning("%s", warning)
+        self._announced = True
         end = min(self.total_steps, until if until is not None else self.total_steps)
         history = []
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (progress and main),
                    desc="score", dynamic_ncols=True)
+        # while the bar is drawn, log lines (warnings) go above it rather than into it
+        above_bar = contextlib.ExitStack()
+        if not bar.disable:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            above_bar.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
         try:
             while self.step < end:
                 metrics = self.train_step()
@@ -907,16 +988,119 @@ class Trainer:
                 every = config.train.log_samples_every
                 if main and every and (self.step % every == 0 or self.step == end):
                     self.reporter.log_samples(self.step, self.last_samples)
+                self._note_zero_rewards(metrics)
                 for callback in self.callbacks:
                     callback(self, metrics)
                 if self.should_stop:
                     self.should_stop = False  # a later train() call continues
                     break
+        except KeyboardInterrupt:
+            above_bar.close()
+            bar.close()  # the message after the bar's last line, not inside it
+            self.reporter.close()  # every logged line flushed, the backends finished
+            message = self._interrupted_message()
+            if main:
+                log.warning("%s", message)
+            raise TrainingInterrupted(message) from None
         finally:
+            above_bar.close()
             bar.close()
             if self.step >= self.total_steps or sys.exc_info()[0] is not None:
                 self.reporter.close()  # the run's end (or its failure): flush and finish
+        if main and self.step >= self.total_steps and self.zero_reward_steps and (
+                self.zero_reward_steps >= max(2, self.steps_taken // 10)):
+            log.warning("%d of the %d steps this run took had every reward 0, the first at "
+                        "step %d: no reward signal, nothing learned from them (that step's "
+                        "warning says what to check)", self.zero_reward_steps,
+                        self.steps_taken, self.first_zero_step)
         return history
+
+    def run_summary(self) -> str:
+        """What the run is about to do, logged before its first step: the rows, the model's
+        parameters, the step plan, where it writes, the device and dtype."""
+        config, dist = self.config, self.dist
+        trainable = sum(p.numel() for p in self.trainable)
+        total = sum(p.numel() for p in self.policy.parameters())
+        per_round = f"{config.stage1.steps} Stage I + {config.stage2.steps} Stage II steps"
+        plan = (per_round if config.train.rounds == 1 else
+                f"{config.train.rounds} rounds of {per_round}")
+        start = f"from step {self.step} (resumed)" if self.step else "from step 0"
+        prompts, samples = config.train.prompts_per_step, config.rollout.samples_per_prompt
+        attempts = ("attempt 1 only (train.single_turn)" if config.train.single_turn
+                    else "2 attempts")
+        ranks = f" x {dist.world} ranks" if dist.world > 1 else ""
+        model = config.model.path or "the model passed to Trainer"
+        lora = f", LoRA rank {config.model.lora.rank}" if self.lora else ""
+        return "\n".join([
+            f"rows: {len(self.rows)} from {self.data_name}",
+            f"model: {model}: {trainable:,} trainable of {total:,} parameters{lora}",
+            f"plan: {plan} = {self.total_steps} steps, {start}; {prompts} prompts x {samples} "
+            f"samples = {prompts * samples} episodes a step, {attempts} of up to "
+            f"{config.rollout.max_new_tokens} new tokens",
+            f"run_dir: {self.run_dir}; device {self.device}{ranks}, "
+            f"{str(self.dtype).removeprefix('torch.')}"])
+
+    def _note_zero_rewards(self, metrics: dict) -> None:
+        """Count a step whose every reward was 0; warn the first time and every
+        ZERO_REWARD_WARN_EVERY such steps, naming the zero reasons and what to check."""
+        self.steps_taken += 1
+        if not self.last_step_all_zero:
+            return
+        self.zero_reward_steps += 1
+        n = self.zero_reward_steps
+        if n == 1:
+            self.first_zero_step = self.step
+        if not self.dist.main or (n > 1 and n % ZERO_REWARD_WARN_EVERY):
+            return
+        why = "; ".join(f"attempt {k} " + ", ".join(f"{r}:{c}" for r, c in
+                                                    sorted(metrics[f"zeros_t{k}"].items()))
+                        for k in (1, 2) if metrics.get(f"zeros_t{k}")) or "no reasons given"
+        count = ("" if n == 1 else
+                 f"; {n} of the {self.steps_taken} steps this run took had every reward 0")
+        log.warning("step %d: every reward is 0 (%s)%s: every advantage is 0, so the step has "
+                    "no reward signal and learns nothing (loss, grad norm and KL stay 0 while "
+                    "the policy is the reference). %s (warned again every %d such steps)",
+                    self.step, why, count, self._zero_reward_hint(), ZERO_REWARD_WARN_EVERY)
+
+    def _zero_reward_hint(self) -> str:
+        """What to check when no response earns a reward, per reward kind."""
+        from score_fast.rewards import CodeReward, MathReward
+        config = self.config
+        samples = ("the responses are in samples.jsonl" if config.train.log_samples_every else
+                   "train.log_samples_every=1 writes responses to samples.jsonl")
+        if isinstance(self.reward, MathReward):
+            return (f"Check the answer format the math reward expects: a final answer in "
+                    f"\\boxed{{...}} or \"The final answer is X. I hope it is correct.\" "
+                    f"(the prompt, data.prompt={config.data.prompt}, asks for it; "
+                    f"reward.lenient_math=true also takes a last plain number), and the "
+                    f"reference in the rows' {config.answer_field() or 'answer'!r} field; "
+                    f"{samples}")
+        if isinstance(self.reward, CodeReward):
+            return (f"Check that the responses hold the program the code reward runs (a "
+                    f"```python block or the function body, as the prompt, "
+                    f"data.prompt={config.data.prompt}, asks) and that the rows' tests pass "
+                    f"on a right program; {samples}")
+        return (f"Check the reward function against a few responses and the format it "
+                f"expects against what the prompt asks for; {samples}")
+
+    def _interrupted_message(self) -> str:
+        """The one line a Ctrl-C leaves: the step reached and where a resume continues."""
+        from score_fast.checkpoint import latest_checkpoint
+        head = f"stopped after step {self.step} of {self.total_steps} (interrupted)"
+        if not self.dist.main:  # rank 0 reads the run directory and says the rest
+            return head
+        saved = latest_checkpoint(self.run_dir)
+        if saved is None:
+            if not os.path.isfile(os.path.join(self.run_dir, "metrics.jsonl")):
+                return f"{head}; nothing was saved: the same command starts it over"
+            return (f"{head}, before its first checkpoint (train.save_every="
+                    f"{self.config.train.save_every}): nothing to resume; "
+                    f"--train.overwrite=true starts it over")
+        at = int(os.path.basename(saved).rsplit("-", 1)[1])
+        again = ("" if at >= self.step else f"; step {self.step} is taken again"
+                 if at + 1 == self.step else f"; steps {at + 1}-{self.step} are taken again")
+        return (f"{head}; resume with --train.resume=true (from {os.path.basename(saved)}"
+                f"{again})")
 
 
 def format_eval(m: dict, best: dict | None) -> str:

@@ -70,9 +70,13 @@ def test_train_then_eval(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(dataclasses.asdict(c)))
     run_dir = tmp_path / "cli_run"
+    # one report_to name, as typed (not a list): jsonl and tensorboard
     assert main(["train", "--config", str(cfg), f"--train.run_dir={run_dir}",
-                 "--stage2.steps=1", "--stage2.alpha=5"]) == 0
+                 "--stage2.steps=1", "--stage2.alpha=5", "--train.report_to",
+                 "jsonl,tensorboard"]) == 0
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["train"]["report_to"] == ["jsonl", "tensorboard"]
+    assert any(f.startswith("events.") for f in os.listdir(run_dir / "tensorboard"))
     assert saved["stage2"] == {"steps": 1, "alpha": 5.0, "beta1": 0.01, "method": "reinforce"}
     assert saved["train"]["run_dir"] == str(run_dir)
     assert sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint")) == [
@@ -83,6 +87,49 @@ def test_train_then_eval(tmp_path, capsys):
           c.data.train_file, "--limit", "4"])
     table = capsys.readouterr().out
     assert "checkpoint-3" in table and "Acc@t1" in table and "Delta_i->c" in table
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "score_fast", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_report_to_takes_one_name():
+    c = parse_config(["train", "--train.report_to", "tensorboard"])
+    assert c.train.report_to == ["tensorboard"]
+    with pytest.raises(ValueError, match=r"train.report_to: unknown \['tensorbord'\]"):
+        parse_config(["train", "--train.report_to", "tensorbord"])
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["train", "--train.sav", "1"], "did you mean --train.save_every?"),  # a prefix
+    (["train", "--rollout.max_new_token", "4"], "did you mean --rollout.max_new_tokens?"),
+    (["train", "--stage2.alpah=5", "--train.sav=1"],
+     "did you mean --stage2.alpha (for --stage2.alpah), --train.save_every (for --train.sav)?"),
+    (["eval", "--checkpoin", "x"], "did you mean --checkpoint?"),
+    (["demo", "--se", "1"], "did you mean --seed?"),
+    (["train", "--zzz", "1"], "unrecognized arguments: --zzz 1 (score-fast train --help"),
+])
+def test_an_option_is_its_whole_name_and_a_typo_gets_a_hint(args, hint):
+    # argparse would run --train.sav 1 as --train.save_every 1
+    out = _cli(*args)
+    assert out.returncode == 2 and out.stdout == "", out
+    assert out.stderr.count("\n") == 1 and hint in out.stderr, out.stderr
+
+
+def test_help_group_headers_are_the_sections_in_words():
+    out = _cli("train", "--help")
+    assert out.returncode == 0, out.stderr
+    headers = [line for line in out.stdout.splitlines() if re.match(r"^\S.*:$", line)]
+    sections = ["model", "model.lora", "data", "rollout", "rollout.vllm", "reward",
+                "reward.sandbox", "stage1", "stage2", "train"]
+    assert [h.split(":")[0] for h in headers] == ["options"] + sections, headers
+    for h in headers[-len(sections):]:
+        title = h.split(": ", 1)[1]
+        assert len(title.split()) >= 3 and "Config(" not in title, h  # words, not a repr
+    assert "Config(" not in out.stdout
+    assert "rollout: sampling both attempts" in out.stdout
+    assert len(out.stdout.splitlines()[0]) < 100  # the usage line: not every option
 
 
 def test_eval_missing_checkpoint(tmp_path, capsys):

@@ -292,6 +292,43 @@ def test_cli_humaneval_scripted_numbers(tmp_path, checkpoint, monkeypatch, capsy
     assert len(lines) == 4 and lines[3].startswith("| all | 2 | 50.0 | 50.0 | 0.0 | 50.0 | 50.0 |")
 
 
+def test_cli_eval_logs_progress_per_batch_not_on_stdout(tmp_path, checkpoint, monkeypatch,
+                                                        capsys, caplog):
+    """score-fast eval with the checkpoint's rollout.gen_batch_size=2: the greedy pass
+    takes the 6 problems 2 at a time (--samples 4: 1 at a time, at least a problem a batch),
+    logging "eval: done/total problems" after each batch; stdout holds the same tables as
+    one batch of all 6 (the default gen_batch_size 64), and no progress."""
+    import shutil
+    ckpt = tmp_path / "checkpoint-7"
+    shutil.copytree(checkpoint, ckpt)
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    saved["rollout"]["gen_batch_size"] = 2
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(saved))
+    data = write_jsonl(tmp_path / "math500.jsonl", MATH500)
+    # right at attempt 1, wrong at attempt 2, in every pass
+    answers = {r["problem"]: [(B % r["answer"], B % "wrong")] * 5 for r in MATH500}
+    calls = scripted(monkeypatch, answers)
+    assert main(["eval", "--checkpoint", checkpoint, "--data", data]) == 0  # one batch of 64
+    one_batch = capsys.readouterr().out
+    assert calls == [(1, True, 1.0)]
+    calls.clear()
+    with caplog.at_level("INFO", logger="score_fast"):
+        assert main(["eval", "--checkpoint", str(ckpt), "--data", data, "--samples", "4"]) == 0
+    out = capsys.readouterr().out
+    assert calls == [(1, True, 1.0)] * 3 + [(4, False, 0.7)] * 6
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval:")]
+    assert [re.sub(r"\(\d+ s\)", "(T s)", m) for m in progress] == [
+        "eval: 6 problems, both attempts greedy, up to 8 new tokens an attempt",
+        "eval: 2/6 problems (T s)", "eval: 4/6 problems (T s)", "eval: 6/6 problems (T s)",
+        "eval: 6 problems, 4 sampled episodes each at temperature 0.7, up to 8 new tokens "
+        "an attempt"] + [f"eval: {i}/6 problems (T s)" for i in range(1, 7)]
+    assert out.startswith(one_batch) and "eval:" not in out
+    assert out.splitlines()[10:] == [
+        "| inference-time scaling: K=4, temperature 0.7, 6 problems | accuracy |", "|---|---|",
+        "| self-consistency: majority of 4 first attempts | 100.0 |",
+        "| self-correction: majority of 2 second attempts (2 first + 2 second) | 0.0 |"]
+
+
 # ------------------------------------------------------------------ CLI, the real model
 def test_cli_real_model_math_and_humaneval(tmp_path, checkpoint, capsys, caplog):
     """The tiny random model end to end: MATH500 and MATH files (breakdowns), HumanEval (the
@@ -362,3 +399,38 @@ def test_cli_errors(tmp_path, checkpoint, capsys):
     with pytest.raises(DataError, match=r"bad\.jsonl: cannot evaluate as code"):
         run_eval(parse_config(["eval", "--checkpoint", checkpoint, "--data", bad, "--kind",
                                "code"]))
+
+
+def test_paper_code_setup_mbpp_recipe_evaluated_on_humaneval(tmp_path, capsys):
+    """The paper's code setup through the CLI: `--recipe mbpp` (MBPP's prompt) with a
+    HumanEval train.eval_file, then `score-fast eval` of its checkpoint on HumanEval: the
+    HumanEval rows are prompted as HumanEval (their own `prompt`) with the run's code
+    instruction, not refused for lacking MBPP's test_list."""
+    from helpers import make_run
+    c = make_run(tmp_path)  # the tiny model and its char tokenizer
+    mbpp = write_jsonl(tmp_path / "mbpp.jsonl", MBPP * 4)
+    he = write_jsonl(tmp_path / "he.jsonl", HUMANEVAL)
+    run = tmp_path / "mbpp_run"
+    assert main(["train", "--recipe", "mbpp", f"--model.path={c.model.path}",
+                 f"--data.train_file={mbpp}", f"--train.eval_file={he}",
+                 f"--train.run_dir={run}", "--stage1.steps=1", "--stage2.steps=1",
+                 "--train.prompts_per_step=2", "--rollout.samples_per_prompt=2",
+                 "--rollout.max_new_tokens=4", "--train.save_every=2"]) == 0
+    evals = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "eval/acc_t1" in m]
+    assert len(evals) == 1 and 0 <= evals[0]["eval/acc_t1"] <= 1
+    saved = yaml.safe_load((run / "checkpoint-2" / "config.yaml").read_text())
+    assert saved["data"]["prompt"] == "mbpp" and saved["reward"]["kind"] == "code"
+    config = ev.detect_config(HUMANEVAL, he, parse_config(
+        ["train", "--recipe", "mbpp", "--model.path=m"]))
+    assert (config.data.prompt, config.reward.kind, config.instruction()) == (
+        "auto", "code", CODE_INSTRUCTION)
+    problems, _ = ev.prepare_rows(HUMANEVAL, config, he)
+    assert problems == [r["prompt"] for r in HUMANEVAL]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "checkpoint-2"), "--data", he]) == 0
+    out = capsys.readouterr().out
+    assert ": code, 2 problems, both attempts greedy" in out and "| all | 2 |" in out
+    # MBPP rows still get MBPP's prompt from the same checkpoint
+    assert main(["eval", "--checkpoint", str(run / "checkpoint-2"), "--data", mbpp,
+                 "--limit", "1"]) == 0

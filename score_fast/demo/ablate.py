@@ -186,7 +186,8 @@ def format_summary(summary: dict, meta: dict, n_train: int, n_test: int) -> str:
              f"{meta['n1']} + {meta['n2']} RL steps per variant, greedy two-attempt "
              f"evaluation; percent, mean ± std over seeds."]
     for split, title in (("train", f"RL-train problems ({n_train})"),
-                         ("held_out", f"held-out problems ({n_test}, never seen by RL)")):
+                         ("held_out", f"held-out problems ({n_test}, never seen by RL; "
+                                      f"the warm-up trained on all {n_train + n_test})")):
         lines = [f"\n{title}\n", "| variant | " + " | ".join(HEADERS) + " |",
                  "|---|" + "---|" * len(HEADERS)]
         for name, stats in summary[split].items():

@@ -46,7 +46,7 @@ from score_fast.config import (Config, DataConfig, ModelConfig, RewardConfig, Ro
 from score_fast.rollout import Episode, Formatter
 
 __all__ = ["run_demo", "warm_up", "demo_config", "write_problems", "warmup_transcripts",
-           "demo_rows", "split_rows", "corrupt"]
+           "demo_rows", "split_rows", "corrupt", "held_out_heading"]
 
 
 _PROMPTS: dict = {}
@@ -114,12 +114,17 @@ def warmup_transcripts(rows, formatter: Formatter, tokenizer, rng: random.Random
     return out
 
 
-def _warmup(model, episodes_fn, steps: int, batch: int, lr: float) -> float:
-    """Teacher forcing on the attempt tokens (labels > 0), padded batches."""
+WARMUP_BATCH = 64  # transcripts a warm-up step
+
+
+def _warmup(model, episodes_fn, steps: int, batch: int, lr: float, report=None,
+            every: int = 100) -> float:
+    """Teacher forcing on the attempt tokens (labels > 0), padded batches. report(step,
+    loss) after every `every` steps but the last."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     loss = torch.tensor(0.0)
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         eps = episodes_fn(batch)
         width = max(len(e.ids) for e in eps)
         ids = torch.zeros(len(eps), width, dtype=torch.long)
@@ -132,13 +137,15 @@ def _warmup(model, episodes_fn, steps: int, batch: int, lr: float) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if report is not None and step % every == 0 and step < steps:
+            report(step, loss.item())
     return loss.item()
 
 
 def warm_up(run_dir: str, rows: list[dict], *, seed: int = 0, steps: int = 600,
-            p_fix: float = 0.25, p_break: float = 0.25, say=print) -> str:
+            p_fix: float = 0.25, p_break: float = 0.25, say=print, every: int = 100) -> str:
     """The supervised warm-up (module doc, step 2) on `rows`; saves the model and tokenizer
-    to run_dir/base and returns that path."""
+    to run_dir/base and returns that path. Says its progress every `every` steps."""
     import transformers
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -147,9 +154,11 @@ def warm_up(run_dir: str, rows: list[dict], *, seed: int = 0, steps: int = 600,
     fmt = Formatter(tok, demo_task.DEMO_INSTRUCTION)
     rng = random.Random(seed)
     say(f"warm-up: {steps} supervised steps on all {len(rows)} problems ...")
+    progress = lambda step, loss: say(  # noqa: E731
+        f"warm-up: step {step}/{steps}, loss {loss:.3f}, {time.perf_counter() - t0:.0f} s")
     loss = _warmup(model, lambda n: warmup_transcripts(rng.sample(rows, n), fmt, tok, rng,
                                                        p_fix=p_fix, p_break=p_break),
-                   steps, 64, 3e-3)
+                   steps, WARMUP_BATCH, 3e-3, report=progress, every=every)
     base = os.path.join(run_dir, "base")
     model.save_pretrained(base)
     tok.save_pretrained(base)
@@ -193,6 +202,23 @@ def write_problems(run_dir: str, held_out: int = 50) -> tuple[str, list[dict], l
     return data, train_rows, test_rows
 
 
+def held_out_heading(n_held_out: int, n_rows: int, warmup_steps: int | None) -> str:
+    """The held-out table's heading: RL never sampled these problems, but the warm-up
+    (warm_up on all the rows, every step WARMUP_BATCH transcripts drawn from all of them)
+    trained on them as on the rest. warmup_steps None: a given base model, whose warm-up
+    did not run here."""
+    if warmup_steps is None:
+        seen = ("but the given base model's warm-up may have trained on them (warm_up "
+                "trains on all the problems)")
+    else:
+        seen = (f"but in the warm-up like all {n_rows}: {warmup_steps} steps x {WARMUP_BATCH} "
+                f"transcripts drawn from all of them, "
+                f"~{warmup_steps * WARMUP_BATCH / n_rows:.0f} of each problem; so they test "
+                f"whether RL's correction carries to problems RL did not train on, not to "
+                f"unseen problems")
+    return f"held-out problems ({n_held_out}; never seen by RL, {seen})"
+
+
 def run_demo(run_dir: str = "runs/demo", *, warmup_steps: int = 600, stage1_steps: int = 60,
              stage2_steps: int = 60, seed: int = 0, quiet: bool = False,
              p_fix: float = 0.25, p_break: float = 0.25, held_out: int = 50,
@@ -214,6 +240,7 @@ def run_demo(run_dir: str = "runs/demo", *, warmup_steps: int = 600, stage1_step
     torch.set_num_threads(1)
     rows = demo_rows()
     data, train_rows, test_rows = write_problems(run_dir, held_out)
+    warmed = base is None  # the warm-up runs here, on all the rows
     if base is None:
         base = warm_up(run_dir, rows, seed=seed, steps=warmup_steps, p_fix=p_fix,
                        p_break=p_break, say=say)
@@ -233,7 +260,8 @@ def run_demo(run_dir: str = "runs/demo", *, warmup_steps: int = 600, stage1_step
 
     def measure(phase: str) -> None:  # greedy, both attempts (score_fast.evaluation)
         for prefix, task in splits.items():
-            table[prefix + phase] = evaluate_greedy(trainer.policy, tok, task, reward)["all"]
+            table[prefix + phase] = evaluate_greedy(trainer.policy, tok, task, reward,
+                                                    progress=False)["all"]
 
     measure("base")
     trainer.train(until=stage1_steps, progress=not quiet)
@@ -244,8 +272,8 @@ def run_demo(run_dir: str = "runs/demo", *, warmup_steps: int = 600, stage1_step
     text = (f"RL-train problems ({len(train_rows)}; RL trained on these, the warm-up saw all "
             f"{len(rows)}):\n" + format_table({k: table[k] for k in phases}))
     if test_rows:
-        text += (f"\n\nheld-out problems ({len(test_rows)}; never seen by RL, seen by the "
-                 f"warm-up):\n" + format_table({k: table["held-out " + k] for k in phases}))
+        heading = held_out_heading(len(test_rows), len(rows), warmup_steps if warmed else None)
+        text += f"\n\n{heading}:\n" + format_table({k: table["held-out " + k] for k in phases})
     text += ("\n\nGreedy attempts. Self-correction = Delta > 0 with Delta_i->c > Delta_c->i; "
              "the base model\nwas warmed up to (mostly) copy its first attempt.")
     with open(os.path.join(run_dir, "table.md"), "w") as f:
