@@ -226,7 +226,10 @@ def _did_you_mean(error: str, command: str | None) -> str:
     for word in m.group(1).split():
         name = word.split("=", 1)[0]
         if name.startswith("--"):
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            # compared without the dashes every option shares (--nope is not --model)
+            close = difflib.get_close_matches(name[2:], [o[2:] for o in known], n=1,
+                                              cutoff=0.75)
+            close = ["--" + c for c in close]
             # a prefix of one option only (--train.sav) is the likeliest meaning
             starts = [o for o in known if o.startswith(name)]
             best = starts[0] if len(starts) == 1 else close[0] if close else None
