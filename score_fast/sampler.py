@@ -375,6 +375,46 @@ class TwoTurnSampler:
         out, nxt = self._turn(state.rows, instruction_ids, keep=keep, phase="attempt2", **kw)
         return (out, nxt) if keep else out
 
+    def episodes(self, prompts: list[list[int]], instructions=None, *, max_new_tokens: int,
+                 temperature: float = 1.0, greedy: bool = False, attempts: int = 2,
+                 in_flight: int | None = None, generator: torch.Generator | None = None,
+                 **_):
+        """The rollout protocol (score_fast.rollout; SlotEngine and VLLMEngine have it too):
+        attempt 1 of each prompt and, with attempts=2, attempt 2 after instructions[i][0]
+        (attempt 1 not ended by eos) or [1] (ended by eos). in_flight: episodes taken
+        through both attempts at a time (attempt 1's cache is kept for those only). Other
+        keywords (eos) are the other backends': the eos is the constructor's. Returns (attempt-1 ids, attempt-2 ids, info): info holds attempt1_seconds,
+        attempt2_seconds, prefill_tokens and decode_tokens of this call."""
+        import time
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
+                  generator=generator)
+        before = (self.stats.prefill_tokens, self.stats.decode_tokens)
+        spent = [0.0, 0.0]
+        a1: list = []
+        a2: list = []
+        if attempts == 1:  # no second turn: nothing kept, no chunks
+            t = time.perf_counter()
+            a1 = self.sample(prompts, **kw)
+            spent[0] = time.perf_counter() - t
+            a2 = [[] for _ in prompts]
+        else:
+            step = in_flight or max(len(prompts), 1)
+            for lo in range(0, len(prompts), step):
+                t = time.perf_counter()  # host lists back: the device work is done
+                b1, state = self.attempt1(prompts[lo:lo + step], **kw)
+                spent[0] += time.perf_counter() - t
+                pairs = instructions[lo:lo + step]
+                chosen = [pair[bool(a) and a[-1] in self.eos] for a, pair in zip(b1, pairs)]
+                t = time.perf_counter()
+                b2 = self.attempt2(state, chosen, **kw)
+                spent[1] += time.perf_counter() - t
+                del state  # this chunk's cache, freed before the next chunk
+                a1 += b1
+                a2 += b2
+        return a1, a2, {"attempt1_seconds": spent[0], "attempt2_seconds": spent[1],
+                        "prefill_tokens": self.stats.prefill_tokens - before[0],
+                        "decode_tokens": self.stats.decode_tokens - before[1]}
+
     def sample(self, contexts: list[list[int]], **kw) -> list[list[int]]:
         """Single-turn sampling of one continuation per context (no state kept)."""
         rows = [_Row(None, 0) for _ in contexts]

@@ -325,12 +325,17 @@ class SlotEngine:
     def episodes(self, prompts: list[list[int]], instructions: Sequence[tuple] | None = None,
                  *, max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
                  attempts: int = 2, seed: int | None = None,
-                 generator: torch.Generator | None = None):
-        """Attempt 1 (and with attempts=2 the instruction, then attempt 2) of each prompt.
-        instructions[i]: (ids when attempt 1 did not end with eos, ids when it did); each
-        non-empty. seed: the noise's seed (None: drawn from `generator`, torch's global RNG
-        when that is None). Returns (attempt-1 ids, attempt-2 ids) per prompt, each up to
-        and including its first eos ([] for attempt 2 with attempts=1)."""
+                 generator: torch.Generator | None = None, **_):
+        """The rollout protocol (score_fast.rollout; TwoTurnSampler and VLLMEngine have it
+        too): attempt 1 (and with attempts=2 the instruction, then attempt 2) of each
+        prompt. instructions[i]: (ids when attempt 1 did not end with eos, ids when it did);
+        each non-empty. seed: the noise's seed (None: drawn from `generator`, torch's global
+        RNG when that is None). Other keywords (eos, in_flight) are the other backends':
+        the eos is the constructor's, the episodes in flight max_slots. Returns (attempt-1
+        ids, attempt-2 ids, info) per prompt, each up to and including its first eos ([]
+        for attempt 2 with attempts=1); info: prefill_tokens, decode_tokens (one a slot a
+        step until it is done) and attempt1_seconds / attempt2_seconds None: the attempts
+        of different episodes share steps."""
         if attempts not in (1, 2):
             raise ValueError(f"attempts={attempts}: 1 or 2")
         if max_new_tokens < 1:
@@ -349,6 +354,7 @@ class SlotEngine:
             seed = int(torch.randint(0, 2 ** 31, (1,), generator=generator))
         out1: list = [None] * len(prompts)
         out2: list = [None] * len(prompts)
+        prefilled = self.stats["prefill_tokens"]
         for lo in range(0, len(prompts), self.max_slots):
             idx = list(range(lo, min(lo + self.max_slots, len(prompts))))
             a1, a2 = self._wave([prompts[i] for i in idx],
@@ -356,7 +362,12 @@ class SlotEngine:
                                 max_new_tokens, temperature, greedy, attempts, seed, lo)
             for j, i in enumerate(idx):
                 out1[i], out2[i] = a1[j], a2[j]
-        return out1, out2
+        fed = sum(map(len, out1)) + (sum(len(a) for a in out2) + sum(
+            len(pair[bool(a) and a[-1] in self.eos]) for a, pair in zip(out1, instructions))
+            if attempts == 2 else 0)
+        return out1, out2, {"attempt1_seconds": None, "attempt2_seconds": None,
+                            "prefill_tokens": self.stats["prefill_tokens"] - prefilled,
+                            "decode_tokens": fed}
 
     def _wave(self, prompts, instructions, max_new, temperature, greedy, attempts, seed,
               first_episode):

@@ -87,6 +87,11 @@ CPU_STEP_TOKENS = 8192
 ZERO_REWARD_WARN_EVERY = 50
 
 
+def _slowest(seconds: list) -> float | None:
+    """The largest; None where a rank has none (its backend ran both attempts at once)."""
+    return None if None in seconds else max(seconds)
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -134,7 +139,7 @@ class StepShare:
                 shares[0].objective, adv=torch.cat([share.objective.adv for share in shares]),
                 train=torch.cat([share.objective.train for share in shares])),
             timing={"gen_tokens": sum(share.timing["gen_tokens"] for share in shares),
-                    **{k: max(share.timing[k] for share in shares) for k in slowest}},
+                    **{k: _slowest([share.timing[k] for share in shares]) for k in slowest}},
             reward_errors=sum(share.reward_errors for share in shares),
             zeros1=sum((share.zeros1 for share in shares), collections.Counter()),
             zeros2=sum((share.zeros2 for share in shares), collections.Counter()))
@@ -288,6 +293,7 @@ class Trainer:
         if ckpt:
             self._restore(ckpt)
         self.engine = None
+        self.slots = self._slot_engine()  # rollout.backend=hf on a SlotEngine, or None
         if config.rollout.backend == "vllm":
             from score_fast.vllm_engine import VLLMEngine
             # an engine per tensor_parallel_size ranks (a collective: every rank at once)
@@ -297,6 +303,24 @@ class Trainer:
             # the files are not the policy after a resume, nor with LoRA's own init
             self.sync_engine()
             log.info("vLLM engine up in %.1fs", self.engine.startup_s)
+
+    def _slot_engine(self):
+        """A SlotEngine over the policy where rollout.engine picks it (auto: on a CUDA
+        device where the model allows it), else None (score_fast.sampler samples)."""
+        from score_fast.slot_engine import SlotEngine, unsupported
+        rc = self.config.rollout
+        if rc.backend != "hf" or rc.engine == "sampler":
+            return None
+        why = unsupported(self.policy)
+        if rc.engine == "slots" and why:
+            raise ValueError(f"rollout.engine=slots: SlotEngine cannot run this model: {why}; "
+                             f"rollout.engine=sampler runs it")
+        if why or (rc.engine == "auto" and self.device.type != "cuda"):
+            return None
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return SlotEngine(self.policy, tok.eos_token_id, pad,
+                          max_slots=rc.episodes_in_flight or rc.gen_batch_size)
 
     def _dtype(self, model) -> torch.dtype:
         """The compute dtype: model.dtype, where "auto" is the checkpoint's (or a given
@@ -658,7 +682,8 @@ class Trainer:
                 max_prompt_tokens=config.data.max_prompt_tokens,
                 row_names=[f"row {self.row_numbers[i]} of {self.data_name}" for i in idx],
                 in_flight=config.rollout.episodes_in_flight or config.rollout.gen_batch_size,
-                engine=self.engine, attempts=1 if config.train.single_turn else 2)
+                engine=self.engine or self.slots,
+                attempts=1 if config.train.single_turn else 2)
         return episodes, [rows[e.prompt_index] for e in episodes], timing
 
     def loss_and_backward(self, episodes: list[Episode], objective: Objective) -> dict:
@@ -783,9 +808,12 @@ class Trainer:
         config = self.config
         two = not config.train.single_turn  # single_turn: attempt 2 is not sampled nor scored
         episodes, rows, timing = self.rollouts(self.step)
-        self.timer.seconds["attempt1"] = timing["attempt1_seconds"]
-        if two:
-            self.timer.seconds["attempt2"] = timing["attempt2_seconds"]
+        if timing["attempt1_seconds"] is None:  # SlotEngine: both attempts in the same steps
+            self.timer.seconds["attempts"] = timing["gen_seconds"]
+        else:
+            self.timer.seconds["attempt1"] = timing["attempt1_seconds"]
+            if two:
+                self.timer.seconds["attempt2"] = timing["attempt2_seconds"]
         zeros1, zeros2 = collections.Counter(), collections.Counter()
         scores2, errors2, messages2 = None, 0, []
         with self.timer("rewards"):

@@ -175,6 +175,31 @@ class VLLMEngine:
         self.stats["generated_tokens"] += sum(len(n) for n in new)
         return new
 
+    def episodes(self, prompts: list[list[int]], instructions=None, *, max_new_tokens: int,
+                 temperature: float = 1.0, greedy: bool = False, attempts: int = 2,
+                 eos: int | None = None, **_):
+        """The rollout protocol (score_fast.rollout; TwoTurnSampler.episodes says what it
+        returns): every episode at once (vLLM schedules its own KV cache), attempt 2
+        requested as [prompt | attempt 1 | instruction] for the prefix cache."""
+        import time
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
+                  eos=eos)
+        before = dict(self.stats)
+        t = time.perf_counter()
+        a1 = self.generate(prompts, **kw)
+        spent = [time.perf_counter() - t, 0.0]
+        a2 = [[] for _ in prompts]
+        if attempts == 2:
+            contexts = [p + a + pair[bool(a) and a[-1] == eos]
+                        for p, a, pair in zip(prompts, a1, instructions)]
+            t = time.perf_counter()
+            a2 = self.generate(contexts, **kw)
+            spent[1] = time.perf_counter() - t
+        st = {k: self.stats[k] - before[k] for k in before}
+        return a1, a2, {"attempt1_seconds": spent[0], "attempt2_seconds": spent[1],
+                        "prefill_tokens": st["prompt_tokens"] - st["cached_tokens"],
+                        "decode_tokens": st["generated_tokens"]}
+
     def sync(self, weights: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Load the policy's weights (checkpoint names, e.g. models.policy_weights) in place
         and drop the prefix cache built with the old ones. Returns the seconds it took."""

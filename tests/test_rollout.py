@@ -140,8 +140,10 @@ def test_single_turn_rollout_samples_attempt1_only(tok, monkeypatch):
 
 
 class _Engine:
-    """The VLLMEngine surface rollout uses (generate, stats), answering from the HF sampler:
-    records each generate call's contexts."""
+    """VLLMEngine's rollout protocol (its own `episodes`) over a generate that answers from
+    the HF sampler: records each generate call's contexts."""
+    from score_fast.vllm_engine import VLLMEngine
+    episodes = VLLMEngine.episodes
 
     def __init__(self, model, pad):
         from score_fast.sampler import TwoTurnSampler

@@ -83,8 +83,12 @@ def test_greedy_both_attempts_equal_generate_and_the_sampler(model, check_every)
     a1, a2 = _reference(model, prompts, eos, 8)
     assert any(a and a[-1] == eos for a in a1) and any(len(a) == 8 for a in a1)
     engine = SlotEngine(model, eos, PAD, check_every=check_every)
-    b1, b2 = engine.episodes(prompts, [INSTR] * len(prompts), max_new_tokens=8, greedy=True)
+    b1, b2, info = engine.episodes(prompts, [INSTR] * len(prompts), max_new_tokens=8,
+                                   greedy=True)
     assert (b1, b2) == (a1, a2)
+    instr = [INSTR[bool(a) and a[-1] == eos] for a in a1]
+    assert info["decode_tokens"] == sum(map(len, a1 + a2 + instr))
+    assert info["prefill_tokens"] == sum(len(p) - 1 for p in set(map(tuple, prompts)))
     if check_every == 1:
         assert engine.stats["compactions"] >= 1
     sampler = TwoTurnSampler(model, eos, PAD, batch_size=8)
@@ -101,11 +105,11 @@ def test_shared_prefill_waves_and_single_attempt(model):
     eos = _eos(model, base)
     a1, a2 = _reference(model, prompts, eos, 6)
     engine = SlotEngine(model, eos, PAD, max_slots=5)
-    assert engine.episodes(prompts, [INSTR] * 9, max_new_tokens=6, greedy=True) == (a1, a2)
+    assert engine.episodes(prompts, [INSTR] * 9, max_new_tokens=6, greedy=True)[:2] == (a1, a2)
     # each wave prefills its distinct prompts but their last tokens once: wave 1 holds
     # prompt 0 x 3 and prompt 1 x 2 (5 + 0 tokens), wave 2 prompt 1 and prompt 2 x 3 (0 + 8)
     assert engine.stats["prefill_tokens"] == 5 + 0 + 0 + 8
-    one, none = engine.episodes(prompts, max_new_tokens=6, greedy=True, attempts=1)
+    one, none, _ = engine.episodes(prompts, max_new_tokens=6, greedy=True, attempts=1)
     assert one == a1 and none == [[]] * 9
 
 
@@ -115,7 +119,7 @@ def test_other_families(kind):
     prompts = _prompts([4, 8, 2])
     eos = _eos(m, prompts)
     assert SlotEngine(m, eos, PAD).episodes(prompts, [INSTR] * 3, max_new_tokens=5,
-                                            greedy=True) == _reference(m, prompts, eos, 5)
+                                            greedy=True)[:2] == _reference(m, prompts, eos, 5)
 
 
 def test_unsupported_models_named():
@@ -151,12 +155,12 @@ def test_sampled_tokens_follow_softmax():
         logits = m(torch.tensor([[3, 4, 5]])).logits[0, -1].double()
     probs = torch.softmax(logits / 0.7, -1)
     engine = SlotEngine(m, None, PAD, max_slots=512)
-    a1, _ = engine.episodes([[3, 4, 5]] * 4000, max_new_tokens=1, temperature=0.7,
+    a1, _, _ = engine.episodes([[3, 4, 5]] * 4000, max_new_tokens=1, temperature=0.7,
                             attempts=1, seed=123)
     tokens = torch.tensor([a[0] for a in a1])
     assert chi_square_p(tokens, probs) > 1e-3
     # the draw is a function of (seed, episode): the same seed gives the same tokens
-    again, _ = engine.episodes([[3, 4, 5]] * 4000, max_new_tokens=1, temperature=0.7,
+    again, _, _ = engine.episodes([[3, 4, 5]] * 4000, max_new_tokens=1, temperature=0.7,
                                attempts=1, seed=123)
     assert again == a1
 

@@ -536,3 +536,25 @@ def test_single_turn_episode_budget_is_prompt_plus_attempt1(tmp_path):
         Trainer(make_run(tmp_path, max_tokens=budget - 1, single_turn=True))
     tr = Trainer(make_run(tmp_path, max_tokens=budget, single_turn=True))
     assert tr.train_step()["len_t1"] > 0
+
+
+def test_rollout_engine_slots_trains_and_names_what_it_cannot_run(tmp_path):
+    """rollout.engine=slots: the step samples through SlotEngine (both attempts in the same
+    steps: one time/attempts_s phase) and trains; auto on a CPU keeps the sampler; a model
+    SlotEngine cannot run is named when the run starts."""
+    c = make_run(tmp_path / "slots", save_every=100)
+    c.rollout.engine = "slots"
+    tr = Trainer(c)
+    assert tr.slots is not None
+    hist = tr.train(until=2, progress=False)
+    assert all(m["time/attempts_s"] > 0 and "time/attempt1_s" not in m for m in hist)
+    assert all(m["len_t1"] > 0 and m["len_t2"] > 0 for m in hist)
+    assert Trainer(make_run(tmp_path / "auto", save_every=100)).slots is None  # a CPU
+    c = make_run(tmp_path / "gpt2", save_every=100)
+    c.rollout.engine = "slots"
+    tok = tr.tokenizer
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=len(tok)))
+    with pytest.raises(ValueError, match="rollout.engine=slots: SlotEngine cannot run this "
+                                         "model: model_type 'gpt2'"):
+        Trainer(c, model=gpt2, tokenizer=tok)
