@@ -43,10 +43,12 @@ NEW = int(os.environ.get("SCORE_FAST_BENCH_ROLLOUT_NEW", 8 if QUICK else 64))
 ROUNDS = int(os.environ.get("SCORE_FAST_BENCH_ROLLOUT_ROUNDS", 3 if QUICK else 5))
 VOCAB, EOS, PAD, INSTR = 48, 1, 0, 12
 SHAPE = f"B={EPISODES},new={NEW}"
-PROVIDERS = ["engine", "generate", "vllm", "vllm_nocache"]
+PROVIDERS = ["engine", "slots", "slots_compiled", "generate", "vllm", "vllm_nocache"]
 # SCORE_FAST_BENCH_ROLLOUT_SIZE: tiny (hidden 64, 2 layers, 88k parameters: per-step overheads
 # decide) or 5m (hidden 256, 8 layers, 5.3M parameters, the size vLLM was first measured at)
-SIZES = {"tiny": (64, 2), "5m": (256, 8)}
+# or deep (hidden 64, 24 layers: a CPU stand-in for a launch-bound GPU, where per-step
+# overhead decides)
+SIZES = {"tiny": (64, 2), "5m": (256, 8), "deep": (64, 24)}
 SIZE = os.environ.get("SCORE_FAST_BENCH_ROLLOUT_SIZE", "tiny")
 SHAPE += f",model={SIZE}"
 
@@ -137,6 +139,27 @@ def _case(which, provider, model, prompts, instr, a1, state, tmp):
                              cached_tokens=st["cached_tokens"],
                              startup_s=round(e.startup_s, 2),
                              sync_s=round(e.sync_s_once, 4))
+        return fn
+    if provider.startswith("slots"):
+        if which == "attempt2":
+            pytest.skip("SlotEngine runs attempt 2 in attempt 1's slot: no fixed attempt 1")
+        from score_fast.slot_engine import SlotEngine
+        key = (provider, id(model))
+        if key not in _ENGINES:  # one per module: its pool and compiled steps are reused
+            _ENGINES[key] = SlotEngine(model, EOS, PAD, max_slots=EPISODES,
+                                       compile=provider == "slots_compiled")
+        e = _ENGINES[key]
+        pairs = [(x, x) for x in instr]
+
+        def fn():
+            before = dict(e.stats)
+            a1s, a2s, info = e.episodes(prompts, pairs, max_new_tokens=NEW, temperature=1.0,
+                                        attempts=1 if which == "attempt1" else 2, seed=0)
+            steps = e.stats["steps"] - before["steps"]
+            return a1s + (a2s if which == "both" else []), dict(
+                prefill_tokens=info["prefill_tokens"], decode_tokens=info["decode_tokens"],
+                forwards=steps, decode_slots=e.stats["slot_steps"] - before["slot_steps"],
+                tok_per_decode_fwd=round(info["decode_tokens"] / max(steps, 1), 2))
         return fn
     if provider == "engine":
         def fn():

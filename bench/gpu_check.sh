@@ -10,6 +10,9 @@
 #   memory   bench_memory.py: two full training steps per precision setting of a
 #            Qwen2-0.5B shape, measured vs predicted memory
 #   losses, lmhead   the kernels' timings against eager, torch.compile and Liger
+#   decode   bench/decode_gpu.py: both attempts' decode, score_fast.sampler vs SlotEngine
+#            (CUDA graphs), Qwen2.5-0.5B / 1.5B shapes, batch 64 and 512, tokens/s and the
+#            fraction of the bandwidth bound (not yet run on a GPU: budget ~170 s)
 #   memory7b a 7B's widths (4 of its 28 layers) in bf16 and bf16 + LoRA
 #   step, rollout   the remaining GPU benchmarks (bench_packing and bench_rewards time host
 #            code: GPU_CHECK_PHASES=packing runs the first here too)
@@ -32,7 +35,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 start=$SECONDS
 deadline=${GPU_CHECK_DEADLINE:-570}
-phases=${GPU_CHECK_PHASES:-build tests memory losses lmhead memory7b step rollout}
+phases=${GPU_CHECK_PHASES:-build tests memory losses lmhead decode memory7b step rollout}
 if [ -n "${OUT:-}" ]; then res=$(mktemp -d); tgz=$OUT/gpu_check.tgz; else res=$root/bench/results; tgz=; fi
 mkdir -p "$res"
 export OUT=$res TRITON_INTERPRET=0 SCORE_FAST_BENCH_DEVICE=cuda PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
@@ -95,6 +98,7 @@ phase tests 180 python3 -m pytest tests -m gpu -q -p no:cacheprovider -rs $par $
 phase memory 180 python3 bench/bench_memory.py --out "$res/bench_memory_gpu.md"
 phase losses 150 bash bench/run.sh bench/bench_losses.py
 phase lmhead 150 bash bench/run.sh bench/bench_lmhead.py
+phase decode 170 python3 bench/decode_gpu.py --out "$res/decode_gpu.md"
 phase memory7b 90 python3 bench/bench_memory.py --shape qwen2.5-7b --layers 4 \
   --save-dtype bf16 --settings bf16 bf16+LoRA --out "$res/bench_memory_gpu_7b.md"
 phase step 150 bash bench/run.sh bench/bench_step.py

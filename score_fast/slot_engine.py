@@ -55,7 +55,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SlotEngine", "unsupported", "BUCKETS", "gumbel_noise"]
+__all__ = ["SlotEngine", "unsupported", "BUCKETS", "gumbel_noise", "gumbel_argmax"]
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # vLLM's capture sizes are similar
 _FAMILY = ("llama", "mistral", "qwen2", "qwen3")
@@ -104,6 +104,13 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 15)
     x = _mul32(x, 0x846CA68B)
     return x ^ (x >> 16)
+
+
+def gumbel_argmax(logits: torch.Tensor, seed, episode, attempt, index,
+                  temperature: float) -> torch.Tensor:
+    """One token a row from softmax(logits / temperature) by Gumbel-max with gumbel_noise."""
+    noise = gumbel_noise(seed, episode, attempt, index, logits.shape[1])
+    return (logits.double() / temperature + noise).argmax(-1)
 
 
 def gumbel_noise(seed: torch.Tensor, episode: torch.Tensor, attempt: torch.Tensor,
@@ -186,6 +193,10 @@ class SlotEngine:
         self.compile = compile
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
         self._eos_t = torch.tensor(self.eos or [-1], device=self.device)
+        # eager, the noise of [slots, V] is ~10 int64 / fp64 temporaries (at 512 x 151936,
+        # 622 MB each): on a GPU the draw is compiled into one reduction over the logits
+        self._draw = (torch.compile(gumbel_argmax, dynamic=True, fullgraph=True)
+                      if self.device.type == "cuda" else gumbel_argmax)
         self.pool: _Pool | None = None
         self._steps: dict = {}  # bucket -> the callable that runs one step there
         self.stats = {"steps": 0, "checks": 0, "compactions": 0, "prefill_tokens": 0,
@@ -253,8 +264,7 @@ class SlotEngine:
         if greedy:
             tok = logits.argmax(-1)
         else:
-            noise = gumbel_noise(p.seed, ep, attempt, n, logits.shape[1])
-            tok = (logits.double() / temperature + noise).argmax(-1)
+            tok = self._draw(logits, p.seed, ep, attempt, n, temperature)
         sampling = a1 | a2
         p.out[ep, attempt, torch.where(sampling, n, max_new)] = tok  # column N: scratch
         n = n + sampling.long()
@@ -287,7 +297,10 @@ class SlotEngine:
 
         fn = step
         if self.compile:
-            fn = torch.compile(step, fullgraph=True, dynamic=False)
+            # a graph per bucket needs static shapes; without graphs (a CPU) the second bucket
+            # makes the slot count dynamic and every later bucket reuses that compile (a
+            # 24-layer step compiles in ~30 s on this 2-core CPU)
+            fn = torch.compile(step, fullgraph=True, dynamic=False if self.graphs else None)
         if self.graphs:
             fn = _capture(fn, view)
         self._steps[key] = fn

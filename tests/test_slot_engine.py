@@ -237,3 +237,24 @@ def test_the_step_compiles_to_one_graph(model):
                                     capture_dynamic_output_shape_ops=False):
         torch.compile(step, fullgraph=True, backend="aot_eager")()
         assert (engine.pool.count[:8, 0] == 1).all()  # it ran: a token each
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_steps_equal_the_sampler_and_sample_like_the_cpu(model):
+    """On a GPU every bucket's step is a captured CUDA graph (the host reads the phases one
+    check behind); greedy tokens equal the sampler's there, and the sampled tokens of an
+    episode are the CPU's (the noise is a function of seed and episode, not of the device)."""
+    cuda = _model().cuda()
+    prompts = _prompts(LENGTHS)
+    eos = _eos(model, prompts)
+    engine = SlotEngine(cuda, eos, PAD, check_every=2)
+    assert engine.graphs
+    b1, b2, _ = engine.episodes(prompts, [INSTR] * 8, max_new_tokens=8, greedy=True)
+    sampler = TwoTurnSampler(cuda, eos, PAD, batch_size=8)
+    s1, s2, _ = sampler.episodes(prompts, [INSTR] * 8, max_new_tokens=8, greedy=True)
+    assert (b1, b2) == (s1, s2) == _reference(model, prompts, eos, 8)
+    cpu = SlotEngine(model, eos, PAD).episodes(prompts, [INSTR] * 8, max_new_tokens=8,
+                                               temperature=1.0, seed=5)
+    gpu = engine.episodes(prompts, [INSTR] * 8, max_new_tokens=8, temperature=1.0, seed=5)
+    assert gpu[:2] == cpu[:2]
