@@ -51,9 +51,9 @@ the section "transformers adaptations" holds what depends on the version):
   from `generator` (torch's global RNG when None), live rows only: for given inputs the RNG
   consumption is deterministic (the two paths draw differently: same distribution, other
   tokens).
-* Not done: CUDA graphs for the decode step (the buffers are preallocated per turn, but
-  shapes change as rows are compacted, and the step goes through the model's Python
-  forward). Models with sliding-window or other non-full attention layers are refused (the
+* No CUDA graphs here (shapes change as rows are compacted, and the step goes through the
+  model's Python forward): score_fast.slot_engine is the graph-captured engine, and this
+  sampler its reference and the engine for the models it does not run. Models with sliding-window or other non-full attention layers are refused (the
   padded-cache layout assumes full attention).
 
 Memory: the state of attempt 1 holds the keys/values of every episode at once (prompt +

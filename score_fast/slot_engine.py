@@ -25,11 +25,14 @@ host sync, no shape change and no Python branch on data:
   first decode step's input, so the first token of attempt 1 comes from a step like the
   others.
 * Buckets: the step runs on the first `bucket` slots of the pool (vLLM-style sizes 1, 2,
-  4, ..., 512); the host reads the phases every `check_every` steps (the only sync, an
-  async copy on a GPU), and when the live rows fit a smaller bucket it moves them to the
-  front of the pool (one gather of their columns, about one step's reads). Each bucket's
-  step is captured once (CUDA graph on a GPU; torch.compile where asked) over views of
-  the same pool, so buffers never move (tests: every data_ptr unchanged).
+  4, ..., 512) and attends to the first `window` columns; the host reads the phases and
+  lengths every `check_every` steps (the only sync, an async copy on a GPU), moves the
+  live rows to the front of the pool when they fit a smaller bucket (one gather of their
+  columns, about one step's reads) and sets the window to a multiple of col_block above
+  every live length until its next look. Each (bucket, window) step is captured once
+  (CUDA graph on a GPU; torch.compile where asked) over views of the same pool, so buffers
+  never move (tests: every data_ptr unchanged), and a step reads about the columns in use,
+  not the whole capacity.
 * Sampling in the step: greedy argmax, or Gumbel-max with counter-based noise: the
   uniform of vocabulary entry v for a row is a hash of (seed, episode, attempt, token
   index, v), 52 bits, so the draw is exact in distribution (chi-square tested), the same
@@ -160,13 +163,14 @@ class SlotEngine:
 
     eos_id: an id or ids that end an attempt; pad_id: what empty slots are fed.
     max_slots: episodes in flight (the pool's slots; more episodes run in waves).
-    check_every: decode steps between the host's looks at the phases.
+    check_every: decode steps between the host's looks at the phases and lengths.
+    col_block: attention windows' granularity in columns (None: 128 on a GPU, 16 on a CPU).
     compile: torch.compile each bucket's step (on a CPU inductor's C++; default off).
     graphs: capture each bucket's step as a CUDA graph (None: on a CUDA device)."""
 
     def __init__(self, model, eos_id: int | Sequence[int] | None, pad_id: int, *,
-                 max_slots: int = 512, check_every: int = 8, compile: bool = False,
-                 graphs: bool | None = None):
+                 max_slots: int = 512, check_every: int = 8, col_block: int | None = None,
+                 compile: bool = False, graphs: bool | None = None):
         from score_fast.models import compute_dtype, lora_base, model_device
         why = unsupported(model)
         if why:
@@ -190,6 +194,10 @@ class SlotEngine:
         self.vocab = self.head.out_features
         self.max_slots = max_slots
         self.check_every = check_every
+        # attention windows come in multiples of col_block columns: each (bucket, window) is
+        # its own graph on a GPU (128: ~20 for a 2.5k-token capacity); a CPU step pays for
+        # every column it reads and nothing per variant
+        self.col_block = col_block or (128 if self.device.type == "cuda" else 16)
         self.compile = compile
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
         self._eos_t = torch.tensor(self.eos or [-1], device=self.device)
@@ -198,14 +206,16 @@ class SlotEngine:
         self._draw = (torch.compile(gumbel_argmax, dynamic=True, fullgraph=True)
                       if self.device.type == "cuda" else gumbel_argmax)
         self.pool: _Pool | None = None
-        self._steps: dict = {}  # bucket -> the callable that runs one step there
+        self._steps: dict = {}  # (bucket, window, sampling) -> the callable of one step
+        self._graph_pool = None
         self.stats = {"steps": 0, "checks": 0, "compactions": 0, "prefill_tokens": 0,
                       "slot_steps": 0}
 
     # ---- the step ---------------------------------------------------------------------
-    def _forward(self, p: _Pool) -> torch.Tensor:
+    def _forward(self, p: _Pool, window: int) -> torch.Tensor:
         """[b, V] fp32 logits of each slot's next token, its input's keys/values written at
-        column `length`."""
+        column `length`; attention reads columns [0, window) (every live slot's length is
+        below it: _wave's bound)."""
         b = p.length.shape[0]
         rows = torch.arange(b, device=p.length.device)
         x = self.decoder.embed_tokens(p.inp[:, None])  # [b, 1, H]
@@ -213,10 +223,12 @@ class SlotEngine:
         cos, sin = self.decoder.rotary_emb(x, pos)
         cos, sin = cos[:, None], sin[:, None]  # [b, 1, 1, D]
         capacity = p.keys[0].shape[2]
-        cols = torch.arange(capacity, device=pos.device)
-        # additive mask [b, 1, 1, C]: a slot attends to its columns 0..length
+        cols = torch.arange(window, device=pos.device)
+        # additive mask [b, 1, 1, window]: a slot attends to its columns 0..length (a done
+        # slot past the window to its last column: finite, and its output is not used)
         bias = torch.zeros(cols.shape, dtype=torch.float32, device=pos.device).expand(b, -1)
-        bias = bias.masked_fill(cols[None, :] > pos, float("-inf"))[:, None, None, :]
+        bias = bias.masked_fill(cols[None, :] > pos.clamp(max=window - 1),
+                                float("-inf"))[:, None, None, :]
         kvh, group = self.kv_heads, self.heads // self.kv_heads
         # the flat row of (slot, kv head, column length) in a [b * kvh * C, D] view
         flat = ((rows[:, None] * kvh + torch.arange(kvh, device=pos.device)[None, :])
@@ -232,9 +244,10 @@ class SlotEngine:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, 1, D]
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            keys, values = p.keys[i], p.values[i]
-            keys.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim))
-            values.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim))
+            p.keys[i].view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim))
+            p.values[i].view(-1, self.head_dim).index_copy_(0, flat,
+                                                            v.reshape(-1, self.head_dim))
+            keys, values = p.keys[i][:, :, :window], p.values[i][:, :, :window]
             # one query a slot: scores [b, kvh, group, C] against the slot's columns; fp32
             # softmax (as sdpa's math path)
             qg = q.reshape(b, kvh, group, self.head_dim)
@@ -253,10 +266,10 @@ class SlotEngine:
         return self.head(self.decoder.norm(x))[:, 0].float()
 
     @torch.no_grad()
-    def _step(self, p: _Pool, greedy: bool, temperature: float, attempts: int,
+    def _step(self, p: _Pool, window: int, greedy: bool, temperature: float, attempts: int,
               max_new: int) -> None:
         """One decode step of every slot, in place; no host sync, no data-dependent Python."""
-        logits = self._forward(p)
+        logits = self._forward(p, window)
         phase, ep = p.phase, p.episode
         a1, forced, a2 = phase == A1, phase == FORCED, phase == A2
         attempt = (phase == A2).long()  # 0: attempt 1, 1: attempt 2 (index into count/out)
@@ -285,15 +298,16 @@ class SlotEngine:
         p.forced.copy_(new_forced)
         p.phase.copy_(new_phase)
 
-    def _runner(self, b: int, greedy, temperature, attempts, max_new):
-        """The callable that runs one step on bucket b (eager, compiled or a graph replay)."""
-        key = (b, greedy, float(temperature), attempts, max_new)
+    def _runner(self, b: int, window: int, greedy, temperature, attempts, max_new):
+        """The callable that runs one step on bucket b attending to `window` columns (eager,
+        compiled or a graph replay)."""
+        key = (b, window, greedy, float(temperature), attempts, max_new)
         if key in self._steps:
             return self._steps[key]
         view = self.pool.view(b)
 
         def step():
-            self._step(view, greedy, temperature, attempts, max_new)
+            self._step(view, window, greedy, temperature, attempts, max_new)
 
         fn = step
         if self.compile:
@@ -302,7 +316,9 @@ class SlotEngine:
             # 24-layer step compiles in ~30 s on this 2-core CPU)
             fn = torch.compile(step, fullgraph=True, dynamic=False if self.graphs else None)
         if self.graphs:
-            fn = _capture(fn, view)
+            if self._graph_pool is None:  # one memory pool for every graph: one runs at a time
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            fn = _capture(fn, view, self._graph_pool)
         self._steps[key] = fn
         return fn
 
@@ -417,34 +433,41 @@ class SlotEngine:
         # on a GPU the host reads the phases through an async copy one check behind (a slot
         # it sees done is done; one it sees live may have just finished: it is moved along)
         lag = self.device.type == "cuda"
-        host = torch.empty(s_all, dtype=torch.long, pin_memory=lag)
+        host = torch.empty((2, s_all), dtype=torch.long, pin_memory=lag)  # phase, length
         event = torch.cuda.Event() if lag else None
         pending = False
+        # attention reads columns [0, window): a multiple of col_block above every live
+        # slot's length until the next decision (2 x check_every steps on: the host's view is
+        # up to one check old)
+        reach = lambda longest: min(_round_up(longest + 2 * self.check_every + 1,  # noqa: E731
+                                               self.col_block), p.keys[0].shape[2])
+        window = reach(max(map(len, prompts)))
         while steps < max_steps:
-            run = self._runner(b, greedy, temperature, attempts, max_new)
+            run = self._runner(b, window, greedy, temperature, attempts, max_new)
             for _ in range(min(self.check_every, max_steps - steps)):
                 run()
                 steps += 1
                 self.stats["slot_steps"] += b
             if lag and not pending:  # the first copy: nothing to read yet
-                host[:b].copy_(p.phase[:b], non_blocking=True)
+                host[:, :b].copy_(torch.stack([p.phase[:b], p.length[:b]]), non_blocking=True)
                 event.record()
                 pending = True
                 continue
             if lag:
                 event.synchronize()
             else:
-                host[:b].copy_(p.phase[:b])
+                host[:, :b].copy_(torch.stack([p.phase[:b], p.length[:b]]))
             self.stats["checks"] += 1
-            live = (host[:b] != DONE).nonzero().view(-1).tolist()  # host tensors: no sync
-            if not live:
+            live = (host[0, :b] != DONE).nonzero().view(-1)  # host tensors: no sync
+            if not len(live):
                 break
+            window = reach(int(host[1, live].max()))
             smaller = _bucket(len(live), s_all)
             if smaller < b:
-                self._compact(live, smaller)
+                self._compact(live.tolist(), smaller)
                 b = smaller
             if lag:
-                host[:b].copy_(p.phase[:b], non_blocking=True)
+                host[:, :b].copy_(torch.stack([p.phase[:b], p.length[:b]]), non_blocking=True)
                 event.record()
         self.stats["steps"] += steps
         counts = p.count[:n].tolist()
@@ -506,6 +529,10 @@ def _hash_host(x: int) -> int:
     return (x * 0x9E3779B1) & 0x7FFFFFFF
 
 
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
 def _bucket(n: int, cap: int) -> int:
     """The smallest bucket size >= n (at most cap)."""
     for b in BUCKETS:
@@ -514,7 +541,7 @@ def _bucket(n: int, cap: int) -> int:
     return min(cap, max(n, cap))
 
 
-def _capture(fn, view: _Pool):
+def _capture(fn, view: _Pool, pool):
     """A CUDA graph of `fn` (which reads and writes only `view`'s buffers and the model's
     parameters): one warm-up step on a side stream (allocations, autotuning) with the state
     restored after it (its keys/values and token are what the real step writes again), then
@@ -529,6 +556,6 @@ def _capture(fn, view: _Pool):
     for t, s in zip(state, saved):
         t.copy_(s)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         fn()
     return graph.replay
