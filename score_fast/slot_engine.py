@@ -177,7 +177,6 @@ class SlotEngine:
             raise NotImplementedError(f"SlotEngine cannot run this model: {why}")
         if check_every < 1:
             raise ValueError(f"check_every={check_every}: at least 1")
-        self.model = model
         base = lora_base(model)
         self.decoder, self.head = base.model, base.lm_head
         cfg = base.config
@@ -191,7 +190,6 @@ class SlotEngine:
         self.heads = cfg.num_attention_heads
         self._bmm = self.device.type != "cpu"
         self.scaling = attn.scaling
-        self.vocab = self.head.out_features
         self.max_slots = max_slots
         self.check_every = check_every
         # attention windows come in multiples of col_block columns: each (bucket, window) is
@@ -407,17 +405,19 @@ class SlotEngine:
         self._allocate(_bucket(n, self.max_slots), capacity, n, max_new, instr_width)
         p = self.pool
         s_all = p.length.shape[0]
-        # the episode rows: noise keyed by the episode's index in the whole call
         p.out.zero_()
         p.count.zero_()
         p.ended_eos.zero_()
-        p.instr.zero_()
-        p.instr_len.fill_(1)
-        if instructions is not None:
-            for e, pair in enumerate(instructions):
-                for w, ids in enumerate(pair):
-                    p.instr[e, w, :len(ids)] = torch.tensor(ids, device=self.device)
-                    p.instr_len[e, w] = len(ids)
+        # the instruction variants built on the host, then one copy each (not two small
+        # host-to-device copies an episode)
+        instr = torch.zeros(p.instr.shape, dtype=torch.long)
+        instr_len = torch.ones(p.instr_len.shape, dtype=torch.long)
+        for e, pair in enumerate(instructions or ()):
+            for w, ids in enumerate(pair):
+                instr[e, w, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+                instr_len[e, w] = len(ids)
+        p.instr.copy_(instr)
+        p.instr_len.copy_(instr_len)
         # the noise of episode e of this wave: (the wave's seed, e); the wave's seed folds in
         # its first episode, so every episode of the call has its own stream
         p.seed.fill_((seed + _hash_host(first_episode)) & 0x7FFFFFFF)
