@@ -20,6 +20,11 @@ two-attempt rollout.  extra: tokens = tokens generated, tok_s = tokens / median 
 prefill_tokens / prefill_slots = real / padded tokens in prefill forwards,
 decode_tokens = tokens run through decode forwards (generate keeps finished rows: batch x
 steps), forwards, tok_per_decode_fwd = decode_tokens / decode forwards.
+ops_per_fwd / reads_per_fwd (not for vLLM or compiled steps, whose ops do not pass through
+torch's dispatcher one by one): aten ops dispatched, and reads of tensor values into Python
+(item, tolist, bool, int, nonzero: each one a host sync where the tensor is on a GPU;
+SlotEngine's reads are of its host copy of the phases, one copy every check_every steps),
+in one call of the case, per forward.
 vLLM rows: engine seeded once (per-request seeds stop its CPU engine), so each round samples
 other tokens; tokens and tok_s are of the first call. cached_tokens: prompt tokens its
 prefix cache served (reset before every call); startup_s and sync_s (one push of the
@@ -78,6 +83,32 @@ def setup(tmp_path_factory):
 
 
 _ENGINES: dict = {}
+_READS = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero")
+
+
+def _dispatch_counts(fn):
+    """(result of fn(), aten ops dispatched, Python reads of tensor values) in one call."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.n += 1
+            return func(*args, **(kwargs or {}))
+
+    class Reads(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in _READS:
+                Reads.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Reads(), Ops():
+        out = fn()
+    return out, Ops.n, Reads.n
 
 
 def _engine(provider, model, tmp):
@@ -199,6 +230,10 @@ def _case(which, provider, model, prompts, instr, a1, state, tmp):
 def test_rollout(benchmark, setup, provider, which):
     fn = _case(which, provider, *setup)
     out, counts = fn()
+    if not provider.startswith("vllm") and provider != "slots_compiled":
+        (_, again), ops, reads = _dispatch_counts(fn)
+        fwd = max(again["forwards"], 1)
+        counts.update(ops_per_fwd=round(ops / fwd), reads_per_fwd=round(reads / fwd, 2))
     tokens = sum(map(len, out))
     run(benchmark, fn, device=DEVICE, provider=provider, shape=f"{which},{SHAPE}",
         dtype="float32", baseline="generate", rounds=ROUNDS, warmup=0,

@@ -189,8 +189,9 @@ class RolloutConfig:
     """sequences per generate() call"""
     episodes_in_flight: Optional[int] = None
     """episodes taken through attempt 1 and attempt 2 before the next ones start (None:
-    gen_batch_size); attempt 1's KV cache is kept for attempt 2 only for these, which
-    bounds rollout memory (score_fast.memory)"""
+    gen_batch_size for the sampler; for SlotEngine all of a step's, at most 512, where
+    their KV cache fits half the free memory, else as many as fit); attempt 1's KV cache is
+    kept for attempt 2 only for these, which bounds rollout memory (score_fast.memory)"""
     backend: Literal["hf", "vllm"] = "hf"
     """hf: score_fast's own KV-cache sampler over the transformers model (runs anywhere,
     no extra dependency) | vllm: a vLLM engine, attempt 2 through its prefix cache, the

@@ -134,6 +134,22 @@ def sample_next(logits: torch.Tensor, *, greedy: bool, temperature: float, top_p
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def stop_lists(stop, n: int, decode) -> list[list[str]]:
+    """Each row's stop strings from `stop` (None, strings for every row, or a list per row);
+    decode (ids -> text) is needed where any row has one."""
+    if not stop:
+        return [[] for _ in range(n)]
+    if isinstance(stop[0], str):
+        per = [list(stop)] * n
+    else:
+        if len(stop) != n:
+            raise ValueError(f"{len(stop)} stop lists for {n} rows")
+        per = [list(s or []) for s in stop]
+    if any(per) and decode is None:
+        raise ValueError("stop strings need decode= (a tokenizer's decode)")
+    return per
+
+
 # config fields of models whose logits are not last hidden @ lm_head.weight.T (+ bias)
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                 "output_multiplier_scale", "lm_head_multiplier")
@@ -378,16 +394,18 @@ class TwoTurnSampler:
     def episodes(self, prompts: list[list[int]], instructions=None, *, max_new_tokens: int,
                  temperature: float = 1.0, greedy: bool = False, attempts: int = 2,
                  in_flight: int | None = None, generator: torch.Generator | None = None,
-                 **_):
+                 top_p: float = 1.0, stop=None, **_):
         """The rollout protocol (score_fast.rollout; SlotEngine and VLLMEngine have it too):
         attempt 1 of each prompt and, with attempts=2, attempt 2 after instructions[i][0]
         (attempt 1 not ended by eos) or [1] (ended by eos). in_flight: episodes taken
         through both attempts at a time (attempt 1's cache is kept for those only). Other
-        keywords (eos) are the other backends': the eos is the constructor's. Returns (attempt-1 ids, attempt-2 ids, info): info holds attempt1_seconds,
+        keywords (eos) are the other backends': the eos is the constructor's. top_p and stop
+        (strings for every row or a list per row) as in sample(). Returns (attempt-1 ids,
+        attempt-2 ids, info): info holds attempt1_seconds,
         attempt2_seconds, prefill_tokens and decode_tokens of this call."""
         import time
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
-                  generator=generator)
+                  generator=generator, top_p=top_p, stop=stop)
         before = (self.stats.prefill_tokens, self.stats.decode_tokens)
         spent = [0.0, 0.0]
         a1: list = []
@@ -447,17 +465,7 @@ class TwoTurnSampler:
         return outs, (TurnState(kept) if keep else None)
 
     def _stops(self, stop, n) -> list[list[str]]:
-        if not stop:
-            return [[] for _ in range(n)]
-        if isinstance(stop[0], str):
-            per = [list(stop)] * n
-        else:
-            if len(stop) != n:
-                raise ValueError(f"{len(stop)} stop lists for {n} rows")
-            per = [list(s or []) for s in stop]
-        if any(per) and self.decode is None:
-            raise ValueError("stop strings need decode= (a tokenizer's decode)")
-        return per
+        return stop_lists(stop, n, self.decode)
 
     def _forward(self, ids, mask, pos, cache, new_tokens, fused=False):
         """Run `new_tokens` new tokens per row; mask: [B, kv] bool (True = real) over the cache

@@ -37,14 +37,17 @@ host sync, no shape change and no Python branch on data:
   uniform of vocabulary entry v for a row is a hash of (seed, episode, attempt, token
   index, v), 52 bits, so the draw is exact in distribution (chi-square tested), the same
   for an episode whatever the batch, bucket or device, and needs no RNG state or host round
-  trip. top_p < 1 is not supported here (rollout keeps the old sampler for it).
+  trip. top_k and top_p (the sampler's nucleus) mask the logits before the draw with
+  static shapes, inside the step too.
 * The decoder step is written out for the Llama family (llama, mistral without sliding
   window, qwen2, qwen3): the model's own modules (norms, projections, MLP, rotary
   embedding, LM head) called on [slots, 1, hidden] with attention over the slot's columns
   by scaled_dot_product_attention. The HF forward (and score_fast.sampler) is the
   reference it is tested against: the same greedy tokens as model.generate on the full
-  context. Other models, FSDP2-sharded ones and stop strings take score_fast.sampler
+  context. Other models and FSDP2-sharded ones take score_fast.sampler
   (`unsupported(model)` says why).
+* Stop strings: checked on the host at its looks (the tokens are read then), the slot
+  rewound to the token that completed one (_Stops).
 
 Memory: the pool holds slots x capacity x layers x 2 x kv_heads x head_dim elements
 (capacity = longest prompt + instruction + 2 x max_new_tokens + 1).
@@ -53,12 +56,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SlotEngine", "unsupported", "BUCKETS", "gumbel_noise", "gumbel_argmax"]
+__all__ = ["SlotEngine", "unsupported", "BUCKETS", "gumbel_noise", "gumbel_argmax", "restrict"]
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # vLLM's capture sizes are similar
 _FAMILY = ("llama", "mistral", "qwen2", "qwen3")
@@ -107,6 +111,23 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 15)
     x = _mul32(x, 0x846CA68B)
     return x ^ (x >> 16)
+
+
+def restrict(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+             top_k: int = 0) -> torch.Tensor:
+    """logits with -inf outside the top_k largest (ties at the k-th kept) and outside the
+    nucleus of softmax(logits / temperature) (score_fast.sampler.sample_next's rule: a
+    token is dropped when the probability before it in sorted order exceeds top_p; the
+    first is kept). Static shapes (a sort of [B, V]): it stays inside the captured step."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sl, si = logits.sort(-1, descending=True)
+        sp = torch.softmax(sl.float() / temperature, -1)
+        sl = sl.masked_fill((sp.cumsum(-1) - sp) > top_p, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, si, sl)
+    return logits
 
 
 def gumbel_argmax(logits: torch.Tensor, seed, episode, attempt, index,
@@ -162,21 +183,27 @@ class SlotEngine:
     """Both attempts of every episode, one slot each (module doc).
 
     eos_id: an id or ids that end an attempt; pad_id: what empty slots are fed.
-    max_slots: episodes in flight (the pool's slots; more episodes run in waves).
+    max_slots: episodes in flight (the pool's slots; more episodes run in waves). None: all
+    of a call's episodes (at most 512, the largest bucket) where their keys/values fit half
+    of the free memory (a GPU's, else the host's), else as many as fit.
+    decode: ids -> text, needed only for stop strings.
     check_every: decode steps between the host's looks at the phases and lengths.
     col_block: attention windows' granularity in columns (None: 128 on a GPU, 16 on a CPU).
     compile: torch.compile each bucket's step (on a CPU inductor's C++; default off).
     graphs: capture each bucket's step as a CUDA graph (None: on a CUDA device)."""
 
     def __init__(self, model, eos_id: int | Sequence[int] | None, pad_id: int, *,
-                 max_slots: int = 512, check_every: int = 8, col_block: int | None = None,
-                 compile: bool = False, graphs: bool | None = None):
+                 max_slots: int | None = None, check_every: int = 8,
+                 col_block: int | None = None, compile: bool = False,
+                 graphs: bool | None = None, decode=None):
         from score_fast.models import compute_dtype, lora_base, model_device
         why = unsupported(model)
         if why:
             raise NotImplementedError(f"SlotEngine cannot run this model: {why}")
         if check_every < 1:
             raise ValueError(f"check_every={check_every}: at least 1")
+        if max_slots is not None and max_slots < 1:
+            raise ValueError(f"max_slots={max_slots}: at least 1 (or None)")
         base = lora_base(model)
         self.decoder, self.head = base.model, base.lm_head
         cfg = base.config
@@ -188,9 +215,9 @@ class SlotEngine:
         self.head_dim = attn.head_dim
         self.kv_heads = cfg.num_key_value_heads
         self.heads = cfg.num_attention_heads
-        self._bmm = self.device.type != "cpu"
         self.scaling = attn.scaling
         self.max_slots = max_slots
+        self.decode = decode
         self.check_every = check_every
         # attention windows come in multiples of col_block columns: each (bucket, window) is
         # its own graph on a GPU (128: ~20 for a 2.5k-token capacity); a CPU step pays for
@@ -249,25 +276,20 @@ class SlotEngine:
             # one query a slot: scores [b, kvh, group, C] against the slot's columns; fp32
             # softmax (as sdpa's math path)
             qg = q.reshape(b, kvh, group, self.head_dim)
-            if self._bmm:
-                scores = torch.matmul(qg, keys.transpose(2, 3))
-            else:  # CPU: b x kvh products of 1 x D by D x C cost ~300 us as a bmm (MKL
-                # per-matrix overhead), a tenth of that as multiply + sum
-                scores = (qg[:, :, :, None, :] * keys[:, :, None]).sum(-1)
+            scores = torch.matmul(qg, keys.transpose(2, 3))
             probs = (scores.float() * self.scaling + bias).softmax(-1).to(values.dtype)
-            if self._bmm:
-                o = torch.matmul(probs, values)  # [b, kvh, g, D]
-            else:
-                o = (probs[..., None] * values[:, :, None]).sum(-2)
+            o = torch.matmul(probs, values)  # [b, kvh, g, D]
             x = x + attn.o_proj(o.reshape(b, 1, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.head(self.decoder.norm(x))[:, 0].float()
 
     @torch.no_grad()
     def _step(self, p: _Pool, window: int, greedy: bool, temperature: float, attempts: int,
-              max_new: int) -> None:
+              max_new: int, top_p: float = 1.0, top_k: int = 0) -> None:
         """One decode step of every slot, in place; no host sync, no data-dependent Python."""
         logits = self._forward(p, window)
+        if not greedy:
+            logits = restrict(logits, temperature, top_p, top_k)
         phase, ep = p.phase, p.episode
         a1, forced, a2 = phase == A1, phase == FORCED, phase == A2
         attempt = (phase == A2).long()  # 0: attempt 1, 1: attempt 2 (index into count/out)
@@ -296,16 +318,17 @@ class SlotEngine:
         p.forced.copy_(new_forced)
         p.phase.copy_(new_phase)
 
-    def _runner(self, b: int, window: int, greedy, temperature, attempts, max_new):
+    def _runner(self, b: int, window: int, greedy, temperature, attempts, max_new,
+                top_p=1.0, top_k=0):
         """The callable that runs one step on bucket b attending to `window` columns (eager,
         compiled or a graph replay)."""
-        key = (b, window, greedy, float(temperature), attempts, max_new)
+        key = (b, window, greedy, float(temperature), attempts, max_new, top_p, top_k)
         if key in self._steps:
             return self._steps[key]
         view = self.pool.view(b)
 
         def step():
-            self._step(view, window, greedy, temperature, attempts, max_new)
+            self._step(view, window, greedy, temperature, attempts, max_new, top_p, top_k)
 
         fn = step
         if self.compile:
@@ -352,21 +375,29 @@ class SlotEngine:
     def episodes(self, prompts: list[list[int]], instructions: Sequence[tuple] | None = None,
                  *, max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
                  attempts: int = 2, seed: int | None = None,
-                 generator: torch.Generator | None = None, **_):
+                 generator: torch.Generator | None = None, top_p: float = 1.0,
+                 top_k: int = 0, stop=None, **_):
         """The rollout protocol (score_fast.rollout; TwoTurnSampler and VLLMEngine have it
         too): attempt 1 (and with attempts=2 the instruction, then attempt 2) of each
         prompt. instructions[i]: (ids when attempt 1 did not end with eos, ids when it did);
         each non-empty. seed: the noise's seed (None: drawn from `generator`, torch's global
-        RNG when that is None). Other keywords (eos, in_flight) are the other backends':
+        RNG when that is None). top_p / top_k: the nucleus (score_fast.sampler's rule) and
+        the k most likely tokens, in the step. stop: strings for every prompt or a list per
+        prompt; an attempt ends after the token that completes one (the sampler's rule),
+        found at the host's looks and the slot's length rewound there (each look then reads
+        the new tokens: a sync). Other keywords (eos, in_flight) are the other backends':
         the eos is the constructor's, the episodes in flight max_slots. Returns (attempt-1
         ids, attempt-2 ids, info) per prompt, each up to and including its first eos ([]
         for attempt 2 with attempts=1); info: prefill_tokens, decode_tokens (one a slot a
         step until it is done) and attempt1_seconds / attempt2_seconds None: the attempts
         of different episodes share steps."""
+        from score_fast.sampler import stop_lists
         if attempts not in (1, 2):
             raise ValueError(f"attempts={attempts}: 1 or 2")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: at least 1")
+        if not 0.0 < top_p <= 1.0 or top_k < 0:
+            raise ValueError(f"top_p={top_p}, top_k={top_k}: top_p in (0, 1], top_k >= 0")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt")
         if attempts == 2:
@@ -376,17 +407,20 @@ class SlotEngine:
             if any(len(i) != 2 or not len(i[0]) or not len(i[1]) for i in instructions):
                 raise ValueError("each instruction is a pair (not ended by eos, ended by "
                                  "eos) of non-empty id lists")
+        stops = stop_lists(stop, len(prompts), self.decode)
         greedy = greedy or temperature == 0
         if seed is None:
             seed = int(torch.randint(0, 2 ** 31, (1,), generator=generator))
         out1: list = [None] * len(prompts)
         out2: list = [None] * len(prompts)
         prefilled = self.stats["prefill_tokens"]
-        for lo in range(0, len(prompts), self.max_slots):
-            idx = list(range(lo, min(lo + self.max_slots, len(prompts))))
+        sampling = (greedy, temperature, attempts, max_new_tokens, top_p, top_k)
+        wave = self._slots(prompts, instructions, attempts, max_new_tokens)
+        for lo in range(0, len(prompts), wave):
+            idx = list(range(lo, min(lo + wave, len(prompts))))
             a1, a2 = self._wave([prompts[i] for i in idx],
                                 [instructions[i] for i in idx] if attempts == 2 else None,
-                                max_new_tokens, temperature, greedy, attempts, seed, lo)
+                                sampling, seed, lo, [stops[i] for i in idx])
             for j, i in enumerate(idx):
                 out1[i], out2[i] = a1[j], a2[j]
         fed = sum(map(len, out1)) + (sum(len(a) for a in out2) + sum(
@@ -396,13 +430,36 @@ class SlotEngine:
                             "prefill_tokens": self.stats["prefill_tokens"] - prefilled,
                             "decode_tokens": fed}
 
-    def _wave(self, prompts, instructions, max_new, temperature, greedy, attempts, seed,
-              first_episode):
+    def _capacity(self, prompts, instructions, attempts: int, max_new: int) -> int:
+        instr = max((len(x) for pair in instructions or () for x in pair), default=1)
+        return max(map(len, prompts)) + (instr + max_new if attempts == 2 else 0) + max_new + 1
+
+    def _slots(self, prompts, instructions, attempts: int, max_new: int) -> int:
+        """Episodes a wave: max_slots, or all (<= 512) where their keys/values fit half the
+        free memory (the pool already allocated counts as free)."""
+        if self.max_slots is not None:
+            return self.max_slots
+        want = min(len(prompts), BUCKETS[-1])
+        capacity = self._capacity(prompts, instructions, attempts, max_new)
+        per_slot = (2 * len(self.decoder.layers) * self.kv_heads * self.head_dim * capacity
+                    * torch.empty((), dtype=self.dtype).element_size())
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            try:
+                free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError, AttributeError):  # not Linux: no limit known
+                return want
+        if self.pool is not None:
+            free += sum(t.nbytes for t in (*self.pool.keys, *self.pool.values))
+        return max(1, min(want, int(free * 0.5) // per_slot))
+
+    def _wave(self, prompts, instructions, sampling, seed, first_episode, stops):
+        greedy, temperature, attempts, max_new, top_p, top_k = sampling
         n = len(prompts)
         instr_width = max((len(x) for pair in instructions or () for x in pair), default=1)
-        capacity = max(map(len, prompts)) + (instr_width + max_new if attempts == 2 else 0) \
-            + max_new + 1
-        self._allocate(_bucket(n, self.max_slots), capacity, n, max_new, instr_width)
+        capacity = self._capacity(prompts, instructions, attempts, max_new)
+        self._allocate(_bucket(n, BUCKETS[-1]), capacity, n, max_new, instr_width)
         p = self.pool
         s_all = p.length.shape[0]
         p.out.zero_()
@@ -429,10 +486,14 @@ class SlotEngine:
         p.forced.zero_()
         b = _bucket(n, s_all)
         max_steps = max_new + 1 + (instr_width + max_new if attempts == 2 else 0)
+        cuts = _Stops(self, prompts, stops, attempts, max_new) if any(stops) else None
+        if cuts is not None:  # attempt 1 may be rewound up to one look after its stop
+            max_steps += self.check_every
         steps = 0
         # on a GPU the host reads the phases through an async copy one check behind (a slot
-        # it sees done is done; one it sees live may have just finished: it is moved along)
-        lag = self.device.type == "cuda"
+        # it sees done is done; one it sees live may have just finished: it is moved along);
+        # stop strings need the tokens themselves at each look
+        lag = self.device.type == "cuda" and cuts is None
         host = torch.empty((2, s_all), dtype=torch.long, pin_memory=lag)  # phase, length
         event = torch.cuda.Event() if lag else None
         pending = False
@@ -443,7 +504,7 @@ class SlotEngine:
                                                self.col_block), p.keys[0].shape[2])
         window = reach(max(map(len, prompts)))
         while steps < max_steps:
-            run = self._runner(b, window, greedy, temperature, attempts, max_new)
+            run = self._runner(b, window, *sampling)
             for _ in range(min(self.check_every, max_steps - steps)):
                 run()
                 steps += 1
@@ -458,6 +519,8 @@ class SlotEngine:
             else:
                 host[:, :b].copy_(torch.stack([p.phase[:b], p.length[:b]]))
             self.stats["checks"] += 1
+            if cuts is not None and cuts.look(b):  # rewound slots: read them again
+                host[:, :b].copy_(torch.stack([p.phase[:b], p.length[:b]]))
             live = (host[0, :b] != DONE).nonzero().view(-1)  # host tensors: no sync
             if not len(live):
                 break
@@ -518,6 +581,69 @@ class SlotEngine:
         p.episode[k:b] = p.out.shape[0] - 1
         p.inp[k:b] = self.pad
         self.stats["compactions"] += 1
+
+
+class _Stops:
+    """Stop strings at the host's looks: each attempt's tokens since the last look are
+    checked as score_fast.sampler checks them (after each token that is neither eos nor the
+    max_new_tokens-th, its last len(stop) + 2 tokens decoded); an attempt with a stop is cut
+    after that token. Attempt 1 cut: its slot is rewound to that token (length, input) and
+    restarts the instruction (the columns past it are rewritten); attempt 2 cut: done."""
+
+    def __init__(self, engine, prompts, stops, attempts: int, max_new: int):
+        self.engine, self.stops, self.attempts, self.max_new = engine, stops, attempts, max_new
+        self.prompt_len = [len(x) for x in prompts]
+        self.width = [max((len(x) for x in row), default=0) + 2 for row in stops]
+        self.checked = [[0, 0] for _ in prompts]  # tokens of each attempt checked so far
+
+    def look(self, b: int) -> bool:
+        """Check the new tokens, cut where a stop string is; True when a slot was changed."""
+        p = self.engine.pool
+        n = len(self.stops)
+        counts = p.count[:n].tolist()
+        slot = {e: s for s, e in enumerate(p.episode[:b].tolist()) if e < n}
+        toks = None
+        changed = False
+        for e in range(n):
+            for a in range(self.attempts):
+                done, c = self.checked[e][a], counts[e][a]
+                if not self.stops[e] or c <= done:
+                    continue
+                if toks is None:
+                    toks = p.out[:n].tolist()
+                row = toks[e][a]
+                cut = next((j for j in range(done + 1, c + 1) if self._stops_at(e, row, j)),
+                           None)
+                self.checked[e][a] = c
+                if cut is None:
+                    continue
+                changed = True
+                self._cut(e, a, cut, row[cut - 1], slot[e])
+                if a == 0:
+                    self.checked[e] = [cut, 0]
+                    break  # attempt 2's tokens, if any, are gone
+        return changed
+
+    def _stops_at(self, e: int, row: list, j: int) -> bool:
+        """The sampler's rule after token j (1-based): eos or max_new_tokens end the attempt
+        first; else a stop string in the decoded tail."""
+        if row[j - 1] in self.engine.eos or j >= self.max_new:
+            return False
+        tail = self.engine.decode(row[max(0, j - self.width[e]):j])
+        return any(stop in tail for stop in self.stops[e])
+
+    def _cut(self, e: int, a: int, j: int, last: int, s: int) -> None:
+        p = self.engine.pool
+        p.count[e, a] = j
+        if a == 1 or self.attempts == 1:
+            p.phase[s], p.inp[s] = DONE, self.engine.pad
+            return
+        # attempt 1 ends after token j - 1 (fed at prompt_len + j - 1): from there the step
+        # feeds it, then the "not ended by eos" instruction, then samples attempt 2
+        p.count[e, 1] = 0
+        p.ended_eos[e] = False
+        p.phase[s], p.forced[s], p.inp[s] = FORCED, 0, last
+        p.length[s] = self.prompt_len[e] + j - 1
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

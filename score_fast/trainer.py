@@ -319,8 +319,8 @@ class Trainer:
             return None
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return SlotEngine(self.policy, tok.eos_token_id, pad,
-                          max_slots=rc.episodes_in_flight or rc.gen_batch_size)
+        # episodes_in_flight None: as many as the free memory holds (all, at most 512)
+        return SlotEngine(self.policy, tok.eos_token_id, pad, max_slots=rc.episodes_in_flight)
 
     def _dtype(self, model) -> torch.dtype:
         """The compute dtype: model.dtype, where "auto" is the checkpoint's (or a given

@@ -177,11 +177,14 @@ class VLLMEngine:
 
     def episodes(self, prompts: list[list[int]], instructions=None, *, max_new_tokens: int,
                  temperature: float = 1.0, greedy: bool = False, attempts: int = 2,
-                 eos: int | None = None, **_):
+                 eos: int | None = None, top_p: float = 1.0, stop=None, **_):
         """The rollout protocol (score_fast.rollout; TwoTurnSampler.episodes says what it
         returns): every episode at once (vLLM schedules its own KV cache), attempt 2
         requested as [prompt | attempt 1 | instruction] for the prefix cache."""
         import time
+        if stop or top_p < 1.0:  # vLLM's stop strings cut text, not our token rule
+            raise NotImplementedError("rollout.backend=vllm: stop strings and top_p < 1 are "
+                                      "the hf backend's (score_fast.sampler, SlotEngine)")
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
                   eos=eos)
         before = dict(self.stats)

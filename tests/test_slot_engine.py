@@ -71,11 +71,11 @@ def _eos(model, prompts):
     return max(counts, key=counts.get)
 
 
-def _reference(model, prompts, eos, n):
+def _reference(model, prompts, eos, n, pair=INSTR):
     """Both attempts greedy by model.generate on the full context, the instruction variant
     picked by whether attempt 1 ended with eos."""
     a1 = _generate(model, prompts, eos, n)
-    instr = [INSTR[bool(a) and a[-1] == eos] for a in a1]
+    instr = [pair[bool(a) and a[-1] == eos] for a in a1]
     a2 = _generate(model, [p + a + i for p, a, i in zip(prompts, a1, instr)], eos, n)
     return a1, a2
 
@@ -148,9 +148,9 @@ def test_bad_input():
         engine.episodes([[3]], [([], [1])], max_new_tokens=2)
 
 
-def test_sampled_tokens_follow_softmax():
-    """One decode step's token over many episodes (each its own noise) against
-    softmax(logits / T) of the same step, with a temperature."""
+def _peaked():
+    """A 1-layer model whose next-token distribution after [3, 4, 5] is peaked, and those
+    fp64 logits."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=12, hidden_size=16, intermediate_size=32,
                                    num_hidden_layers=1, num_attention_heads=2,
@@ -159,16 +159,99 @@ def test_sampled_tokens_follow_softmax():
     with torch.no_grad():
         m.lm_head.weight.mul_(20)  # a peaked distribution, not near-uniform
         logits = m(torch.tensor([[3, 4, 5]])).logits[0, -1].double()
-    probs = torch.softmax(logits / 0.7, -1)
+    return m, logits
+
+
+def _nucleus(probs, top_p=1.0, top_k=0):
+    """The target distribution written out: the k most likely, then the smallest prefix of
+    the sorted probabilities whose mass before each kept token is <= top_p, renormalized."""
+    order = probs.argsort(descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    mass = 0.0
+    for rank, v in enumerate(order.tolist()):
+        if (top_k and rank >= top_k) or mass > top_p:
+            break
+        keep[v] = True
+        mass += probs[v].item()
+    out = torch.where(keep, probs, 0.0)
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("top_p, top_k", [(1.0, 0), (0.6, 0), (1.0, 3), (0.9, 4)])
+def test_sampled_tokens_follow_softmax(top_p, top_k):
+    """One decode step's token over many episodes (each its own noise) against
+    softmax(logits / T) of the same step, with a temperature, restricted to the nucleus and
+    the top k where asked."""
+    m, logits = _peaked()
+    probs = _nucleus(torch.softmax(logits / 0.7, -1), top_p, top_k)
+    assert (probs > 0).sum() >= 2 and ((probs > 0).sum() < 12 or top_p == 1.0)
     engine = SlotEngine(m, None, PAD, max_slots=512)
-    a1, _, _ = engine.episodes([[3, 4, 5]] * 4000, max_new_tokens=1, temperature=0.7,
-                            attempts=1, seed=123)
+    kw = dict(max_new_tokens=1, temperature=0.7, attempts=1, seed=123, top_p=top_p,
+              top_k=top_k)
+    a1, _, _ = engine.episodes([[3, 4, 5]] * 4000, **kw)
     tokens = torch.tensor([a[0] for a in a1])
     assert chi_square_p(tokens, probs) > 1e-3
     # the draw is a function of (seed, episode): the same seed gives the same tokens
-    again, _, _ = engine.episodes([[3, 4, 5]] * 4000, max_new_tokens=1, temperature=0.7,
-                               attempts=1, seed=123)
-    assert again == a1
+    assert engine.episodes([[3, 4, 5]] * 4000, **kw)[0] == a1
+
+
+def _text(ids):
+    return "".join(chr(65 + i % 26) for i in ids)
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 5, 8])
+def test_stop_strings_rewind_the_slot_as_the_sampler_cuts(model, check_every):
+    """An attempt ends after the token that completes a stop string (the sampler's rule);
+    attempt 1 cut mid-way restarts the instruction from there, whatever the look interval
+    (up to 8 steps after the stop)."""
+    prompts = _prompts(LENGTHS)
+    eos = _eos(model, prompts)
+    # the variant after a cut attempt 1 (no eos) the longer: a rewind found late then needs
+    # more steps than the longest episode without stop strings
+    pair = ([10, 11, 12], [7])
+    a1, a2 = _reference(model, prompts, eos, 8, pair)
+    # a stop inside a long attempt 1, one at the end of another (found up to check_every
+    # steps later: past max_new_tokens + 1 steps at 5) and one inside some attempt 2
+    long1 = [a for a in a1 if len(a) == 8]
+    long2 = next(a for a in a2 if len(a) >= 6)
+    stops = [_text(long1[0][2:4]), _text(long1[-1][5:7]), _text(long2[3:5])]
+    sampler = TwoTurnSampler(model, eos, PAD, batch_size=8, decode=_text)
+    s1, state = sampler.attempt1(prompts, max_new_tokens=8, greedy=True, stop=stops)
+    s2 = sampler.attempt2(state, [pair[bool(a) and a[-1] == eos] for a in s1],
+                          max_new_tokens=8, greedy=True, stop=stops)
+    assert sum(map(len, s1)) < sum(map(len, a1)) and s2 != a2  # both attempts cut somewhere
+    engine = SlotEngine(model, eos, PAD, check_every=check_every, decode=_text)
+    b1, b2, _ = engine.episodes(prompts, [pair] * 8, max_new_tokens=8, greedy=True,
+                                stop=stops)
+    assert (b1, b2) == (s1, s2)
+    # one list a prompt: only the first prompt stops
+    per = [stops] + [[]] * 7
+    c1, _, _ = engine.episodes(prompts, [pair] * 8, max_new_tokens=8, greedy=True, stop=per)
+    assert c1[1:] == a1[1:]
+    with pytest.raises(ValueError, match="decode="):
+        SlotEngine(model, eos, PAD).episodes(prompts, [INSTR] * 8, max_new_tokens=2,
+                                             stop=["A"])
+
+
+def test_episodes_in_flight_follow_the_free_memory(model, monkeypatch):
+    """max_slots None: every episode in one wave where the keys/values fit half the free
+    memory; with room for 2 slots, waves of 2 (and the same tokens)."""
+    prompts = _prompts(LENGTHS)
+    eos = _eos(model, prompts)
+    ref = _reference(model, prompts, eos, 4)
+    engine = SlotEngine(model, eos, PAD)
+    assert engine._slots(prompts, [INSTR] * 8, 2, 4) == 8
+    assert engine.episodes(prompts, [INSTR] * 8, max_new_tokens=4, greedy=True)[:2] == ref
+    # one slot: 2 layers x K and V x 2 kv heads x head_dim 8 x capacity 12 + 3 + 2 x 4 + 1
+    # = 24 columns, fp64
+    per_slot = 2 * 2 * 2 * 8 * 24 * 8
+    import score_fast.slot_engine as se
+    fresh = SlotEngine(model, eos, PAD)
+    monkeypatch.setattr(se.os, "sysconf", lambda name: 1 if name == "SC_PAGE_SIZE"
+                        else 5 * per_slot)  # half of it: 2.5 slots
+    assert fresh._slots(prompts, [INSTR] * 8, 2, 4) == 2
+    assert fresh.episodes(prompts, [INSTR] * 8, max_new_tokens=4, greedy=True)[:2] == ref
+    assert fresh.pool.length.shape[0] == 2
 
 
 def test_gumbel_noise_is_gumbel():
