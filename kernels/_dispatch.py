@@ -7,6 +7,8 @@ SCORE_FAST_BACKEND=torch: PyTorch always.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 
@@ -44,8 +46,23 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return on_cuda and _triton_importable()
 
 
+_UNCHECKED = contextvars.ContextVar("score_fast_unchecked", default=False)
+
+
 def checks_enabled() -> bool:
     """Value checks (target ids in range, turn labels in {0, 1, 2}, ...) read the data and
-    so cost one device sync per call on a GPU; SCORE_FAST_CHECK_INPUTS=0 skips them when
-    the caller guarantees valid input. Shape and dtype checks always run (they are free)."""
-    return os.environ.get("SCORE_FAST_CHECK_INPUTS", "1") != "0"
+    so cost one device sync per call on a GPU; SCORE_FAST_CHECK_INPUTS=0 (or `unchecked()`)
+    skips them when the caller guarantees valid input. Shape and dtype checks always run
+    (they are free)."""
+    return not _UNCHECKED.get() and os.environ.get("SCORE_FAST_CHECK_INPUTS", "1") != "0"
+
+
+@contextlib.contextmanager
+def unchecked():
+    """The kernels' value checks off inside (the trainer's own calls: it checks its inputs
+    on the host, where it builds them)."""
+    token = _UNCHECKED.set(True)
+    try:
+        yield
+    finally:
+        _UNCHECKED.reset(token)

@@ -62,13 +62,14 @@ def _entropy_sums(ent, turn):
         0, t, ent.double())[1:]
 
 
-def _loss_and_grads(h, w, b, t, inv_t, on_triton, need_dh, need_dw, score_args):
+def _loss_and_grads(h, w, b, t, inv_t, on_triton, need_dh, need_dw, score_args, rows=None):
     """Loss statistics (fp64 [len(STATS) + 2]: score_loss's, then the entropy sums per
     attempt) and fp32 gradients dh, dw, db (None where not needed). score_args: the flat
     (ref, old, turn, episode, advantages, cnt, scale, stage, beta1, beta2, kl, clip_eps,
     kl_ratio, per_episode) of score_loss_triton / score_loss_torch after logp."""
     ref, old, turn, ep, adv, cnt, scale, *loss_args = score_args
-    rows = (turn > 0).nonzero().squeeze(1)  # the loss rows
+    if rows is None:  # the loss rows (a nonzero: one sync on a GPU)
+        rows = (turn > 0).nonzero().squeeze(1)
     if on_triton:
         logp, m, log_s, ent = chunked_logsumexp(h, w, b, t, rows, inv_t)
         stats, g = score_loss_triton(logp, *score_args)
@@ -103,8 +104,9 @@ def _scaled(grad, dloss, dtype):
 
 class _LinearScoreLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, t, inv_t, on_triton, need, score_args):
-        stats, dh, dw, db = _loss_and_grads(h, w, b, t, inv_t, on_triton, *need, score_args)
+    def forward(ctx, h, w, b, t, inv_t, on_triton, need, score_args, rows):
+        stats, dh, dw, db = _loss_and_grads(h, w, b, t, inv_t, on_triton, *need, score_args,
+                                            rows)
         ctx.save_for_backward(dh, dw, db)  # fp32, unscaled: backward may run more than once
         ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
         loss = (stats[0] + stats[1]).to(torch.float32)
@@ -116,7 +118,7 @@ class _LinearScoreLoss(torch.autograd.Function):
     @once_differentiable  # the saved gradients are constants to autograd
     def backward(ctx, dloss, _dstats):
         grads = [_scaled(g, dloss, dt) for g, dt in zip(ctx.saved_tensors, ctx.dtypes)]
-        return *grads, None, None, None, None, None
+        return *grads, None, None, None, None, None, None
 
 
 def linear_score_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -126,14 +128,17 @@ def linear_score_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
                       temperature: float = 1.0, reduction: str = "token_mean",
                       old_logp: torch.Tensor | None = None,
                       clip_eps: float | tuple[float, float] | None = None,
-                      kl_ratio: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      kl_ratio: bool = False, rows: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SCoRe loss (0-d fp32, differentiable in hidden, weight and bias) and detached metrics,
     equal to score_loss(linear_logprobs(hidden, weight, targets, bias=bias,
     temperature=temperature), ref_logp, turn, episode, advantages, ...).
 
     hidden [..., H], weight [V, H] (same float dtype), bias [V] or None; targets, ref_logp,
     turn, episode (and old_logp): shape hidden.shape[:-1]; advantages [E, 2]. stage, beta1,
-    beta2, kl, reduction, old_logp, clip_eps, kl_ratio: as in score_loss. Design in the module
+    beta2, kl, reduction, old_logp, clip_eps, kl_ratio: as in score_loss. rows: the int64
+    flat indices of the rows with turn > 0, ascending, where the caller has them (the trainer
+    does, from the host): else found on the device (a sync on a GPU). Design in the module
     doc."""
     check_head(hidden, weight, bias, targets)
     inv_t = check_temperature(temperature)
@@ -166,8 +171,12 @@ def linear_score_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     score_args = (flat(ref_logp), flat(old_logp), turn_f, ep_f, advantages.detach(), cnt,
                   scale, stage, beta1, beta2, kl, clip_eps, bool(kl_ratio),
                   reduction == "seq_mean_token_mean")
+    if rows is not None and (rows.dtype != torch.int64 or rows.dim() != 1
+                             or rows.device != turn_f.device):
+        raise ValueError(f"rows must be int64 [R] on {turn_f.device}, got {rows.dtype} "
+                         f"{tuple(rows.shape)} on {rows.device}")
     loss, stats = _LinearScoreLoss.apply(h, w, b, t, inv_t, use_triton(*tensors), need,
-                                         score_args)
+                                         score_args, rows)
     metrics = score_metrics(stats[:len(STATS)], clip_eps is not None)
     # the policy's entropy at the loss rows (its sampling distribution at temperature T),
     # from the log-sum-exp sweep's own sums: no extra pass over the vocabulary

@@ -8,10 +8,16 @@ and runs attention over the whole row: O(T^2) work for sum_i O(L_i^2) of useful 
 the packed step 15x *slower* than padding on CPU (bench/bench_step.py). Here attention
 runs per sequence:
   CUDA + flash-attn installed   flash_attn_varlen_func on the packed row (one kernel)
+  CUDA, torch's varlen_attn     torch.nn.attention.varlen (torch >= 2.10; FlashAttention
+                                inside torch, no package): one kernel, fp16 / bf16
   otherwise                     scaled_dot_product_attention(is_causal=True) per sequence
+                                (a CPU: no launch cost; on a GPU tens to hundreds of small
+                                launches a layer for a packed micro-batch)
 Sequence boundaries come from `cu_seq_lens_q` when the caller passes it (the trainer does:
-PackedBatch.cu_seqlens, no device sync) or else from `position_ids` (a new sequence starts
-where the position does not increase by one).
+PackedBatch.cu_seqlens) or else from `position_ids` (a new sequence starts where the
+position does not increase by one). The trainer also passes `seq_lens` (the lengths as a
+host list, known when packing): with it no layer reads the bounds back from the device (a
+host sync each on a GPU, twice a layer before).
 
 Everything else (generation with a KV cache, padded batches with an attention mask) falls
 through to transformers' sdpa, unchanged: the implementation is safe to leave on for the
@@ -23,18 +29,21 @@ loop even where flash-attn is installed.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NAME", "use_varlen_attention", "varlen_attention_forward", "sequence_bounds"]
+__all__ = ["NAME", "use_varlen_attention", "varlen_attention_forward", "sequence_bounds",
+           "packed_mask"]
 
 NAME = "score_fast_varlen"
 log = logging.getLogger("score_fast")
 _registered = False
 _flash = None  # flash_attn_varlen_func, False when unavailable; loaded on first use
+_torch_varlen = None  # torch's varlen_attn with causal masking bound, False when absent
 
 
 def _flash_varlen():
@@ -50,6 +59,27 @@ def _flash_varlen():
     return _flash
 
 
+def _torch_varlen_attn():
+    """torch.nn.attention.varlen.varlen_attn with causal masking (torch 2.10 names it
+    is_causal, later releases window_size=(-1, 0)), or False where torch has none."""
+    global _torch_varlen
+    if _torch_varlen is None:
+        _torch_varlen = False
+        if os.environ.get("SCORE_FAST_ATTN", "").lower() != "varlen":
+            try:
+                import functools
+                import inspect
+                from torch.nn.attention.varlen import varlen_attn
+                params = inspect.signature(varlen_attn).parameters
+                causal = ({"window_size": (-1, 0)} if "window_size" in params
+                          else {"is_causal": True})
+                _torch_varlen = (functools.partial(varlen_attn, **causal),
+                                 "enable_gqa" in params)
+            except ImportError:
+                pass
+    return _torch_varlen
+
+
 def sequence_bounds(position_ids: torch.Tensor) -> torch.Tensor:
     """cu_seqlens (int32, [n + 1]) of one packed row from its position ids [1, T] or [T]."""
     pos = position_ids.reshape(-1)
@@ -58,8 +88,28 @@ def sequence_bounds(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, end]).to(torch.int32)
 
 
+def packed_mask(model, device) -> torch.Tensor | None:
+    """The attention_mask a packed forward of `model` passes where it runs this
+    implementation: an empty 4D tensor that marks the call as packed. transformers returns
+    a 4D mask as it is, so it skips its own packed-sequence detection on position_ids (a
+    device read, a host sync on a GPU, every forward); None for other implementations."""
+    from score_fast.models import lora_base
+    if getattr(lora_base(model).config, "_attn_implementation", None) != NAME:
+        return None
+    return torch.empty((1, 1, 0, 0), dtype=torch.bool, device=device)
+
+
+def _marks_packed(mask) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.numel() == 0
+
+
 def _is_packed_call(query, key, attention_mask) -> bool:
-    # no mask and no cache prefix: a training-style forward over whole sequences
+    # no mask (or packed_mask's) and no cache prefix: a training-style forward over whole
+    # sequences
+    if _marks_packed(attention_mask):
+        if query.shape[2] != key.shape[2]:
+            raise ValueError("packed_mask with a cache prefix: a packed forward has none")
+        return True
     return attention_mask is None and query.shape[2] == key.shape[2]
 
 
@@ -74,8 +124,19 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     batch, heads, length, dim = query.shape
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is None:
+    sizes = kwargs.get("seq_lens")  # host ints: no read-back of cu
+    if sizes is not None:
+        if batch != 1 or sum(sizes) != length:
+            raise ValueError(f"seq_lens sums to {sum(sizes)} tokens in a batch of {batch}; "
+                             f"the packed row has {length} tokens")
+        if cu is None:
+            cu = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int32,
+                              device=query.device)
+    elif cu is None:
         pos = kwargs.get("position_ids")
+        if _marks_packed(attention_mask) and (pos is None or batch != 1):
+            raise ValueError("packed_mask needs seq_lens, cu_seq_lens_q or position_ids of "
+                             "one packed row")
         if pos is None or batch != 1:
             # plain causal attention over each row (nothing says the rows are packed)
             return sdpa_attention_forward(module, query, key, value, None, dropout=dropout,
@@ -83,17 +144,29 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         cu = sequence_bounds(pos)
     elif batch != 1:
         raise ValueError(f"cu_seq_lens_q describes one packed row; got a batch of {batch}")
-    if int(cu[-1]) != length:
-        raise ValueError(f"cu_seq_lens_q ends at {int(cu[-1])} but the packed row has "
-                         f"{length} tokens")
+    if sizes is None:  # a read-back of the bounds (a host sync on a GPU)
+        sizes = torch.diff(cu).tolist()
+        if sum(sizes) != length:
+            raise ValueError(f"cu_seq_lens_q ends at {sum(sizes)} but the packed row has "
+                             f"{length} tokens")
     dropout = dropout if module.training else 0.0
-    flash = _flash_varlen() if query.is_cuda else False
-    if flash and query.dtype in (torch.float16, torch.bfloat16):
-        max_len = kwargs.get("max_length_q") or int(torch.diff(cu).max())
+    half = query.dtype in (torch.float16, torch.bfloat16)
+    flash = _flash_varlen() if query.is_cuda and half else False
+    native = _torch_varlen_attn() if query.is_cuda and half and not flash else False
+    if flash or (native and not dropout):
+        max_len = kwargs.get("max_length_q") or max(sizes)
         cu = cu.to(device=query.device, dtype=torch.int32)
-        out = flash(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                    cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scaling,
-                    causal=True)
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, D]
+        if flash:
+            out = flash(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout,
+                        softmax_scale=scaling, causal=True)
+        else:
+            fn, gqa = native
+            if heads != k.shape[1] and not gqa:
+                k = k.repeat_interleave(heads // k.shape[1], dim=1)
+                v = v.repeat_interleave(heads // v.shape[1], dim=1)
+            out = fn(q, k, v, cu, cu, max_len, max_len, scale=scaling,
+                     **({"enable_gqa": True} if gqa and heads != k.shape[1] else {}))
         return out.unsqueeze(0), None
     groups = heads // key.shape[1]
     if groups > 1:  # GQA: share each kv head with its query heads
@@ -101,7 +174,6 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         value = value.repeat_interleave(groups, dim=1)
     # split, not slicing: the backward of a slice writes a zero tensor of the whole row
     # per sequence (n_seq x T traffic); split's backward is one cat
-    sizes = torch.diff(cu).tolist()
     outs = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                            scale=scaling)
             for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2),

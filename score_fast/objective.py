@@ -13,6 +13,7 @@ import torch
 
 import score_fast as sf
 from score_fast import distributed
+from score_fast.attention import packed_mask
 from score_fast.config import Config
 from score_fast.models import is_lora, lora_base
 
@@ -99,6 +100,8 @@ def _last_hidden(model, ids, pos, seq, adapters_off: bool = False) -> torch.Tens
     the first pre-forward) plans gradient dtypes from it. No method is bound to the model
     and no private FSDP API is used."""
     kwargs = dict(input_ids=ids, position_ids=pos, use_cache=False, **seq)
+    if "seq_lens" in seq:  # the bounds are known: transformers need not look for them
+        kwargs["attention_mask"] = packed_mask(model, ids.device)
     decoder = model.get_decoder()
     with contextlib.ExitStack() as adapters:
         def turn_adapters_off(*_):
@@ -126,23 +129,26 @@ def _last_hidden(model, ids, pos, seq, adapters_off: bool = False) -> torch.Tens
     return captured[0][0]
 
 
-def policy_loss(model, ids, pos, seq, targets, ref_logp, turn, episode, adv, **loss_kw):
+def policy_loss(model, ids, pos, seq, targets, ref_logp, turn, episode, adv, rows=None,
+                **loss_kw):
     """The policy's loss on one packed micro-batch (and its metrics): last hidden states ->
     linear_score_loss on the LM head weight, never the [T, V] logits. loss_kw: stage,
-    beta1, beta2, kl, reduction, temperature (linear_score_loss's)."""
+    beta1, beta2, kl, reduction, temperature (linear_score_loss's); rows: the trained rows'
+    indices where the caller has them (linear_score_loss's)."""
     hidden = _last_hidden(model, ids, pos, seq)
     weight = model.get_output_embeddings().weight
     return sf.linear_score_loss(hidden, weight.to(hidden.dtype), targets, ref_logp, turn,
-                                episode, adv, **loss_kw)
+                                episode, adv, rows=rows, **loss_kw)
 
 
-def reference_logprobs(model, ids, pos, seq, targets, live, temperature=1.0) -> torch.Tensor:
-    """The reference's fp32 log-probs of the targets at the `live` rows (the only ones a KL
-    applies to), 0 elsewhere, at `temperature`. A LoRA policy is its own reference: the
-    base, with the adapters disabled."""
+def reference_logprobs(model, ids, pos, seq, targets, rows, temperature=1.0) -> torch.Tensor:
+    """The reference's fp32 log-probs of the targets at `rows` (int64 indices of the rows a
+    KL applies to: an index, not a mask, so no nonzero runs on the device), 0 elsewhere, at
+    `temperature`. A LoRA policy is its own reference: the base, with the adapters
+    disabled."""
     hidden = _last_hidden(model, ids, pos, seq, adapters_off=is_lora(model))
     weight = model.get_output_embeddings().weight
     out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-    out[live] = sf.linear_logprobs(hidden[live], weight.to(hidden.dtype), targets[live],
+    out[rows] = sf.linear_logprobs(hidden[rows], weight.to(hidden.dtype), targets[rows],
                                    temperature=temperature).float()
     return out

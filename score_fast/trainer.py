@@ -58,6 +58,7 @@ from score_fast.checkpoint import (STATE_FILE, load_state, recover_interrupted,
                                    usable_checkpoint)
 from score_fast.config import BEST_METRICS, Config, check_kl, config_from_dict
 from score_fast.flops import matmul_params, peak_flops, step_flops
+from score_fast.kernels._dispatch import unchecked as sf_unchecked
 from score_fast.models import (GC_AUTO_PARAMS, apply_lora, disable_dropout, load_lora,
                                load_model, load_tokenizer, policy_weights, prepare_model,
                                resolve_dtype, uses_fsdp, weights_path)
@@ -214,6 +215,15 @@ def size_warning(config: Config, device: torch.device, world: int = 1) -> str | 
             f"{per_step:,} generated tokens a step{ranks} ({steps * per_step:.2g} in all), "
             f"each also trained on; a CPU step of more than {CPU_STEP_TOKENS:,} a rank takes "
             f"minutes or more with a real model. Shrink it ({fields}) or run it on a GPU")
+
+
+def _check_ids(ids: np.ndarray, vocab: int, tokens: int) -> None:
+    """The micro-batch's token ids against the model's vocabulary, on the host (the kernels'
+    own check would read the device)."""
+    if ids.size and not (0 <= ids.min() and ids.max() < vocab):
+        raise ValueError(f"a micro-batch of {tokens} tokens holds token ids in "
+                         f"[{ids.min()}, {ids.max()}], outside the model's vocabulary "
+                         f"[0, {vocab}): the tokenizer and model.path do not match")
 
 
 class Trainer:
@@ -717,51 +727,77 @@ class Trainer:
                        reduction=config.train.reduction, temperature=config.rollout.temperature)
         out = {"loss": 0.0, "kl_sum1": 0.0, "kl_sum2": 0.0, "ent_sum1": 0.0, "ent_sum2": 0.0,
                "n1": 0, "n2": 0, "tokens": 0, "nonfinite": 0}
+        # on the device, read once after the loop: each micro-batch's [loss, loss share,
+        # kl1 x n1, kl2 x n2, entropy1 x n1, entropy2 x n2] (was 5 .item() and a finiteness
+        # test a micro-batch: 6 host syncs, with 2 a layer in attention and the kernels'
+        # value checks on top)
+        sums, tokens = [], []
+        vocab = self.policy.get_output_embeddings().weight.shape[0]
         self.policy.train()
         for batch, part, share in zip(batches, parts, units):
-            ids, pos = batch.input_ids.to(self.device), batch.position_ids.to(self.device)
-            # sequence bounds for varlen attention (score_fast.attention); other
-            # implementations ignore them and read position_ids
-            cu = batch.cu_seqlens.to(self.device)
-            seq = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": batch.max_seqlen,
-                   "max_length_k": batch.max_seqlen}
-            targets, turn, episode = (part[k].to(self.device)
-                                      for k in ("targets", "turn", "episode"))
-            live = turn > 0
+            # what the host knows: the bounds, the trained rows, the attempt sizes; the
+            # kernels' value checks are done here, on the host, where the data is made
+            turn_h = part["turn"].numpy()
+            rows_h = np.flatnonzero(turn_h > 0)
+            n1, n2 = int((turn_h == 1).sum()), int((turn_h == 2).sum())
             out["tokens"] += batch.num_tokens
-            if not live.any() and not dist.enabled:  # nothing trained (e.g. STaR, no fix)
+            if not len(rows_h) and not dist.enabled:  # nothing trained (e.g. STaR, no fix)
                 continue
+            _check_ids(batch.input_ids.numpy(), vocab, batch.num_tokens)
+            ids, pos, targets, turn, episode, rows = (self._to_device(t) for t in (
+                batch.input_ids, batch.position_ids, part["targets"], part["turn"],
+                part["episode"], torch.from_numpy(rows_h)))
+            # sequence bounds for varlen attention (score_fast.attention), seq_lens as host
+            # ints so no layer reads them back; other implementations read position_ids
+            cu = self._to_device(batch.cu_seqlens)
+            seq = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": batch.max_seqlen,
+                   "max_length_k": batch.max_seqlen,
+                   "seq_lens": batch.cu_seqlens.diff().tolist()}
             # log-probs at the sampling temperature: the policy that sampled is
             # softmax(logits / T), so the policy gradient and the KL are on-policy for it
-            with torch.no_grad(), self.timer("reference"):
-                ref_logp = reference_logprobs(self.ref, ids, pos, seq, targets, live,
-                                              temperature=config.rollout.temperature)
-            with self.timer("policy"):  # forward + backward
-                loss, stats = policy_loss(self.policy, ids, pos, seq, targets, ref_logp, turn,
-                                          episode, adv, **loss_kw)
-                if not torch.isfinite(loss):
-                    out["nonfinite"] += 1
-                    if not dist.enabled:  # several ranks: all of them stop together, below
-                        self._nonfinite(f"loss is {loss.item()}", objective.stage,
-                                        batch.num_tokens)
-                # FSDP averages gradients over ranks: x world makes it the sum over
-                # micro-batches
-                weighted = loss * (share * dist.world / total)
-                (self.scaler.scale(weighted) if self.scaler is not None
-                 else weighted).backward()
-            n1, n2 = int((turn == 1).sum()), int((turn == 2).sum())
-            out["loss"] += loss.item() * share / total
-            out["kl_sum1"] += stats["kl_t1"].item() * n1
-            out["kl_sum2"] += stats["kl_t2"].item() * n2
-            out["ent_sum1"] += stats["entropy_t1"].item() * n1
-            out["ent_sum2"] += stats["entropy_t2"].item() * n2
+            with sf_unchecked():
+                with torch.no_grad(), self.timer("reference"):
+                    ref_logp = reference_logprobs(self.ref, ids, pos, seq, targets, rows,
+                                                  temperature=config.rollout.temperature)
+                with self.timer("policy"):  # forward + backward
+                    loss, stats = policy_loss(self.policy, ids, pos, seq, targets, ref_logp,
+                                              turn, episode, adv, rows=rows, **loss_kw)
+                    # FSDP averages gradients over ranks: x world makes it the sum over
+                    # micro-batches. A non-finite loss is found after the loop, before the
+                    # optimizer step
+                    weighted = loss * (share * dist.world / total)
+                    (self.scaler.scale(weighted) if self.scaler is not None
+                     else weighted).backward()
+            loss = loss.detach().float()
+            sums.append(torch.stack([loss, loss * (share / total),
+                                     stats["kl_t1"].float() * n1, stats["kl_t2"].float() * n2,
+                                     stats["entropy_t1"].float() * n1,
+                                     stats["entropy_t2"].float() * n2]))
+            tokens.append(batch.num_tokens)
             out["n1"] += n1
             out["n2"] += n2
+        if sums:  # the step's one read of device values
+            table = torch.stack(sums).double().cpu().numpy()
+            bad = np.flatnonzero(~np.isfinite(table[:, 0]))
+            out["nonfinite"] = len(bad)
+            if len(bad) and not dist.enabled:  # several ranks: all stop together, below
+                self._nonfinite(f"loss is {table[bad[0], 0]}", objective.stage,
+                                tokens[bad[0]])
+            for k, col in zip(("loss", "kl_sum1", "kl_sum2", "ent_sum1", "ent_sum2"),
+                              table[:, 1:].sum(0).tolist()):
+                out[k] += col
         out = distributed.all_reduce_sum(out, dist)
         if out["nonfinite"]:
             self._nonfinite(f"loss is not finite on {int(out['nonfinite'])} micro-batches",
                             objective.stage)
         return out
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the training device; on a GPU through pinned memory and an
+        async copy (a pageable copy makes the host wait for the stream)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _nonfinite(self, what: str, stage: int, tokens: int | None = None):
         where = f", micro-batch of {tokens} tokens" if tokens else ""

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from score_fast.attention import NAME, sequence_bounds, use_varlen_attention
+from score_fast.attention import NAME, packed_mask, sequence_bounds, use_varlen_attention
 
 LENS = [5, 1, 17, 9, 2]
 
@@ -35,14 +35,18 @@ def test_sequence_bounds():
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-@pytest.mark.parametrize("pass_bounds", [True, False])
+@pytest.mark.parametrize("pass_bounds", ["cu", "seq_lens", None])
 def test_packed_matches_each_sequence_alone(kv_heads, pass_bounds):
     alone = _model(kv_heads)
     packed = copy.deepcopy(alone)
     assert use_varlen_attention(packed) and packed.config._attn_implementation == NAME
     assert alone.config._attn_implementation == "sdpa"
     ids, pos, cu = _packed(LENS)
-    extra = {"cu_seq_lens_q": cu, "max_length_q": max(LENS)} if pass_bounds else {}
+    # the trainer's call: host lengths and packed_mask (transformers then skips its own
+    # look at position_ids)
+    extra = {"cu": {"cu_seq_lens_q": cu, "max_length_q": max(LENS)},
+             "seq_lens": {"seq_lens": LENS, "attention_mask": packed_mask(packed, "cpu")},
+             None: {}}[pass_bounds]
     out = packed(input_ids=ids, position_ids=pos, use_cache=False, **extra).logits
     ref = torch.cat([alone(input_ids=s, use_cache=False).logits for s in ids.split(LENS, 1)], 1)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
@@ -96,6 +100,14 @@ def test_bad_bounds():
     bad[-1] = 33
     with pytest.raises(ValueError, match="ends at 33 but the packed row has 34"):
         m(input_ids=ids, position_ids=pos, use_cache=False, cu_seq_lens_q=bad)
+    with pytest.raises(ValueError, match="seq_lens sums to 33 tokens in a batch of 1; the "
+                                         "packed row has 34"):
+        m(input_ids=ids, position_ids=pos, use_cache=False, seq_lens=[*LENS[:-1], 1])
+    assert packed_mask(_model(), "cpu") is None  # sdpa: no marker
+    with pytest.raises(ValueError, match="packed_mask needs seq_lens"):
+        x = torch.zeros(2, 34, 64, dtype=torch.float64)
+        m.model.layers[0].self_attn(x, attention_mask=packed_mask(m, "cpu"),
+                                    position_embeddings=m.model.rotary_emb(x, pos.expand(2, -1)))
 
 
 def test_switched_off(monkeypatch):
@@ -118,7 +130,8 @@ def test_sliding_window_model_kept():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_packed_on_cuda_within_rule(dtype):
-    """On a GPU (flash-attn varlen for bf16 when installed, else SDPA per sequence): packed
+    """On a GPU (bf16: flash-attn varlen when installed, else torch's varlen_attn where it has
+    one, else SDPA per sequence; fp32: SDPA per sequence), the trainer's call: packed
     logits vs an fp64 CPU per-sequence reference, within 2x the error of running each
     sequence alone at the same dtype with transformers' sdpa."""
     from conftest import assert_within_rule
@@ -133,6 +146,7 @@ def test_packed_on_cuda_within_rule(dtype):
         packed = copy.deepcopy(ref_model).to("cuda", dtype)
         use_varlen_attention(packed)
         out = packed(input_ids=ids.cuda(), position_ids=pos.cuda(), use_cache=False,
-                     cu_seq_lens_q=cu.cuda(), max_length_q=max(LENS)).logits
+                     cu_seq_lens_q=cu.cuda(), max_length_q=max(LENS), seq_lens=LENS,
+                     attention_mask=packed_mask(packed, "cuda")).logits
     assert_within_rule(out, ref64, base, atol=1e-2 if dtype == torch.bfloat16 else 1e-5,
                        name=f"packed logits {dtype}")

@@ -558,3 +558,109 @@ def test_rollout_engine_slots_trains_and_names_what_it_cannot_run(tmp_path):
     with pytest.raises(ValueError, match="rollout.engine=slots: SlotEngine cannot run this "
                                          "model: model_type 'gpt2'"):
         Trainer(c, model=gpt2, tokenizer=tok)
+
+
+class _DeviceReads:
+    """Counts the reads of device data onto the host while it is active, as a GPU would
+    pay them: values derived from the model's parameters or from what the trainer copied
+    to the device (Trainer._to_device, a clone here so that the copy is its own tensor) that
+    reach the host (item, bool, int, tolist, numpy, nonzero, boolean indexing, ...)."""
+    SYNC_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select",
+                "_unique", "repeat_interleave")
+    HOST_READS = ("tolist", "cpu")  # .numpy() of a device tensor raises
+
+    def __init__(self, roots):
+        from torch.overrides import TorchFunctionMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+        from torch.utils.weak import WeakTensorKeyDictionary
+        self.tracked = WeakTensorKeyDictionary()
+        for t in roots:
+            self.tracked[t] = True
+        self.names = collections.Counter()
+        outer = self
+
+        def tracked(args):
+            return any(isinstance(a, torch.Tensor) and a in outer.tracked
+                       for a in tree_flatten(args)[0])
+
+        class Ops(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if tracked((args, kwargs)):
+                    name = func.__name__.split(".")[0]
+                    if name in outer.SYNC_OPS:
+                        outer.names[name] += 1
+                    for t in tree_flatten(out)[0]:
+                        if isinstance(t, torch.Tensor):
+                            outer.tracked[t] = True
+                return out
+
+        class Reads(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", "")
+                if name in outer.HOST_READS and tracked(args[:1]):
+                    outer.names[name] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.modes = (Reads(), Ops())
+
+    def add(self, t):
+        self.tracked[t] = True
+        return t
+
+    def __enter__(self):
+        for m in self.modes:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for m in reversed(self.modes):
+            m.__exit__(*exc)
+
+
+def test_a_training_step_reads_the_device_once(tmp_path, monkeypatch):
+    """loss_and_backward over 3 micro-batches (reference forward, policy forward + backward,
+    the loss statistics): one read of device values for the whole step (the statistics'
+    table), none a micro-batch: the bounds, trained rows and attempt sizes come from the
+    host, the kernels' value checks are the trainer's own on the host."""
+    tr = Trainer(make_run(tmp_path, max_tokens=40))
+    assert tr.policy.config._attn_implementation == "score_fast_varlen"
+    eps = fixed_episodes(tr.tokenizer)
+    obj = plan_objective(tr.config, 2, torch.tensor(R1), torch.tensor(R2),
+                         torch.tensor([0, 1, 0]))
+    counter = _DeviceReads([*tr.policy.parameters(), *tr.ref.parameters()])
+    monkeypatch.setattr(tr, "_to_device", lambda t: counter.add(t.clone()))
+    tr.optimizer.zero_grad()
+    with counter:
+        out = tr.loss_and_backward(eps, obj)
+    assert out["tokens"] > 80  # 3 micro-batches of <= 40 tokens
+    assert sum(counter.names.values()) == 1, counter.names
+    # and the counter sees a read: the old per-micro-batch statistics
+    with counter:
+        torch.stack([p.sum() for p in tr.policy.parameters()]).sum().item()
+    assert sum(counter.names.values()) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_training_step_on_cuda_synchronizes_once(tmp_path):
+    """The same on a GPU, counted by CUDA itself: torch.cuda's sync debug mode warns at every
+    synchronizing call; a step (after a warm-up one) makes one, the statistics' read."""
+    import warnings
+    tr = Trainer(make_run(tmp_path, max_tokens=40))
+    assert tr.device.type == "cuda"
+    eps = fixed_episodes(tr.tokenizer)
+    obj = plan_objective(tr.config, 2, torch.tensor(R1), torch.tensor(R2),
+                         torch.tensor([0, 1, 0]))
+    tr.loss_and_backward(eps, obj)  # allocations, Triton compiles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            tr.loss_and_backward(eps, obj)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in seen if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
