@@ -6,6 +6,8 @@ model and the same rollouts, two ways:
                 linear_score_loss (policy): no [N, V] logits
   packed_dense  the same, but with transformers' own sdpa packing (a dense [T, T]
                 block-diagonal mask; what score_fast.attention replaces)
+  packed_fused_checkpointed  packed_fused with gradient checkpointing forced on (the
+                trainer's memory model leaves it off where the step fits: this is its cost)
   padded_torch  batches padded to their longest episode under the same token budget, full
                 logits, log_softmax + gather, score_loss_ref (plain PyTorch)
 
@@ -117,9 +119,13 @@ def _padded_step(s):
         (loss * (u / n_live)).backward()
 
 
-@pytest.mark.parametrize("provider", ["packed_fused", "packed_dense", "padded_torch"])
+@pytest.mark.parametrize("provider", ["packed_fused", "packed_fused_checkpointed",
+                                      "packed_dense", "padded_torch"])
 def test_step(benchmark, provider, setup):
     s = setup
+    gc = provider.endswith("checkpointed")
+    kw = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    s.policy.gradient_checkpointing_enable(**kw) if gc else s.policy.gradient_checkpointing_disable()
     for m in (s.policy, s.ref):  # the trainer's attention, or transformers' dense packing
         if provider == "packed_dense" or not use_varlen_attention(m):
             m.set_attn_implementation("sdpa")
@@ -145,3 +151,5 @@ def test_step(benchmark, provider, setup):
     stats = getattr(benchmark.stats, "stats", None)  # None under --benchmark-disable
     if stats is not None and stats.median > 0:
         benchmark.extra_info["tokens_per_s"] = round(tokens / stats.median)
+    if gc:
+        s.policy.gradient_checkpointing_disable()

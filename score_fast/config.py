@@ -96,8 +96,10 @@ class ModelConfig:
     """keep the fp32 master weights, gradients and AdamW state in host memory and run the
     optimizer step there (FSDP2 CPU offload): the device holds the compute-dtype weights"""
     gradient_checkpointing: Optional[bool] = None
-    """recompute activations in backward; None: on for models of >= 1B parameters, where
-    activations of an 8192-token micro-batch outgrow the weights (score_fast.memory)"""
+    """recompute activations in backward; None: on only where the memory model predicts
+    that the training phase would not fit the device without it (score_fast.memory
+    .checkpointing; the run's log says which and why). Recomputing costs ~25% of the
+    policy phase"""
     attn_implementation: Optional[str] = None
     """transformers' attn_implementation (sdpa, flash_attention_2, eager, ...); None: its
     default"""

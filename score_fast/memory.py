@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from score_fast.models import GC_AUTO_PARAMS
 
-__all__ = ["GC_AUTO_PARAMS", "DEVICES", "HEADROOM", "RESERVE", "usable",  # noqa: F822
+__all__ = ["GC_AUTO_PARAMS", "checkpointing", "DEVICES", "HEADROOM", "RESERVE", "usable",  # noqa: F822
            "SHAPES", "StepShape", "Plan",
            "count_params", "lora_params", "predict", "fits", "load_config", "plan_table",
            "plan_text"]
@@ -273,6 +273,19 @@ def usable(device_bytes: int) -> int:
 
 def fits(plan: Plan, device_bytes: int) -> bool:
     return plan.device_peak <= usable(device_bytes)
+
+
+def checkpointing(cfg, device_bytes: int, **predict_kw) -> tuple[bool, str]:
+    """Whether a step needs gradient checkpointing on a device of `device_bytes`: on only
+    where its training phase without it would not fit (usable()), and why, in words.
+    predict_kw: predict()'s (dtype, lora_rank, offload, shape)."""
+    plan = predict(cfg, gradient_checkpointing=False, **predict_kw)
+    need, room = sum(plan.training.values()), usable(device_bytes)
+    if need <= room:
+        return False, (f"the training phase fits without it ({need / GiB:.1f} GiB predicted, "
+                       f"{room / GiB:.1f} GiB usable)")
+    return True, (f"without it the training phase needs {need / GiB:.1f} GiB, over the "
+                  f"{room / GiB:.1f} GiB usable")
 
 
 def load_config(spec: str):

@@ -59,7 +59,7 @@ from score_fast.checkpoint import (STATE_FILE, load_state, recover_interrupted,
 from score_fast.config import BEST_METRICS, Config, check_kl, config_from_dict
 from score_fast.flops import matmul_params, peak_flops, step_flops
 from score_fast.kernels._dispatch import unchecked as sf_unchecked
-from score_fast.models import (GC_AUTO_PARAMS, apply_lora, disable_dropout, load_lora,
+from score_fast.models import (apply_lora, disable_dropout, load_lora,
                                load_model, load_tokenizer, policy_weights, prepare_model,
                                resolve_dtype, uses_fsdp, weights_path)
 from score_fast.objective import (Objective, build_step_tensors, plan_objective,
@@ -571,6 +571,7 @@ class Trainer:
         prompt + attempt 1 + the instruction + attempt 2, each attempt at its budget
         (train.single_turn: the longest prompt + attempt 1)."""
         config, formatter = self.config, self.formatter
+        self.longest_prompt, self.instruction_tokens = longest_prompt, 0
         if not self.prompt_texts:
             return
         if config.train.single_turn:
@@ -585,6 +586,7 @@ class Trainer:
             return
         instruction = max(len(formatter.instruction_ids(self.prompt_texts[0], ids))
                           for ids in ([], [formatter.eos] if formatter.eos is not None else []))
+        self.instruction_tokens = instruction
         longest = longest_prompt + 2 * config.rollout.max_new_tokens + instruction
         if config.train.max_tokens < longest:
             raise ValueError(
@@ -641,10 +643,9 @@ class Trainer:
         if not self.lora:
             self.policy.config.dtype = self.dtype  # checkpoints are written in it
         self.ref.eval()
-        n_params = sum(p.numel() for p in self.policy.parameters())
-        gc = model_cfg.gradient_checkpointing
-        if gc is None:
-            gc = n_params >= GC_AUTO_PARAMS
+        gc, why = self._checkpointing()
+        log.info("gradient checkpointing %s: %s", "on" if gc else "off", why)
+        self.gradient_checkpointing = gc
         if gc:  # transformers >= 5.2x renamed it; 5.17 (the GPU image) has the old name
             kw = {"use_reentrant": False}
             if hasattr(self.policy, "activation_checkpointing_enable"):
@@ -664,6 +665,32 @@ class Trainer:
         # fp16: dynamic loss scaling, or small gradients underflow to 0 (bf16 has fp32's range)
         self.scaler = (torch.amp.GradScaler(dist.device.type)
                        if self.dtype == torch.float16 else None)
+
+    def _checkpointing(self) -> tuple[bool, str]:
+        """model.gradient_checkpointing, or (None) the memory model's choice: on only where
+        the training phase would not fit the device without it (score_fast.memory; a
+        CPU's device is its physical memory)."""
+        from score_fast import memory
+        from score_fast.models import lora_base
+        config = self.config
+        if config.model.gradient_checkpointing is not None:
+            return config.model.gradient_checkpointing, "model.gradient_checkpointing"
+        rc, world = config.rollout, self.dist.world
+        shape = memory.StepShape(
+            max_tokens=config.train.max_tokens,
+            episodes=config.train.prompts_per_step * rc.samples_per_prompt // world,
+            gen_batch_size=rc.gen_batch_size, in_flight=rc.episodes_in_flight or rc.gen_batch_size,
+            prompt_tokens=self.longest_prompt, max_new_tokens=rc.max_new_tokens,
+            instruction_tokens=self.instruction_tokens, world=world)
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+        return memory.checkpointing(
+            lora_base(self.policy).config.get_text_config(), total, dtype=dtype,
+            lora_rank=config.model.lora.rank, offload=config.model.offload_optimizer,
+            shape=shape)
 
     @property
     def trainable(self) -> list[torch.nn.Parameter]:

@@ -199,3 +199,18 @@ def test_cli_plan(capsys, tmp_path):
     assert "| qwen2.5-7b | full bf16 |" in capsys.readouterr().out
     assert main(["plan"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_checkpointing_is_on_only_where_the_step_would_not_fit():
+    """The trainer's rule: a 1.5B bf16 full fine-tune at 8192 tokens (~49 GiB without
+    checkpointing) needs it on a 24 GiB device, not on an 80 GB one; the reason says so."""
+    cfg = memory.SHAPES["qwen2.5-1.5b"]
+    on, why_on = memory.checkpointing(cfg, 24 * GiB, dtype="bf16")
+    off, why_off = memory.checkpointing(cfg, DEVICES["80GB"], dtype="bf16")
+    assert on and "over the 20.8 GiB usable" in why_on
+    assert not off and "fits without it" in why_off
+    # on a 48 GiB device: not at 8192 tokens a micro-batch, at 2048 it fits (32.9 GiB)
+    assert memory.checkpointing(cfg, 48 * GiB, dtype="bf16")[0]
+    assert not memory.checkpointing(cfg, 48 * GiB, dtype="bf16",
+                                    shape=StepShape(max_tokens=2048, gen_batch_size=8,
+                                                    in_flight=8))[0]
