@@ -3,9 +3,10 @@
     bash bench/run.sh bench/bench_lmhead.py           # CPU here, CUDA where there is one
 
 Providers:
-  score_fast  linear_score_loss with its default path: on CUDA the vocabulary-chunked one
-              (cuBLAS GEMMs + Triton elementwise kernels), on CPU the tiled PyTorch path;
-              never holds the [N, V] logits.
+  score_fast  linear_score_loss with its default path: on CUDA the row sweep (chunks of
+              2048 rows through the whole vocabulary: 3 cuBLAS GEMMs + Triton row kernels,
+              dlogits written over the logits), on CPU the tiled PyTorch path; never holds
+              the [N, V] logits.
   eager       what an RL trainer writes: logits = hidden @ W.T, fp32 log_softmax, gather,
               then the SCoRe loss (score_loss_ref's vectorised token_mean path); autograd.
   compile     torch.compile of the same eager function (not in QUICK mode: minutes of
@@ -18,8 +19,8 @@ Providers:
 
 FLOPs are counted the same for every provider: 3 matmul passes of 2 N H V (forward
 logits, dhidden, dweight) = 6 N H V -- the useful work, not what each provider executes
-(score_fast's chunked path recomputes the logits once more in backward: 4 passes; the
-CPU path keeps the tile when V <= 32768: 3 passes). matmul counts its one pass, 2 N H V.
+(score_fast's CUDA row sweep runs exactly these 3; the CPU path keeps the tile when
+V <= 32768: 3 passes, else recomputes it: 4). matmul counts its one pass, 2 N H V.
 All N tokens are loss tokens (turn 1 or 2), so row selection gives score_fast no edge.
 Peak memory is what one forward + backward allocates above what was live (harness.run).
 """
@@ -33,8 +34,8 @@ from score_fast.kernels.score_loss import score_loss_ref
 DEVICE = bench_device()
 if QUICK:
     SHAPES = [(64, 32, 1000, torch.float32)]
-elif DEVICE == "cuda":
-    SHAPES = [(8192, 4096, 151936, torch.bfloat16)]
+elif DEVICE == "cuda":  # the H200 run's shape, and Qwen2.5-1.5B's head
+    SHAPES = [(8192, 4096, 151936, torch.bfloat16), (8192, 1536, 151936, torch.bfloat16)]
 else:
     SHAPES = [(4096, 1024, 32000, torch.float32)]
 PROVIDERS = ["score_fast", "eager", "compile", "liger", "matmul"]

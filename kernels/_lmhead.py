@@ -158,6 +158,40 @@ def _chunk_dlogits_kernel(
              d.to(d_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _row_dlogits_kernel(
+    # pointers: z [n, n_cols] the rows' full-vocabulary logits (fp32), bias, targets [n],
+    # fp32 [n] M, log S and g (holding 1/T, 0 on dead rows); d [n, n_cols] out, which may
+    # be z's own storage seen as 16-bit (row stride 2 n_cols): written in place
+    z_ptr, b_ptr, tgt_ptr, m_ptr, ls_ptr, g_ptr, d_ptr,
+    n, n_cols, stride_z, stride_d,
+    inv_t,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """D = g (onehot(t) - p) over whole rows, column blocks in order: a program owns its
+    rows, and block j's store lands on bytes of z that blocks <= j held (16-bit D at column
+    c is z's byte 2c), all loaded already. So D overwrites the logits it is made from."""
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_n < n
+    tgt = tl.load(tgt_ptr + offs_n, mask=row_ok, other=-1)
+    m = tl.load(m_ptr + offs_n, mask=row_ok, other=0.0)
+    log_s = tl.load(ls_ptr + offs_n, mask=row_ok, other=0.0)
+    g = tl.load(g_ptr + offs_n, mask=row_ok, other=0.0)
+    for c0 in range(0, n_cols, BLOCK_V):
+        offs_c = c0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        c_ok = offs_c < n_cols
+        ok = row_ok[:, None] & c_ok[None, :]
+        z = tl.load(z_ptr + offs_n[:, None] * stride_z + offs_c[None, :], mask=ok,
+                    other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        p = tl.exp(z * inv_t - m[:, None] - log_s[:, None])
+        d = g[:, None] * (tl.where(offs_c[None, :] == tgt[:, None], 1.0, 0.0) - p)
+        tl.debug_barrier()  # every thread's loads of this block before any store into it
+        tl.store(d_ptr + offs_n[:, None] * stride_d + offs_c[None, :],
+                 d.to(d_ptr.dtype.element_ty), mask=ok)
+
+
 # ------------------------------------------------------------------------ launch config
 def chunk_cols(n: int) -> int:
     """Vocabulary columns a chunk: an [n, Vc] fp32 tile of <= 2**28 bytes (256 MB; the bf16
@@ -194,6 +228,8 @@ def _gate_cases():
         f = torch.empty(N, **meta)
         yield functools.partial(chunked_logsumexp, h, w, b, t, rows, 1.0)
         yield functools.partial(chunked_grads, h, w, b, t, rows, f, f, f, 1.0, dw_dtype=dtype)
+        yield functools.partial(row_sweep, h, w, b, t, rows, 1.0,
+                                grad_of=lambda idx, lp: torch.empty(idx.numel(), **meta))
 
 
 # ---------------------------------------------------------------- chunked (cuBLAS) path
@@ -322,6 +358,82 @@ def chunked_grads(h, w, b, t, rows, m, log_s, g, inv_t, need_dh=True, need_dw=Tr
     if dhs is not dh:
         dh.index_copy_(0, rows, dhs)
     return dh, dw, db
+
+
+# The CUDA path of linear_score_loss: row chunks, each through the whole vocabulary at once.
+# 3 GEMMs a chunk (z = h_R W^T, dH_R = D W, dW += D^T h_R) against the vocabulary sweep's 4
+# (z twice); D overwrites z in place. R rows: the dW update reads and writes the fp32
+# [V, H] once a chunk (8VH bytes) for 2RVH FLOPs, ~R/4 FLOP a byte (the D and h reads
+# add ~2R V bytes): compute-bound above H100's 989 TFLOP/s / 3.35 TB/s = 295 FLOP/B at
+# R >= ~1200 (H200: 206 at 4.8 TB/s, R >= ~850); 2048 leaves room. Memory: the fp32 tile
+# [R, V] (1.2 GB at V = 151936), the fp32 dW [V, H] and dh [N, H]: ~3.9 GB at N = 8192,
+# H = 4096, under a third of eager's 14.2 GB there (bench_lmhead_h200.md).
+_GPU_ROWS = 2048
+
+
+def row_chunk(n: int) -> int:
+    """Rows a chunk of row_sweep (module comment above)."""
+    return min(n, _GPU_ROWS)
+
+
+def row_sweep(h, w, b, t, rows, inv_t, grad_of=None, need_dh=True, need_dw=True,
+              entropy=True):
+    """linear_score_loss's CUDA sweep over chunks of `rows` (int64 indices into h), the
+    whole vocabulary each: z = h_R W^T (fp32, cuBLAS), _chunk_lse_kernel once over it, then
+    grad_of(idx, logp) -> fp32 g (None: no gradient) and D = g (onehot - p) / T written over
+    z (_row_dlogits_kernel), dh_R = D W and dw += D^T h_R (fp32 results). Returns logp, M,
+    log S, the entropy (fp32 [N], zero off rows; `entropy` is cpu_sweep's switch, the
+    kernel sums it anyway) and fp32 dh, dw, db (None unless asked). No host sync.""" 
+    N, H = h.shape
+    V = w.shape[0]
+    f32 = dict(device=h.device, dtype=torch.float32)
+    logp_all, m_all, ls_all, ent_all = (torch.zeros(N, **f32) for _ in range(4))
+    want = grad_of is not None
+    dh = torch.zeros(N, H, **f32) if want and need_dh else None
+    dw = torch.zeros(V, H, **f32) if want and need_dw else None
+    db = torch.zeros(V, **f32) if want and need_dw and b is not None else None
+    cfg = _ew_config(V)
+    R = row_chunk(max(rows.numel(), 1))
+    d_dtype = store_dtype(w.dtype)
+    for r0 in range(0, rows.numel(), R):
+        idx = rows[r0:r0 + R]
+        n = idx.numel()
+        hs, ts = h.index_select(0, idx), t.index_select(0, idx)
+        z = _mm_f32(hs, w.T)  # GEMM 1
+        m = torch.full((n,), float("-inf"), **f32)
+        s, u = torch.zeros(n, **f32), torch.zeros(n, **f32)
+        z_t = torch.full((n,), float("-inf"), **f32)
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+        bias = b if b is not None else z
+        _chunk_lse_kernel[grid](z, bias, ts, m, s, z_t, u, n, V, 0, z.stride(0), inv_t,
+                                HAS_BIAS=b is not None, **cfg)
+        log_s = s.log()
+        m = m.masked_fill_(m == float("-inf"), 0)
+        lp = ((z_t - m) - log_s).clamp_(max=0).masked_fill_(z_t == float("-inf"),
+                                                            float("-inf"))
+        logp_all.index_copy_(0, idx, lp)
+        m_all.index_copy_(0, idx, m)
+        ls_all.index_copy_(0, idx, log_s)
+        ent_all.index_copy_(0, idx, _entropy(log_s, u, s))
+        g = grad_of(idx, lp) if want else None
+        if g is None:
+            continue
+        dead = log_s == float("-inf")
+        gs = (g * inv_t).masked_fill_(dead, 0)
+        d = z.view(d_dtype)[:, :V]  # D over z: same rows, half the bytes in 16 bits
+        _row_dlogits_kernel[grid](z, bias, ts, m, log_s.masked_fill(dead, 0), gs, d, n, V,
+                                  z.stride(0), d.stride(0), inv_t, HAS_BIAS=b is not None,
+                                  **cfg)
+        if d.dtype != w.dtype:  # the interpreter's bf16: stored fp32, rounded by torch
+            d = d.to(w.dtype)
+        if need_dh:
+            dh.index_copy_(0, idx, _mm_f32(d, w))  # GEMM 2
+        if need_dw:
+            _mm_f32(d.T, hs, dw)  # GEMM 3: dw += D^T h_R, fp32 C (beta = 1)
+            if db is not None:
+                db += d.sum(0, dtype=torch.float32)
+        del z, d
+    return logp_all, m_all, ls_all, ent_all, dh, dw, db
 
 
 # ---------------------------------------------------------------------- PyTorch (CPU) path

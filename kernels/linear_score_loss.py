@@ -23,22 +23,24 @@ Design (documented choices):
     directly (torch.mul's out=, no fp32 temporary); with fp32 weights backward holds the
     fp32 dweight [V, H] twice for a moment (2.5 GB at 151936 x 4096). Under no_grad, or
     with nothing requiring grad, no gradient work is done.
-  * Row selection: only tokens with turn > 0 do vocabulary work. Triton backend:
-    turn.nonzero() (ONE host sync: the GEMMs need their row count); PyTorch path: the same
-    (free on a CPU).
-  * Triton backend (_lmhead's chunked path): the loss rows are gathered, pass 1 = the
-    chunked log-sum-exp (logp, M, log S, entropy), score_loss's Triton kernel (g), pass 2 =
-    recompute + the three gradient products per vocabulary chunk. 4 matmul passes of
-    2 N_loss H V flops, all cuBLAS; the weight gradient is fp32 (scaled by the upstream in
-    backward, then cast).
+  * Row selection: only tokens with turn > 0 do vocabulary work: `rows` when the caller
+    has them (the trainer, from the host), else turn.nonzero() (one host sync on a GPU: the
+    GEMMs need their row count).
+  * Triton backend (_lmhead's row_sweep, issue 30): chunks of up to 2048 loss rows, each
+    through the whole vocabulary: z = h_R W^T (fp32, cuBLAS), the log-sum-exp kernel,
+    score_loss's Triton kernel on the chunk (g), D written over z in 16 bits, then
+    dh_R = D W and dW += D^T h_R (fp32 C): 3 GEMM passes of 2 N_loss H V flops, as eager
+    autograd, against the vocabulary sweep's 4 (it recomputed z). The weight gradient is
+    fp32 (scaled by the upstream in backward, then cast).
   * PyTorch (_lmhead's cpu_sweep): one sweep over fixed 256-row chunks of the loss rows; per
     chunk the logit tile(s), the log-sum-exp, score_loss's per-token math on the chunk (its
     metric sums are added across chunks in fp64), then D and the three gradient products.
     When the vocabulary is a single chunk (V <= 32768) the tile is reused, not recomputed:
     3 matmul passes, as many as eager autograd.
-  * Sync points: one on the Triton backend (the loss-row count), besides the input value
-    checks shared with score_loss and linear_logprobs (targets range, turn/episode labels:
-    one sync each; SCORE_FAST_CHECK_INPUTS=0 skips them).
+  * Sync points: none given `rows` and with the value checks off (the trainer's calls);
+    else the loss-row count, and the input value checks shared with score_loss and
+    linear_logprobs (targets range, turn/episode labels: one sync each;
+    SCORE_FAST_CHECK_INPUTS=0 or kernels._dispatch.unchecked() skips them).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ from torch.autograd.function import once_differentiable
 
 from ._common import check_temperature
 from ._dispatch import use_triton
-from ._lmhead import check_head, chunked_grads, chunked_logsumexp, cpu_sweep, flatten_head
+from ._lmhead import check_head, cpu_sweep, flatten_head, row_sweep
 from .linear_logprobs import linear_logprobs_ref
 from .score_loss import (STATS, check_score_args, reduction_weights, score_loss_ref,
                          score_loss_torch, score_loss_triton, score_metrics)
@@ -70,24 +72,18 @@ def _loss_and_grads(h, w, b, t, inv_t, on_triton, need_dh, need_dw, score_args, 
     ref, old, turn, ep, adv, cnt, scale, *loss_args = score_args
     if rows is None:  # the loss rows (a nonzero: one sync on a GPU)
         rows = (turn > 0).nonzero().squeeze(1)
-    if on_triton:
-        logp, m, log_s, ent = chunked_logsumexp(h, w, b, t, rows, inv_t)
-        stats, g = score_loss_triton(logp, *score_args)
-        dh = dw = db = None
-        if need_dh or need_dw:  # fp32 dweight: backward scales it by the upstream first
-            dh, dw, db = chunked_grads(h, w, b, t, rows, m, log_s, g, inv_t, need_dh, need_dw)
-        return torch.cat([stats, _entropy_sums(ent, turn)]), dh, dw, db
     parts = []
+    score = score_loss_triton if on_triton else score_loss_torch
 
     def grad_of(idx, lp):
         sel = lambda a: None if a is None else a.index_select(0, idx)  # noqa: E731
-        st, g = score_loss_torch(lp, sel(ref), sel(old), sel(turn), sel(ep), adv, cnt,
-                                 scale, *loss_args)
+        st, g = score(lp, sel(ref), sel(old), sel(turn), sel(ep), adv, cnt, scale, *loss_args)
         parts.append(st)
         return g if (need_dh or need_dw) else None
 
-    _, _, _, ent, dh, dw, db = cpu_sweep(h, w, b, t, rows, inv_t, grad_of=grad_of,
-                                         need_dh=need_dh, need_dw=need_dw, entropy=True)
+    sweep = row_sweep if on_triton else cpu_sweep
+    _, _, _, ent, dh, dw, db = sweep(h, w, b, t, rows, inv_t, grad_of=grad_of,
+                                     need_dh=need_dh, need_dw=need_dw, entropy=True)
     stats = torch.zeros(len(STATS), dtype=torch.float64, device=h.device)
     for st in parts:  # chunk order is fixed: a deterministic fp64 sum
         stats += st

@@ -193,11 +193,8 @@ def lora_params(cfg, rank: int, targets=("all-linear",)) -> int:
     return cfg.num_hidden_layers * rank * sum(sum(lin[n]) for n in _targets(cfg, targets))
 
 
-def _chunk_cols(n: int) -> int:
-    """kernels/_lmhead.py's chunk_cols (the vocabulary chunk of the LM-head ops), kept here so
-    that planning needs no triton import (test_memory pins the two equal): an [n, Vc] fp32
-    tile of <= 256 MB, Vc in [1024, 16384], a multiple of 128 (8192 at n = 8192 rows)."""
-    return max(1024, min(16384, 2**28 // (4 * max(n, 1)))) // 128 * 128
+ROW_CHUNK = 2048  # kernels/_lmhead.py's _GPU_ROWS, here so that planning imports no triton
+# (test_memory checks they agree)
 
 
 def predict(cfg, dtype: str = "bf16", lora_rank: int = 0, lora_targets=("all-linear",),
@@ -257,11 +254,11 @@ def predict(cfg, dtype: str = "bf16", lora_rank: int = 0, lora_targets=("all-lin
     # the reference's no_grad forward runs first on the same micro-batch: one layer's
     # transient plus its hidden states, freed before the policy's forward saves anything
     train["activations"] = max(saved, T * (per_layer + H * b))
-    # fused loss (cuBLAS path, all T rows live at worst): an fp32 logit tile and its
-    # dlogits in the compute dtype, dhidden fp32 [T, H], and where the LM head trains its
-    # fp32 dweight [V, H], computed in the forward and held until the backward
-    train["loss"] = T * min(V, _chunk_cols(T)) * (4 + b) + 4 * T * H \
-        + (0 if lora_rank else 4 * V * H)
+    # fused loss (CUDA row sweep, all T rows live at worst): the fp32 logits of a row chunk
+    # through the whole vocabulary with their dlogits written over them, dhidden fp32
+    # [T, H], and where the LM head trains its fp32 dweight [V, H], computed in the forward
+    # and held until the backward
+    train["loss"] = min(T, ROW_CHUNK) * V * 4 + 4 * T * H + (0 if lora_rank else 4 * V * H)
     return Plan(label or cfg.model_type, {k: both[k] + roll[k] for k in COMPONENTS},
                 {k: both[k] + train[k] for k in COMPONENTS}, host, P, trainable, gc)
 

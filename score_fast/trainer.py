@@ -59,7 +59,7 @@ from score_fast.checkpoint import (STATE_FILE, load_state, recover_interrupted,
 from score_fast.config import BEST_METRICS, Config, check_kl, config_from_dict
 from score_fast.flops import matmul_params, peak_flops, step_flops
 from score_fast.kernels._dispatch import unchecked as sf_unchecked
-from score_fast.models import (apply_lora, disable_dropout, load_lora,
+from score_fast.models import (GC_AUTO_PARAMS, apply_lora, disable_dropout, load_lora,
                                load_model, load_tokenizer, policy_weights, prepare_model,
                                resolve_dtype, uses_fsdp, weights_path)
 from score_fast.objective import (Objective, build_step_tensors, plan_objective,
@@ -687,10 +687,15 @@ class Trainer:
         else:
             total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
-        return memory.checkpointing(
-            lora_base(self.policy).config.get_text_config(), total, dtype=dtype,
-            lora_rank=config.model.lora.rank, offload=config.model.offload_optimizer,
-            shape=shape)
+        cfg = lora_base(self.policy).config.get_text_config()
+        try:
+            return memory.checkpointing(cfg, total, dtype=dtype, lora_rank=config.model.lora.rank,
+                                        offload=config.model.offload_optimizer, shape=shape)
+        except AttributeError as e:  # a config without the Llama-style fields it reads
+            n = sum(p.numel() for p in self.policy.parameters())
+            return n >= GC_AUTO_PARAMS, (f"the memory model cannot read {type(cfg).__name__} "
+                                         f"({e}); by parameter count ({n / 1e9:.2f}B, on "
+                                         f"from {GC_AUTO_PARAMS / 1e9:g}B)")
 
     @property
     def trainable(self) -> list[torch.nn.Parameter]:

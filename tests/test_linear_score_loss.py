@@ -20,11 +20,11 @@ BACKENDS = ["torch", "triton"]
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}  # 1e-5: a few ulp of |logp| ~ 10
 
 
-def _use(backend, monkeypatch, cols=256):
-    """Select a path; the Triton one with `cols`-column vocabulary chunks (V = 1000: 4, the
-    last partial; the chunk rule, lm.chunk_cols, replaced for the test)."""
+def _use(backend, monkeypatch, rows=16):
+    """Select a path; the Triton one with `rows`-row chunks (the rule, lm.row_chunk,
+    replaced for the test: several chunks, the last partial, at the tests' sizes)."""
     monkeypatch.setenv("SCORE_FAST_BACKEND", backend)
-    monkeypatch.setattr(lm, "chunk_cols", lambda n: cols)
+    monkeypatch.setattr(lm, "row_chunk", lambda n: min(n, rows))
 
 
 def _batch(N, H, V, E=3, dtype=torch.float32, bias=True, seed=0, temperature=1.0,
@@ -127,7 +127,7 @@ def test_ppo_clip(backend, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("V", [32001, 151936])
 def test_odd_vocabularies(backend, V, monkeypatch):
-    _use(backend, monkeypatch, cols=8192)
+    _use(backend, monkeypatch, rows=64)
     batch = _batch(6, 16, V)
     batch["turn"] = torch.tensor([0, 1, 2, 2, 0, 1])
     batch["targets"][1] = V - 1
@@ -332,3 +332,34 @@ def test_entropy_at_extreme_logits(backend, chunks, monkeypatch):
     assert abs(m1["entropy_t1"].item() - want.item()) < 1e-5 and want > 1
     assert m1["entropy_t2"] == 0  # no attempt-2 rows
     assert m["entropy_t1"] > 0 and m["entropy_t2"] > 0
+
+
+def test_triton_path_runs_three_gemms_a_row_chunk(monkeypatch):
+    """The CUDA path's shape of work (issue 30): per chunk of loss rows one GEMM for the
+    full-vocabulary logits, one for dhidden, one accumulating dweight (the vocabulary sweep
+    it replaced ran 4: the logits twice); 40 loss rows in chunks of 16: 3 chunks, 9 GEMMs,
+    and no tensor of the [N, V] logits' size."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    _use("triton", monkeypatch, rows=16)
+    batch = _batch(64, 16, 1000, bias=False)
+    batch["turn"] = torch.tensor([1, 2] * 20 + [0] * 24)
+    h = batch["hidden"].requires_grad_(True)
+    w = batch["weight"].requires_grad_(True)
+    seen = []
+
+    class Gemms(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.__name__.split(".")[0]
+            if name in ("mm", "addmm", "addmm_", "bmm", "matmul"):
+                seen.append(name)
+            if (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == 1000
+                    and out.shape[0] > 16):  # more rows of logits than a chunk
+                seen.append(f"big {tuple(out.shape)}")
+            return out
+
+    with Gemms():
+        loss, _ = linear_score_loss(h, w, batch["targets"], batch["ref_logp"], batch["turn"],
+                                    batch["episode"], batch["advantages"], stage=2)
+        loss.backward()
+    assert seen == ["mm", "mm", "addmm_"] * 3, seen

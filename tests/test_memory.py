@@ -71,10 +71,9 @@ def test_lora_unknown_target_is_named():
         lora_params(TINY["llama"], 4, ["lm_head"])
 
 
-def test_chunk_cols_is_the_kernels():
-    from score_fast.kernels._lmhead import chunk_cols as _chunk_cols
-    for n in (1, 100, 4096, 8192, 16384, 70000):
-        assert memory._chunk_cols(n) == _chunk_cols(n)
+def test_row_chunk_is_the_kernels():
+    from score_fast.kernels import _lmhead
+    assert memory.ROW_CHUNK == _lmhead._GPU_ROWS == _lmhead.row_chunk(10**6)
 
 
 def test_full_fp32_one_rank_components():
