@@ -644,8 +644,8 @@ class Trainer:
             self.policy.config.dtype = self.dtype  # checkpoints are written in it
         self.ref.eval()
         gc, why = self._checkpointing()
-        log.info("gradient checkpointing %s: %s", "on" if gc else "off", why)
         self.gradient_checkpointing = gc
+        self.checkpointing_note = f"gradient checkpointing {'on' if gc else 'off'}: {why}"
         if gc:  # transformers >= 5.2x renamed it; 5.17 (the GPU image) has the old name
             kw = {"use_reentrant": False}
             if hasattr(self.policy, "activation_checkpointing_enable"):
@@ -1113,7 +1113,8 @@ class Trainer:
 
     def run_summary(self) -> str:
         """What the run is about to do, logged before its first step: the rows, the model's
-        parameters, the step plan, where it writes, the device and dtype."""
+        parameters, the step plan, where it writes, the device and dtype, and whether
+        gradient checkpointing is on and why."""
         config, dist = self.config, self.dist
         trainable = sum(p.numel() for p in self.trainable)
         total = sum(p.numel() for p in self.policy.parameters())
@@ -1134,7 +1135,7 @@ class Trainer:
             f"samples = {prompts * samples} episodes a step, {attempts} of up to "
             f"{config.rollout.max_new_tokens} new tokens",
             f"run_dir: {self.run_dir}; device {self.device}{ranks}, "
-            f"{str(self.dtype).removeprefix('torch.')}"])
+            f"{str(self.dtype).removeprefix('torch.')}", self.checkpointing_note])
 
     def _note_zero_rewards(self, metrics: dict) -> None:
         """Count a step whose every reward was 0; warn the first time and every

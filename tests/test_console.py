@@ -63,7 +63,10 @@ def test_summary_before_step_1_and_a_finished_run_resumed_does_nothing(
         f"model: {c.model.path}: {n:,} trainable of {n:,} parameters",
         "plan: 2 Stage I + 2 Stage II steps = 4 steps, from step 0; 3 prompts x 2 samples = 6 "
         "episodes a step, 2 attempts of up to 4 new tokens",
-        f"run_dir: {c.train.run_dir}; device cpu, float32"])
+        f"run_dir: {c.train.run_dir}; device cpu, float32",
+        info[0].splitlines()[-1]])
+    assert info[0].splitlines()[-1].startswith(
+        "gradient checkpointing off: the training phase fits without it (")
     assert _messages(caplog)[0] == (
         "this run is large for a CPU: 4 steps x 6 episodes (3 prompts x 2 samples) x 2 "
         "attempts x up to 4 new tokens = up to 48 generated tokens a step (1.9e+02 in all), "

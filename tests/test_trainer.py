@@ -227,18 +227,16 @@ def test_end_to_end_train_logs_metrics(tmp_path):
         "checkpoint-2", "checkpoint-4"]
 
 
-def test_checkpointing_chosen_by_the_memory_model_and_logged(tmp_path, caplog):
-    with caplog.at_level("INFO", logger="score_fast"):
-        tr = Trainer(make_run(tmp_path))
+def test_checkpointing_chosen_by_the_memory_model_and_said(tmp_path):
+    tr = Trainer(make_run(tmp_path))
     assert not tr.gradient_checkpointing and not tr.policy.is_gradient_checkpointing
-    assert "gradient checkpointing off: the training phase fits without it" in caplog.text
+    assert "gradient checkpointing off: the training phase fits without it" in \
+        tr.run_summary()
     c = make_run(tmp_path)
     c.model.gradient_checkpointing = True
-    caplog.clear()
-    with caplog.at_level("INFO", logger="score_fast"):
-        tr = Trainer(c)
+    tr = Trainer(c)
     assert tr.policy.is_gradient_checkpointing
-    assert "gradient checkpointing on: model.gradient_checkpointing" in caplog.text
+    assert tr.run_summary().endswith("gradient checkpointing on: model.gradient_checkpointing")
 
 
 def test_dropout_is_off_in_the_loss(tmp_path):
