@@ -14,7 +14,7 @@ import torch
 import score_fast as sf
 from score_fast import distributed
 from score_fast.attention import packed_mask
-from score_fast.config import Config
+from score_fast.config import Config, check_kl
 from score_fast.models import is_lora, lora_base
 
 __all__ = ["Objective", "plan_objective", "stage_at", "build_step_tensors", "policy_loss",
@@ -27,17 +27,28 @@ def stage_at(config: Config, step: int) -> int:
     return 1 if step % (n1 + config.stage2.steps) < n1 else 2
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Objective:
-    """What one step trains: advantages [E, 2] (attempt 1, attempt 2), which (episode,
-    attempt) pairs are trained at all ([E, 2] bool; the others' tokens get turn 0), and
-    the loss's stage and KL weights (stage 1: beta2 KL and no policy gradient on attempt
-    1; stage 2: policy gradient + beta1 KL on both attempts)."""
+    """What one step trains, the whole loss specification: advantages [E, 2] (attempt 1,
+    attempt 2), which (episode, attempt) pairs are trained at all ([E, 2] bool; the others'
+    tokens get turn 0), the loss's stage and KL weights (stage 1: beta2 KL and no policy
+    gradient on attempt 1; stage 2: policy gradient + beta1 KL on both attempts), the KL
+    estimator (score_loss's kind: train.kl through config.check_kl), the reduction and the
+    temperature the log-probs are taken at (the sampler's). plan_objective fills every
+    field from the config; the trainer adds nothing."""
     adv: torch.Tensor
     train: torch.Tensor
     stage: int
     beta1: float
     beta2: float
+    kl: str = "k2"
+    reduction: str = "token_mean"
+    temperature: float = 1.0
+
+    def loss_kwargs(self) -> dict:
+        """linear_score_loss's keywords of this objective."""
+        return dict(stage=self.stage, beta1=self.beta1, beta2=self.beta2, kl=self.kl,
+                    reduction=self.reduction, temperature=self.temperature)
 
 
 def plan_objective(config: Config, stage: int, r1: torch.Tensor, r2: torch.Tensor | None,
@@ -48,21 +59,23 @@ def plan_objective(config: Config, stage: int, r1: torch.Tensor, r2: torch.Tenso
     train = config.train
     n_episodes = len(r1)
     both = torch.ones(n_episodes, 2, dtype=torch.bool)
+    spec = dict(kl=check_kl(train.kl), reduction=train.reduction,
+                temperature=config.rollout.temperature)
     if train.single_turn:  # REINFORCE on attempt 1 with its own reward, every step
         adv = sf.score_advantages(r1, r1, group, stage=2, alpha=0.0, baseline=train.baseline,
                                   normalize=train.normalize)
         first_only = torch.tensor([[True, False]]).expand(n_episodes, 2)
-        return Objective(adv, first_only, 2, config.stage2.beta1, 0.0)
+        return Objective(adv, first_only, 2, config.stage2.beta1, 0.0, **spec)
     if stage == 2 and config.stage2.method == "star":  # SFT on own wrong -> right corrections
         fixed = (r1 <= 0) & (r2 > 0)
         adv = torch.zeros(n_episodes, 2)
         adv[:, 1] = 1.0  # REINFORCE with advantage 1 and no KL = the NLL gradient
         trained = torch.stack([torch.zeros_like(fixed), fixed], 1)
-        return Objective(adv, trained, 2, 0.0, 0.0)
+        return Objective(adv, trained, 2, 0.0, 0.0, **spec)
     adv = sf.score_advantages(r1, r2, group, stage=stage, alpha=config.stage2.alpha,
                               baseline=train.baseline, normalize=train.normalize)
     beta1 = config.stage1.beta1 if stage == 1 else config.stage2.beta1
-    return Objective(adv, both, stage, beta1, config.stage1.beta2)
+    return Objective(adv, both, stage, beta1, config.stage1.beta2, **spec)
 
 
 def build_step_tensors(batch, train: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

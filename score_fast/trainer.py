@@ -56,7 +56,7 @@ from score_fast import distributed
 from score_fast.checkpoint import (STATE_FILE, load_state, recover_interrupted,
                                    rotate_checkpoints, save_checkpoint, set_rng_state,
                                    usable_checkpoint)
-from score_fast.config import BEST_METRICS, Config, check_kl, config_from_dict
+from score_fast.config import BEST_METRICS, Config, config_from_dict
 from score_fast.flops import matmul_params, peak_flops, step_flops
 from score_fast.kernels._dispatch import unchecked as sf_unchecked
 from score_fast.models import (GC_AUTO_PARAMS, apply_lora, disable_dropout, load_lora,
@@ -749,14 +749,12 @@ class Trainer:
             batches += sf.pack([[pad, pad]], budget, segments=[[0, 0]]) * (n - len(batches))
         trained = objective.train[mine]
         parts = [build_step_tensors(batch, trained) for batch in batches]
-        per_token = config.train.reduction == "token_mean"
+        per_token = objective.reduction == "token_mean"
         units = [int((part["turn"] > 0).sum()) if per_token else
                  len(torch.unique(part["episode"][part["turn"] > 0])) for part in parts]
         total = max(distributed.all_reduce_sum({"u": sum(units)}, dist)["u"], 1)
         adv = objective.adv[mine].to(self.device)
-        loss_kw = dict(stage=objective.stage, beta1=objective.beta1, beta2=objective.beta2,
-                       kl=check_kl(config.train.kl),  # the estimator kind score_loss takes
-                       reduction=config.train.reduction, temperature=config.rollout.temperature)
+        loss_kw = objective.loss_kwargs()
         out = {"loss": 0.0, "kl_sum1": 0.0, "kl_sum2": 0.0, "ent_sum1": 0.0, "ent_sum2": 0.0,
                "n1": 0, "n2": 0, "tokens": 0, "nonfinite": 0}
         # on the device, read once after the loop: each micro-batch's [loss, loss share,
@@ -790,7 +788,7 @@ class Trainer:
             with sf_unchecked():
                 with torch.no_grad(), self.timer("reference"):
                     ref_logp = reference_logprobs(self.ref, ids, pos, seq, targets, rows,
-                                                  temperature=config.rollout.temperature)
+                                                  temperature=objective.temperature)
                 with self.timer("policy"):  # forward + backward
                     loss, stats = policy_loss(self.policy, ids, pos, seq, targets, ref_logp,
                                               turn, episode, adv, rows=rows, **loss_kw)

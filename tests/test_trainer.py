@@ -364,7 +364,8 @@ def test_entropy_is_the_policys_on_the_trained_tokens(tmp_path):
             for pos, label in enumerate(e.labels[1:]):  # position pos predicts token pos + 1
                 if label in want:
                     want[label].append(ent[pos].item())
-    obj = Objective(torch.ones(3, 2), torch.ones(3, 2, dtype=torch.bool), 2, 0.1, 0.1)
+    obj = Objective(torch.ones(3, 2), torch.ones(3, 2, dtype=torch.bool), 2, 0.1, 0.1,
+                    temperature=0.7)  # the whole loss spec: the sampling temperature too
     out = tr.loss_and_backward(eps, obj)
     for k in (1, 2):
         assert out[f"n{k}"] == len(want[k])
