@@ -186,8 +186,43 @@ def _sf_step_fn(sh, single_turn, backend="hf"):
         n = PROMPTS * SAMPLES
         trained = round(n * (m["len_t1"] + m.get("len_t2", 0.0)))
         seen.update(step_s=total, gen_s=gen, train_s=train, other_s=total - gen - train,
-                    gen_tokens=trained, trained_tokens=trained)
+                    gen_tokens=trained, trained_tokens=trained,
+                    phases={k[5:-2]: v for k, v in m.items()
+                            if k.startswith("time/") and k.endswith("_s")},
+                    len_t1=m["len_t1"], len_t2=m.get("len_t2", 0.0))
+    seen["trainer"] = tr
     return step, seen
+
+
+def _predicted(tr, seen) -> dict:
+    """score_fast.steptime's phase times for this step on this host's measured rates
+    (fp32 matmul, copy bandwidth, op dispatch), at the step's own mean lengths, and the
+    measured / predicted ratio of each (score_fast rows only)."""
+    from score_fast import steptime
+    from score_fast.memory import StepShape
+    episodes = PROMPTS * SAMPLES
+    lengths = [len(tr.formatter.prompt_ids(t)) for t in tr.prompt_texts]
+    rates = steptime.measure_host(threads=torch.get_num_threads())
+    shape = StepShape(max_tokens=tr.config.train.max_tokens, episodes=episodes,
+                      gen_batch_size=episodes, in_flight=episodes,
+                      prompt_tokens=round(sum(lengths) / len(lengths)),
+                      max_new_tokens=NEW, instruction_tokens=tr.instruction_tokens)
+    cfg = tr.policy.config
+    phases = {p.name: p for p in steptime.predict_time(cfg, rates, shape=shape, dtype="fp32")}
+    if tr.config.train.single_turn:
+        phases.pop("attempt 2")
+    measured = {"attempt 1": seen["phases"].get("attempt1", 0.0),
+                "attempt 2": seen["phases"].get("attempt2", 0.0),
+                "reference forward": seen["phases"].get("reference", 0.0),
+                "policy fwd+bwd": seen["phases"].get("policy", 0.0),
+                "optimizer": seen["phases"].get("optimizer", 0.0)}
+    out = {}
+    for name, m in measured.items():
+        if name in phases:
+            key = name.split()[0] + ("2" if name == "attempt 2" else "")
+            out[f"pred_{key}_s"] = round(phases[name].seconds, 3)
+            out[f"meas_{key}_s"] = round(m, 3)
+    return out
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -222,3 +257,5 @@ def test_e2e_step(benchmark, provider, shape):
         fwd_per_step=round(tot["fwd_tokens"] / len(timed)),
         gen_s=round(last["gen_s"], 3), other_s=round(last["other_s"], 3),
         train_s=round(last["train_s"], 3))
+    if "trainer" in seen:
+        benchmark.extra_info.update(_predicted(seen["trainer"], last))

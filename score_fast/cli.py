@@ -93,12 +93,17 @@ def build_parser() -> ArgumentParser:
                       help="optimizer offload: master, grads and AdamW in host memory")
     plan.add_argument("--gradient_checkpointing", type=Optional[bool], default=None,
                       help="null: on from 1B parameters (the trainer's rule)")
+    plan.add_argument("--device", type=Optional[str], default=None,
+                      help="also the step's predicted time per phase at its roofline and the "
+                           "bound that applies (score_fast.steptime): A100 | H100 | H200 | "
+                           "B200 (data-sheet rates) | host (this machine's, measured)")
     from score_fast.memory import StepShape
     plan.add_class_arguments(StepShape, None)
     _section_headers(plan)
     plan.add_argument("--table", action="store_true",
                       help="the 1.5B / 7B / 14B x settings x devices table (markdown)")
-    sub.add_subcommand("plan", plan, help="memory plan: does a model fit a device")
+    sub.add_subcommand("plan", plan, help="memory plan: does a model fit a device (and "
+                                          "how long its step takes there)")
     plot = ArgumentParser(exit_on_error=False, allow_abbrev=False,
                           description="a run's curves from its metrics.jsonl as a PNG "
                                       "(score_fast.plots)")

@@ -355,4 +355,22 @@ def plan_text(opts: dict) -> str:
         lines.append(f"fits {name} ({total / GiB:.1f} GiB, {usable(total) / GiB:.1f} GiB "
                      f"usable): "
                      f"{'yes' if fits(plan, total) else 'no'}")
+    if opts.get("device"):
+        from score_fast import steptime
+        name = opts["device"]
+        if name == "host":
+            rates = steptime.measure_host()
+        elif name in steptime.DEVICES:
+            rates = steptime.DEVICES[name]
+        else:
+            raise ValueError(f"--device {name!r}: one of {', '.join(steptime.DEVICES)} or host")
+        phases = steptime.predict_time(load_config(opts["model"]), rates, shape=shape,
+                                       dtype=opts["dtype"], lora_rank=opts["lora_rank"],
+                                       gradient_checkpointing=plan.gradient_checkpointing,
+                                       graphs=name != "host")
+        lines += [f"step time on {rates.name} ({rates.flops / 1e12:.1f} TFLOP/s, "
+                  f"{rates.bandwidth / 1e9:.0f} GB/s; every episode at its budget, decode "
+                  f"in waves of {shape.in_flight}"
+                  + (", each step a CUDA graph (rollout.engine=auto)" if name != "host"
+                     else "") + "):", steptime.time_table(phases)]
     return "\n".join(lines)
