@@ -10,7 +10,8 @@ A random tiny Llama (hidden 64, 2 heads of 32: vLLM's CPU attention takes no sma
 2 layers, vocab 48; SCORE_FAST_BENCH_ROLLOUT_SIZE=5m: hidden 256, 8 layers), sampled at
 temperature 1.0 from torch's global RNG seeded 0 before each call: with near-uniform logits
 the eos (1 of 48 ids) ends about 2% of rows per step, so attempts end at mixed lengths.
-64 episodes of 8..48-token prompts, a 12-token instruction, up to 64 new tokens per attempt (QUICK: 8 episodes, 8).
+64 episodes of 8..48-token prompts, a 12-token instruction, up to 64 new tokens per attempt
+(QUICK: 8 episodes, 8).
 torch runs on 1 thread here (restored afterwards): for a model this small thread
 contention on a shared 2-core machine, not compute, would otherwise decide the numbers.
 

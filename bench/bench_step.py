@@ -125,7 +125,10 @@ def test_step(benchmark, provider, setup):
     s = setup
     gc = provider.endswith("checkpointed")
     kw = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    s.policy.gradient_checkpointing_enable(**kw) if gc else s.policy.gradient_checkpointing_disable()
+    if gc:
+        s.policy.gradient_checkpointing_enable(**kw)
+    else:
+        s.policy.gradient_checkpointing_disable()
     for m in (s.policy, s.ref):  # the trainer's attention, or transformers' dense packing
         if provider == "packed_dense" or not use_varlen_attention(m):
             m.set_attn_implementation("sdpa")

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 from score_fast.models import GC_AUTO_PARAMS
 
-__all__ = ["GC_AUTO_PARAMS", "checkpointing", "DEVICES", "HEADROOM", "RESERVE", "usable",  # noqa: F822
-           "SHAPES", "StepShape", "Plan",
+__all__ = ["GC_AUTO_PARAMS", "checkpointing", "DEVICES", "HEADROOM", "RESERVE",  # noqa: F822
+           "usable", "SHAPES", "StepShape", "Plan",
            "count_params", "lora_params", "predict", "fits", "load_config", "plan_table",
            "plan_text"]
 

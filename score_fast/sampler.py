@@ -53,8 +53,9 @@ the section "transformers adaptations" holds what depends on the version):
   tokens).
 * No CUDA graphs here (shapes change as rows are compacted, and the step goes through the
   model's Python forward): score_fast.slot_engine is the graph-captured engine, and this
-  sampler its reference and the engine for the models it does not run. Models with sliding-window or other non-full attention layers are refused (the
-  padded-cache layout assumes full attention).
+  sampler its reference and the engine for the models it does not run. Models with
+  sliding-window or other non-full attention layers are refused (the padded-cache layout
+  assumes full attention).
 
 Memory: the state of attempt 1 holds the keys/values of every episode at once (prompt +
 attempt 1 tokens x layers x 2 x kv_heads x head_dim) until attempt 2 takes it.
