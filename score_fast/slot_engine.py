@@ -498,10 +498,12 @@ class SlotEngine:
         event = torch.cuda.Event() if lag else None
         pending = False
         # attention reads columns [0, window): a multiple of col_block above every live
-        # slot's length until the next decision (2 x check_every steps on: the host's view is
-        # up to one check old)
-        reach = lambda longest: min(_round_up(longest + 2 * self.check_every + 1,  # noqa: E731
-                                               self.col_block), p.keys[0].shape[2])
+        # slot's length until the next decision: the next check_every steps feed positions up
+        # to length + check_every - 1, so window >= longest + check_every (tight: the greedy
+        # test fails at one less); 2 x check_every on a GPU, whose view is one check old
+        ahead = (2 if lag else 1) * self.check_every
+        reach = lambda longest: min(_round_up(longest + ahead, self.col_block),  # noqa: E731
+                                    p.keys[0].shape[2])
         window = reach(max(map(len, prompts)))
         while steps < max_steps:
             run = self._runner(b, window, *sampling)
