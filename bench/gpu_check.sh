@@ -7,9 +7,12 @@
 #   build    score_fast into a private folder (the C++ extension if pybind11 and a compiler
 #            are there, else the pure-Python packing path, and it says which)
 #   tests    every test marked `gpu`: CUDA tensors, compiled Triton, not the interpreter
+#            (among them: a training step synchronizes once, by CUDA's sync debug mode;
+#            packed bf16 attention through torch's varlen_attn)
 #   memory   bench_memory.py: two full training steps per precision setting of a
 #            Qwen2-0.5B shape, measured vs predicted memory
-#   losses, lmhead   the kernels' timings against eager, torch.compile and Liger
+#   losses, lmhead   the kernels' timings against eager, torch.compile and Liger (lmhead:
+#            the row-sweep linear_score_loss, not yet run on a GPU, at H = 4096 and 1536)
 #   decode   bench/decode_gpu.py: both attempts' decode, score_fast.sampler vs SlotEngine
 #            (CUDA graphs), Qwen2.5-0.5B / 1.5B shapes, batch 64 and 512, tokens/s and the
 #            fraction of the bandwidth bound (not yet run on a GPU: budget ~170 s)
