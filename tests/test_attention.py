@@ -132,21 +132,34 @@ def test_sliding_window_model_kept():
 def test_packed_on_cuda_within_rule(dtype):
     """On a GPU (bf16: flash-attn varlen when installed, else torch's varlen_attn where it has
     one, else SDPA per sequence; fp32: SDPA per sequence), the trainer's call: packed
-    logits vs an fp64 CPU per-sequence reference, within 2x the error of running each
-    sequence alone at the same dtype with transformers' sdpa."""
+    logits and a weight's gradient vs an fp64 CPU per-sequence reference, within 2x the
+    error of running each sequence alone at the same dtype with transformers' sdpa."""
     from conftest import assert_within_rule
     ref_model = _model()  # fp64 on the CPU
     ids, pos, cu = _packed(LENS)
-    with torch.no_grad():
-        ref64 = torch.cat([ref_model(input_ids=s, use_cache=False).logits
-                           for s in ids.split(LENS, 1)], 1)
-        alone = copy.deepcopy(ref_model).to("cuda", dtype)
-        base = torch.cat([alone(input_ids=s.cuda(), use_cache=False).logits
-                          for s in ids.split(LENS, 1)], 1)
-        packed = copy.deepcopy(ref_model).to("cuda", dtype)
-        use_varlen_attention(packed)
-        out = packed(input_ids=ids.cuda(), position_ids=pos.cuda(), use_cache=False,
-                     cu_seq_lens_q=cu.cuda(), max_length_q=max(LENS), seq_lens=LENS,
-                     attention_mask=packed_mask(packed, "cuda")).logits
-    assert_within_rule(out, ref64, base, atol=1e-2 if dtype == torch.bfloat16 else 1e-5,
-                       name=f"packed logits {dtype}")
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(1, sum(LENS), 97, generator=g, dtype=torch.float64)
+
+    def logits_and_grad(model, device, packed=False):
+        """Logits, and the gradient of (logits * w).sum() for layer 0's q_proj (the
+        backward through attention: the trainer's path)."""
+        model.zero_grad()
+        if packed:
+            out = model(input_ids=ids.to(device), position_ids=pos.to(device),
+                        use_cache=False, cu_seq_lens_q=cu.to(device), max_length_q=max(LENS),
+                        seq_lens=LENS, attention_mask=packed_mask(model, device)).logits
+        else:
+            out = torch.cat([model(input_ids=s.to(device), use_cache=False).logits
+                             for s in ids.split(LENS, 1)], 1)
+        (out.double() * w.to(device)).sum().backward()
+        return out.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    ref64, ref_grad = logits_and_grad(ref_model, "cpu")
+    base, base_grad = logits_and_grad(copy.deepcopy(ref_model).to("cuda", dtype), "cuda")
+    packed = copy.deepcopy(ref_model).to("cuda", dtype)
+    use_varlen_attention(packed)
+    out, grad = logits_and_grad(packed, "cuda", packed=True)
+    atol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert_within_rule(out, ref64, base, atol=atol, name=f"packed logits {dtype}")
+    assert_within_rule(grad, ref_grad, base_grad, atol=atol * ref_grad.abs().max().item(),
+                       name=f"packed q_proj gradient {dtype}")
