@@ -148,15 +148,28 @@ class StepShare:
 
 class PhaseTimer:
     """Seconds per phase of a step (`with timer("rewards"): ...`), summed over repeats. On a
-    GPU each phase ends with a device sync, so its kernels are counted in it and not in the
-    next phase (a sync per phase, a few per step)."""
+    GPU a phase ends with a device sync, so its kernels are counted in it and not in the
+    next phase (a sync per phase, a few per step); a phase timed with device=True (the
+    per-micro-batch reference and policy phases) records CUDA events instead, read once in
+    metrics(): its device time, and no sync inside the micro-batch loop."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.events: list = []  # (name, start, end) of device-timed phases
 
     @contextlib.contextmanager
-    def __call__(self, name: str):
+    def __call__(self, name: str, device: bool = False):
+        if device and self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self.events.append((name, start, end))
+            return
         t0 = time.perf_counter()
         try:
             yield
@@ -166,6 +179,11 @@ class PhaseTimer:
             self.seconds[name] += time.perf_counter() - t0
 
     def metrics(self) -> dict[str, float]:
+        if self.events:
+            self.events[-1][2].synchronize()
+            for name, start, end in self.events:
+                self.seconds[name] += start.elapsed_time(end) / 1000
+            self.events.clear()
         return {f"time/{k}_s": v for k, v in self.seconds.items()}
 
 
@@ -786,10 +804,10 @@ class Trainer:
             # log-probs at the sampling temperature: the policy that sampled is
             # softmax(logits / T), so the policy gradient and the KL are on-policy for it
             with sf_unchecked():
-                with torch.no_grad(), self.timer("reference"):
+                with torch.no_grad(), self.timer("reference", device=True):
                     ref_logp = reference_logprobs(self.ref, ids, pos, seq, targets, rows,
                                                   temperature=objective.temperature)
-                with self.timer("policy"):  # forward + backward
+                with self.timer("policy", device=True):  # forward + backward
                     loss, stats = policy_loss(self.policy, ids, pos, seq, targets, ref_logp,
                                               turn, episode, adv, rows=rows, **loss_kw)
                     # FSDP averages gradients over ranks: x world makes it the sum over
