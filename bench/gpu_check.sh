@@ -9,13 +9,14 @@
 #   tests    every test marked `gpu`: CUDA tensors, compiled Triton, not the interpreter
 #            (among them: a training step synchronizes once, by CUDA's sync debug mode;
 #            packed bf16 attention through torch's varlen_attn)
-#   memory   bench_memory.py: two full training steps per precision setting of a
-#            Qwen2-0.5B shape, measured vs predicted memory
-#   losses, lmhead   the kernels' timings against eager, torch.compile and Liger (lmhead:
-#            the row-sweep linear_score_loss, not yet run on a GPU, at H = 4096 and 1536)
+#   lmhead   bench_lmhead.py: the row-sweep linear_score_loss (not yet run on a GPU) against
+#            eager, torch.compile and Liger, at H = 4096 and 1536
 #   decode   bench/decode_gpu.py: both attempts' decode, score_fast.sampler vs SlotEngine
 #            (CUDA graphs), Qwen2.5-0.5B / 1.5B shapes, batch 64 and 512, tokens/s and the
 #            fraction of the bandwidth bound (not yet run on a GPU: budget ~170 s)
+#   memory   bench_memory.py: two full training steps per precision setting of a
+#            Qwen2-0.5B shape, measured vs predicted memory
+#   losses   the other kernels' timings against eager, torch.compile and Liger
 #   memory7b a 7B's widths (4 of its 28 layers) in bf16 and bf16 + LoRA
 #   step, rollout   the remaining GPU benchmarks (bench_packing and bench_rewards time host
 #            code: GPU_CHECK_PHASES=packing runs the first here too)
@@ -38,7 +39,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 start=$SECONDS
 deadline=${GPU_CHECK_DEADLINE:-570}
-phases=${GPU_CHECK_PHASES:-build tests memory losses lmhead decode memory7b step rollout}
+phases=${GPU_CHECK_PHASES:-build tests lmhead decode memory losses memory7b step rollout}
 if [ -n "${OUT:-}" ]; then res=$(mktemp -d); tgz=$OUT/gpu_check.tgz; else res=$root/bench/results; tgz=; fi
 mkdir -p "$res"
 export OUT=$res TRITON_INTERPRET=0 SCORE_FAST_BENCH_DEVICE=cuda PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
@@ -98,10 +99,12 @@ tmo=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
 # (jsonargparse for the CLI tests); a module that cannot import must not stop the GPU tests
 phase tests 180 python3 -m pytest tests -m gpu -q -p no:cacheprovider -rs $par $tmo \
   --continue-on-collection-errors
-phase memory 180 python3 bench/bench_memory.py --out "$res/bench_memory_gpu.md"
-phase losses 150 bash bench/run.sh bench/bench_losses.py
+# the two phases no GPU has run yet first (2026-12-07): the row-sweep LM-head loss and the
+# graph-captured decode; memory and losses were measured on the H200 (2026-11-30)
 phase lmhead 150 bash bench/run.sh bench/bench_lmhead.py
 phase decode 170 python3 bench/decode_gpu.py --out "$res/decode_gpu.md"
+phase memory 180 python3 bench/bench_memory.py --out "$res/bench_memory_gpu.md"
+phase losses 150 bash bench/run.sh bench/bench_losses.py
 phase memory7b 90 python3 bench/bench_memory.py --shape qwen2.5-7b --layers 4 \
   --save-dtype bf16 --settings bf16 bf16+LoRA --out "$res/bench_memory_gpu_7b.md"
 phase step 150 bash bench/run.sh bench/bench_step.py
