@@ -76,6 +76,24 @@ _TILE_ELEMS = 2**23   # CPU logit tile: 256 rows x 32768 columns x 4 bytes = 32 
 
 # ------------------------------------------------------------------------------ kernels
 @triton.jit
+def _logits_tile(z_ptr, b_ptr, offs_n, offs_c, ok, c_ok, v0, stride_z, HAS_BIAS: tl.constexpr):
+    """The fp32 tile x + b of rows offs_n, columns offs_c of z (vocabulary ids v0 + offs_c);
+    -inf outside `ok`."""
+    z = tl.load(z_ptr + offs_n[:, None] * stride_z + offs_c[None, :], mask=ok,
+                other=float("-inf")).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + v0 + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    return z
+
+
+@triton.jit
+def _dlogits(z, ids, tgt, m, log_s, g, inv_t):
+    """D = g (onehot(t) - exp(z / T - M - log S)) of a tile z (ids: its vocabulary ids)."""
+    p = tl.exp(z * inv_t - m[:, None] - log_s[:, None])
+    return g[:, None] * (tl.where(ids[None, :] == tgt[:, None], 1.0, 0.0) - p)
+
+
+@triton.jit
 def _chunk_lse_kernel(
     # pointers: z [n, n_cols] (the chunk's logits before bias and 1/T, fp32), bias [V],
     # targets [n] (int64), the fp32 [n] running max / sum / target logit / entropy sum,
@@ -101,10 +119,7 @@ def _chunk_lse_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_V).to(tl.int64)
         c_ok = offs_c < n_cols
         ok = row_ok[:, None] & c_ok[None, :]
-        z = tl.load(z_ptr + offs_n[:, None] * stride_z + offs_c[None, :], mask=ok,
-                    other=float("-inf")).to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(b_ptr + v0 + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        z = _logits_tile(z_ptr, b_ptr, offs_n, offs_c, ok, c_ok, v0, stride_z, HAS_BIAS)
         z = tl.where(ok, z * inv_t, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # while a row has seen only -inf, shift by 0: exp(-inf - -inf) would be NaN
@@ -148,12 +163,8 @@ def _chunk_dlogits_kernel(
     m = tl.load(m_ptr + offs_n, mask=row_ok, other=0.0)
     log_s = tl.load(ls_ptr + offs_n, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + offs_n, mask=row_ok, other=0.0)
-    z = tl.load(z_ptr + offs_n[:, None] * stride_z + offs_c[None, :], mask=ok,
-                other=float("-inf")).to(tl.float32)
-    if HAS_BIAS:
-        z += tl.load(b_ptr + v0 + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    p = tl.exp(z * inv_t - m[:, None] - log_s[:, None])
-    d = g[:, None] * (tl.where((v0 + offs_c)[None, :] == tgt[:, None], 1.0, 0.0) - p)
+    z = _logits_tile(z_ptr, b_ptr, offs_n, offs_c, ok, c_ok, v0, stride_z, HAS_BIAS)
+    d = _dlogits(z, v0 + offs_c, tgt, m, log_s, g, inv_t)
     tl.store(d_ptr + offs_n[:, None] * stride_d + offs_c[None, :],
              d.to(d_ptr.dtype.element_ty), mask=ok)
 
@@ -181,12 +192,8 @@ def _row_dlogits_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_V).to(tl.int64)
         c_ok = offs_c < n_cols
         ok = row_ok[:, None] & c_ok[None, :]
-        z = tl.load(z_ptr + offs_n[:, None] * stride_z + offs_c[None, :], mask=ok,
-                    other=float("-inf")).to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-        p = tl.exp(z * inv_t - m[:, None] - log_s[:, None])
-        d = g[:, None] * (tl.where(offs_c[None, :] == tgt[:, None], 1.0, 0.0) - p)
+        z = _logits_tile(z_ptr, b_ptr, offs_n, offs_c, ok, c_ok, 0, stride_z, HAS_BIAS)
+        d = _dlogits(z, offs_c, tgt, m, log_s, g, inv_t)
         tl.debug_barrier()  # every thread's loads of this block before any store into it
         tl.store(d_ptr + offs_n[:, None] * stride_d + offs_c[None, :],
                  d.to(d_ptr.dtype.element_ty), mask=ok)
