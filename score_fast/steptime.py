@@ -33,7 +33,8 @@ import dataclasses
 import math
 import time
 
-from score_fast.memory import DTYPE_BYTES, StepShape, _linears, _root_params, count_params
+from score_fast.memory import (DTYPE_BYTES, StepShape, _linears, _root_params, count_params,
+                               lora_params)
 
 __all__ = ["Rates", "DEVICES", "Phase", "predict_time", "measure_host", "time_table",
            "KERNELS_PER_LAYER"]
@@ -133,7 +134,6 @@ def predict_time(cfg, rates: Rates, *, shape: StepShape = StepShape(), dtype: st
     policy = 3 * fwd + (fwd if gradient_checkpointing else 0)
     phases.append(_phase("policy fwd+bwd", policy, micro * 3 * weights,
                          micro * 3 * forward_kernels, rates))
-    from score_fast.memory import lora_params
     trainable = lora_params(cfg, lora_rank) if lora_rank else count_params(cfg)
     phases.append(_phase("optimizer", 4 * trainable, 28 * trainable, 4, rates))
     return phases

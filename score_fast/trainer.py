@@ -700,20 +700,22 @@ class Trainer:
             gen_batch_size=rc.gen_batch_size, in_flight=rc.episodes_in_flight or rc.gen_batch_size,
             prompt_tokens=self.longest_prompt, max_new_tokens=rc.max_new_tokens,
             instruction_tokens=self.instruction_tokens, world=world)
-        if self.device.type == "cuda":
-            total = torch.cuda.get_device_properties(self.device).total_memory
-        else:
-            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
         cfg = lora_base(self.policy).config.get_text_config()
         try:
+            if self.device.type == "cuda":
+                total = torch.cuda.get_device_properties(self.device).total_memory
+            else:
+                total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             return memory.checkpointing(cfg, total, dtype=dtype, lora_rank=config.model.lora.rank,
                                         offload=config.model.offload_optimizer, shape=shape)
-        except AttributeError as e:  # a config without the Llama-style fields it reads
+        except (AttributeError, ValueError, OSError) as e:
+            # a config without the Llama-style fields the memory model reads, or a host that
+            # does not report its memory
             n = sum(p.numel() for p in self.policy.parameters())
-            return n >= GC_AUTO_PARAMS, (f"the memory model cannot read {type(cfg).__name__} "
-                                         f"({e}); by parameter count ({n / 1e9:.2f}B, on "
-                                         f"from {GC_AUTO_PARAMS / 1e9:g}B)")
+            return n >= GC_AUTO_PARAMS, (f"the memory model has no answer here ({e}); by "
+                                         f"parameter count ({n / 1e9:.2f}B, on from "
+                                         f"{GC_AUTO_PARAMS / 1e9:g}B)")
 
     @property
     def trainable(self) -> list[torch.nn.Parameter]:
