@@ -151,6 +151,18 @@ def stop_lists(stop, n: int, decode) -> list[list[str]]:
     return per
 
 
+def stop_window(stops: list[str]) -> int:
+    """Tokens whose text can hold a stop string just completed: each decodes to >= 1
+    character, +2 for a token that straddles the stop's start."""
+    return max((len(stop) for stop in stops), default=0) + 2
+
+
+def stop_in(ids: list[int], stops: list[str], window: int, decode) -> bool:
+    """Whether the text of the last `window` tokens of ids holds one of `stops`."""
+    tail = decode(ids[-window:])
+    return any(stop in tail for stop in stops)
+
+
 # config fields of models whose logits are not last hidden @ lm_head.weight.T (+ bias)
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                 "output_multiplier_scale", "lm_head_multiplier")
@@ -504,9 +516,8 @@ class TwoTurnSampler:
         batch = self._prefill(rows, new_ids, phase, max_new_tokens, fused)
         outs: list[list[int]] = [[] for _ in rows]
         kept: list = [None] * len(rows)
-        # a stop string just completed lies within the last len(stop) tokens (each decodes to
-        # at least one character; +2 of margin): only that tail is decoded per step
-        windows = [max((len(stop) for stop in row_stops), default=0) + 2 for row_stops in stops]
+        # only the tail that can hold a stop string just completed is decoded per step
+        windows = [stop_window(row_stops) for row_stops in stops]
         for step in range(1, max_new_tokens + 1):
             alive = batch.live_slots()
             tokens = self._sample_live(batch, alive, fused, sampling)
@@ -602,10 +613,8 @@ class TwoTurnSampler:
             row_out.append(token)
             if token in self.eos or len(row_out) >= max_new_tokens:
                 done_at.append(at)
-            elif stops[row]:
-                tail = self.decode(row_out[-windows[row]:])
-                if any(stop in tail for stop in stops[row]):
-                    done_at.append(at)
+            elif stops[row] and stop_in(row_out, stops[row], windows[row], self.decode):
+                done_at.append(at)
         return done_at
 
     @staticmethod

@@ -593,9 +593,11 @@ class _Stops:
     restarts the instruction (the columns past it are rewritten); attempt 2 cut: done."""
 
     def __init__(self, engine, prompts, stops, attempts: int, max_new: int):
+        from score_fast.sampler import stop_in, stop_window
+        self.stop_in = stop_in  # the sampler's rule, imported once (sampler loads triton)
         self.engine, self.stops, self.attempts, self.max_new = engine, stops, attempts, max_new
         self.prompt_len = [len(x) for x in prompts]
-        self.width = [max((len(x) for x in row), default=0) + 2 for row in stops]
+        self.width = [stop_window(row) for row in stops]
         self.checked = [[0, 0] for _ in prompts]  # tokens of each attempt checked so far
 
     def look(self, b: int) -> bool:
@@ -631,8 +633,7 @@ class _Stops:
         first; else a stop string in the decoded tail."""
         if row[j - 1] in self.engine.eos or j >= self.max_new:
             return False
-        tail = self.engine.decode(row[max(0, j - self.width[e]):j])
-        return any(stop in tail for stop in self.stops[e])
+        return self.stop_in(row[:j], self.stops[e], self.width[e], self.engine.decode)
 
     def _cut(self, e: int, a: int, j: int, last: int, s: int) -> None:
         p = self.engine.pool
